@@ -22,7 +22,10 @@ pub struct DirtyBitmap {
 impl DirtyBitmap {
     /// A clear bitmap of `bits` pages.
     pub fn new(bits: usize) -> Self {
-        DirtyBitmap { words: vec![0; bits.div_ceil(WORD_BITS)], bits }
+        DirtyBitmap {
+            words: vec![0; bits.div_ceil(WORD_BITS)],
+            bits,
+        }
     }
 
     /// Takes ownership of `words` in KVM / vm-memory layout for a region of `bits` pages.
@@ -31,7 +34,10 @@ impl DirtyBitmap {
     pub fn from_words(words: Vec<u64>, bits: usize) -> Result<Self, RamError> {
         let expected = bits.div_ceil(WORD_BITS);
         if words.len() != expected {
-            return Err(RamError::BitmapSize { expected_words: expected, found_words: words.len() });
+            return Err(RamError::BitmapSize {
+                expected_words: expected,
+                found_words: words.len(),
+            });
         }
         let mut map = DirtyBitmap { words, bits };
         map.mask_tail();
@@ -82,7 +88,14 @@ impl DirtyBitmap {
     }
 
     fn check(&self, page: usize) -> Result<(), RamError> {
-        if page < self.bits { Ok(()) } else { Err(RamError::PageIndex { page, pages: self.bits }) }
+        if page < self.bits {
+            Ok(())
+        } else {
+            Err(RamError::PageIndex {
+                page,
+                pages: self.bits,
+            })
+        }
     }
 
     /// Marks every page in `pages`, a whole word at a time in the middle.
@@ -100,12 +113,19 @@ impl DirtyBitmap {
             return Ok(());
         }
         if pages.end > self.bits {
-            return Err(RamError::PageIndex { page: pages.end - 1, pages: self.bits });
+            return Err(RamError::PageIndex {
+                page: pages.end - 1,
+                pages: self.bits,
+            });
         }
         let (first, last) = (pages.start / WORD_BITS, (pages.end - 1) / WORD_BITS);
         for w in first..=last {
             let lo = if w == first { pages.start % WORD_BITS } else { 0 };
-            let hi = if w == last { (pages.end - 1) % WORD_BITS + 1 } else { WORD_BITS };
+            let hi = if w == last {
+                (pages.end - 1) % WORD_BITS + 1
+            } else {
+                WORD_BITS
+            };
             let mask = (u64::MAX >> (WORD_BITS - (hi - lo))) << lo;
             if set {
                 self.words[w] |= mask;
@@ -130,7 +150,10 @@ impl DirtyBitmap {
     /// ORs `other` into `self`. Both must cover the same number of pages.
     pub fn union_with(&mut self, other: &DirtyBitmap) -> Result<(), RamError> {
         if other.bits != self.bits {
-            return Err(RamError::BitmapSize { expected_words: self.words.len(), found_words: other.words.len() });
+            return Err(RamError::BitmapSize {
+                expected_words: self.words.len(),
+                found_words: other.words.len(),
+            });
         }
         self.or_words(&other.words)
     }
@@ -140,7 +163,10 @@ impl DirtyBitmap {
     /// `words` must be exactly as long as this bitmap's backing store. Stray bits past the end are dropped.
     pub fn or_words(&mut self, words: &[u64]) -> Result<(), RamError> {
         if words.len() != self.words.len() {
-            return Err(RamError::BitmapSize { expected_words: self.words.len(), found_words: words.len() });
+            return Err(RamError::BitmapSize {
+                expected_words: self.words.len(),
+                found_words: words.len(),
+            });
         }
         for (dst, src) in self.words.iter_mut().zip(words) {
             *dst |= *src;
@@ -173,7 +199,13 @@ impl DirtyBitmap {
     pub fn runs_in_words(&self, words: Range<usize>) -> Runs<'_> {
         let end = words.end.min(self.words.len());
         let start = words.start.min(end);
-        Runs { words: &self.words[..end], next: start, cur: 0, base: start * WORD_BITS, pending: None }
+        Runs {
+            words: &self.words[..end],
+            next: start,
+            cur: 0,
+            base: start * WORD_BITS,
+            pending: None,
+        }
     }
 
     /// Iterates over the marked pages one by one, ascending.
@@ -318,7 +350,10 @@ mod tests {
 
     #[test]
     fn from_words_rejects_wrong_length_and_masks_tail() {
-        assert!(matches!(DirtyBitmap::from_words(vec![0; 3], 64), Err(RamError::BitmapSize { .. })));
+        assert!(matches!(
+            DirtyBitmap::from_words(vec![0; 3], 64),
+            Err(RamError::BitmapSize { .. })
+        ));
         let m = DirtyBitmap::from_words(vec![u64::MAX], 10).unwrap();
         assert_eq!(m.count(), 10);
         assert_eq!(m.runs().collect::<Vec<_>>(), vec![0..10]);
@@ -327,7 +362,10 @@ mod tests {
     #[test]
     fn out_of_range_page_is_an_error() {
         let mut m = DirtyBitmap::new(10);
-        assert!(matches!(m.set(10), Err(RamError::PageIndex { page: 10, pages: 10 })));
+        assert!(matches!(
+            m.set(10),
+            Err(RamError::PageIndex { page: 10, pages: 10 })
+        ));
         assert!(m.set_range(5..11).is_err());
         assert!(!m.test(1000));
     }
@@ -340,7 +378,10 @@ mod tests {
         }
         let parts = m.balanced_word_ranges(3);
         assert_eq!(parts.len(), 3);
-        let joined: Vec<usize> = parts.iter().flat_map(|r| m.runs_in_words(r.clone()).flatten()).collect();
+        let joined: Vec<usize> = parts
+            .iter()
+            .flat_map(|r| m.runs_in_words(r.clone()).flatten())
+            .collect();
         assert_eq!(joined, m.iter_pages().collect::<Vec<_>>());
     }
 

@@ -4,11 +4,11 @@ use std::ops::Range;
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
+use crate::PAGE_SIZE;
 use crate::bitmap::DirtyBitmap;
 use crate::error::RamError;
 use crate::log::{DirtyLog, DirtySet};
 use crate::ram::{GuestRam, RamLayout};
-use crate::PAGE_SIZE;
 
 /// How a flush uses threads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,7 +22,10 @@ pub struct FlushOptions {
 impl Default for FlushOptions {
     fn default() -> Self {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
-        FlushOptions { threads, parallel_threshold_pages: 2048 }
+        FlushOptions {
+            threads,
+            parallel_threshold_pages: 2048,
+        }
     }
 }
 
@@ -62,13 +65,22 @@ impl RamCache {
             .regions()
             .iter()
             .map(|r| {
-                usize::try_from(r.len).map(|len| (GuestAddress(r.gpa), len)).map_err(|_| {
-                    RamError::UnsupportedRegion { gpa: r.gpa, len: r.len, reason: "larger than the address space" }
-                })
+                usize::try_from(r.len)
+                    .map(|len| (GuestAddress(r.gpa), len))
+                    .map_err(|_| RamError::UnsupportedRegion {
+                        gpa: r.gpa,
+                        len: r.len,
+                        reason: "larger than the address space",
+                    })
             })
             .collect::<Result<_, _>>()?;
         let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| RamError::CacheAlloc(e.to_string()))?;
-        Ok(RamCache { received: DirtySet::new(layout.clone()), layout, mem, options })
+        Ok(RamCache {
+            received: DirtySet::new(layout.clone()),
+            layout,
+            mem,
+            options,
+        })
     }
 
     /// The guest RAM layout the cache mirrors.
@@ -98,10 +110,17 @@ impl RamCache {
 
     fn check_data(gpa: u64, data: &[u8]) -> Result<(), RamError> {
         if gpa % PAGE_SIZE as u64 != 0 {
-            return Err(RamError::Misaligned { gpa, page_size: PAGE_SIZE });
+            return Err(RamError::Misaligned {
+                gpa,
+                page_size: PAGE_SIZE,
+            });
         }
         if data.is_empty() || data.len() % PAGE_SIZE != 0 {
-            return Err(RamError::ShortPage { gpa, len: data.len(), page_size: PAGE_SIZE });
+            return Err(RamError::ShortPage {
+                gpa,
+                len: data.len(),
+                page_size: PAGE_SIZE,
+            });
         }
         Ok(())
     }
@@ -158,7 +177,11 @@ impl RamCache {
 
     fn locate_pages(&self, gpa: u64, pages: usize) -> Result<(usize, usize), RamError> {
         let len = (pages as u64).checked_mul(PAGE_SIZE as u64).filter(|&l| l > 0);
-        let len = len.ok_or(RamError::ShortPage { gpa, len: 0, page_size: PAGE_SIZE })?;
+        let len = len.ok_or(RamError::ShortPage {
+            gpa,
+            len: 0,
+            page_size: PAGE_SIZE,
+        })?;
         self.layout.locate(gpa, len)
     }
 
@@ -189,11 +212,19 @@ impl RamCache {
         let received_pages = self.received.count();
         svm_log.take_into(&mut self.received)?;
         let cache = GuestRam::new(&self.mem)?;
-        let mut stats = FlushStats { received_pages, flushed_pages: 0, threads: 1 };
+        let mut stats = FlushStats {
+            received_pages,
+            flushed_pages: 0,
+            threads: 1,
+        };
         for (i, map) in self.received.regions().iter().enumerate() {
             let pages = map.count();
             stats.flushed_pages += pages;
-            let threads = if pages >= self.options.parallel_threshold_pages { self.options.threads } else { 1 };
+            let threads = if pages >= self.options.parallel_threshold_pages {
+                self.options.threads
+            } else {
+                1
+            };
             stats.threads = stats.threads.max(copy_region(&cache, svm, i, map, threads)?);
         }
         self.received.clear();
@@ -228,7 +259,9 @@ fn copy_region(
         let handles: Vec<_> = parts.map(|p| s.spawn(|| copy_words(p))).collect();
         let mut result = mine.map_or(Ok(()), &copy_words);
         for h in handles {
-            let r = h.join().unwrap_or_else(|_| Err(RamError::LayoutMismatch("flush thread panicked".into())));
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Err(RamError::LayoutMismatch("flush thread panicked".into())));
             result = result.and(r);
         }
         result
@@ -237,7 +270,12 @@ fn copy_region(
 }
 
 #[inline]
-fn copy_run(src: &GuestRam<'_>, dst: &GuestRam<'_>, region: usize, run: Range<usize>) -> Result<(), RamError> {
+fn copy_run(
+    src: &GuestRam<'_>,
+    dst: &GuestRam<'_>,
+    region: usize,
+    run: Range<usize>,
+) -> Result<(), RamError> {
     let from = src.page_ptr(region, run.start, run.len())?;
     let to = dst.page_ptr(region, run.start, run.len())?;
     // SAFETY: both ranges are `run.len()` pages inside their region's mapping (checked by `page_ptr`). The

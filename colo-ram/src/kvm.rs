@@ -30,7 +30,7 @@ use self::nr::{KVM_CLEAR_DIRTY_LOG, KVM_GET_DIRTY_LOG};
 mod nr {
     #![allow(missing_docs)]
     use kvm_bindings::{kvm_clear_dirty_log, kvm_dirty_log};
-    use vmm_sys_util::{ioctl_ioc_nr, ioctl_iow_nr, ioctl_iowr_nr};
+    use vmm_sys_util::{ioctl_iow_nr, ioctl_iowr_nr};
 
     const KVMIO: u32 = 0xAE;
     ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
@@ -76,9 +76,15 @@ impl<V: Borrow<VmFd>> DirtyLog for KvmDirtyLog<V> {
     fn take_into(&mut self, set: &mut DirtySet) -> Result<(), RamError> {
         set.check_layout(&self.layout)?;
         for (i, (&slot, r)) in self.slots.iter().zip(self.layout.regions()).enumerate() {
-            let words = self.vm.borrow().get_dirty_log(slot, r.len as usize).map_err(|source| {
-                RamError::Kvm { op: "KVM_GET_DIRTY_LOG", slot, source }
-            })?;
+            let words = self
+                .vm
+                .borrow()
+                .get_dirty_log(slot, r.len as usize)
+                .map_err(|source| RamError::Kvm {
+                    op: "KVM_GET_DIRTY_LOG",
+                    slot,
+                    source,
+                })?;
             set.or_region_words(i, &words)?;
         }
         Ok(())
@@ -100,15 +106,28 @@ impl<V: Borrow<VmFd>> KvmManualDirtyLog<V> {
     /// the dirty log of `slots` (one per region of `layout`).
     pub fn new(vm: V, layout: RamLayout, slots: Vec<u32>) -> Result<Self, RamError> {
         check_slots(&layout, &slots)?;
-        let mut cap = kvm_enable_cap { cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, ..Default::default() };
+        let mut cap = kvm_enable_cap {
+            cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+            ..Default::default()
+        };
         cap.args[0] = u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE);
         vm.borrow().enable_cap(&cap).map_err(|source| RamError::Kvm {
             op: "KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)",
             slot: slots.first().copied().unwrap_or(0),
             source,
         })?;
-        let max_words = layout.regions().iter().map(|r| r.pages().div_ceil(64)).max().unwrap_or(0);
-        Ok(KvmManualDirtyLog { vm, layout, slots, buf: vec![0; max_words] })
+        let max_words = layout
+            .regions()
+            .iter()
+            .map(|r| r.pages().div_ceil(64))
+            .max()
+            .unwrap_or(0);
+        Ok(KvmManualDirtyLog {
+            vm,
+            layout,
+            slots,
+            buf: vec![0; max_words],
+        })
     }
 
     /// The VM.
@@ -126,17 +145,25 @@ impl<V: Borrow<VmFd>> DirtyLog for KvmManualDirtyLog<V> {
             let get = kvm_dirty_log {
                 slot,
                 padding1: 0,
-                __bindgen_anon_1: kvm_dirty_log__bindgen_ty_1 { dirty_bitmap: words.as_mut_ptr() as *mut c_void },
+                __bindgen_anon_1: kvm_dirty_log__bindgen_ty_1 {
+                    dirty_bitmap: words.as_mut_ptr() as *mut c_void,
+                },
             };
             // SAFETY: `get` names a buffer of one bit per page of the slot (the layout's region length is
             // the slot size), which KVM fills; the fd is a VM fd.
             let ret = unsafe { ioctl_with_ref(self.vm.borrow(), KVM_GET_DIRTY_LOG(), &get) };
             if ret != 0 {
-                return Err(RamError::Kvm { op: "KVM_GET_DIRTY_LOG", slot, source: errno::Error::last() });
+                return Err(RamError::Kvm {
+                    op: "KVM_GET_DIRTY_LOG",
+                    slot,
+                    source: errno::Error::last(),
+                });
             }
             set.or_region_words(i, words)?;
             // Re-protect only the span of words that holds dirty pages.
-            let Some(first) = words.iter().position(|&w| w != 0) else { continue };
+            let Some(first) = words.iter().position(|&w| w != 0) else {
+                continue;
+            };
             let last = words.iter().rposition(|&w| w != 0).unwrap_or(first);
             let first_page = first * 64;
             let num_pages = ((last + 1) * 64).min(pages) - first_page;
@@ -156,7 +183,11 @@ impl<V: Borrow<VmFd>> DirtyLog for KvmManualDirtyLog<V> {
             // requires; `num_pages` is a multiple of 64 or reaches the end of the slot) inside `words`.
             let ret = unsafe { ioctl_with_ref(self.vm.borrow(), KVM_CLEAR_DIRTY_LOG(), &clear) };
             if ret != 0 {
-                return Err(RamError::Kvm { op: "KVM_CLEAR_DIRTY_LOG", slot, source: errno::Error::last() });
+                return Err(RamError::Kvm {
+                    op: "KVM_CLEAR_DIRTY_LOG",
+                    slot,
+                    source: errno::Error::last(),
+                });
             }
         }
         Ok(())

@@ -10,10 +10,10 @@ use std::sync::Arc;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, MmapRegion};
 
+use crate::PAGE_SIZE;
 use crate::bitmap::DirtyBitmap;
 use crate::error::RamError;
 use crate::ram::{RamLayout, RegionLayout};
-use crate::PAGE_SIZE;
 
 /// A set of guest pages, one [`DirtyBitmap`] per region of a [`RamLayout`].
 ///
@@ -27,7 +27,11 @@ pub struct DirtySet {
 impl DirtySet {
     /// An empty set for `layout`.
     pub fn new(layout: RamLayout) -> Self {
-        let maps = layout.regions().iter().map(|r| DirtyBitmap::new(r.pages())).collect();
+        let maps = layout
+            .regions()
+            .iter()
+            .map(|r| DirtyBitmap::new(r.pages()))
+            .collect();
         DirtySet { layout, maps }
     }
 
@@ -107,7 +111,10 @@ impl DirtySet {
 
     /// Runs of pages in the set, ascending by guest address, as `(region index, page range in the region)`.
     pub fn runs(&self) -> impl Iterator<Item = (usize, Range<usize>)> + '_ {
-        self.maps.iter().enumerate().flat_map(|(i, m)| m.runs().map(move |r| (i, r)))
+        self.maps
+            .iter()
+            .enumerate()
+            .flat_map(|(i, m)| m.runs().map(move |r| (i, r)))
     }
 
     /// Guest addresses of the pages in the set, ascending.
@@ -122,7 +129,10 @@ impl DirtySet {
         if &self.layout == layout {
             Ok(())
         } else {
-            Err(RamError::LayoutMismatch(format!("dirty set covers {:?}, expected {:?}", self.layout, layout)))
+            Err(RamError::LayoutMismatch(format!(
+                "dirty set covers {:?}, expected {:?}",
+                self.layout, layout
+            )))
         }
     }
 }
@@ -253,10 +263,13 @@ mod tests {
         let mut set = DirtySet::new(log.layout().clone());
         log.take_into(&mut set).unwrap();
         assert!(set.is_clear());
-        mem.write_slice(&[1; 0x1001], GuestAddress(0x2fff)).unwrap();
+        mem.write_slice(&[1; 0x1002], GuestAddress(0x2fff)).unwrap();
         mem.write_obj(7u8, GuestAddress(0x107000)).unwrap();
         log.take_into(&mut set).unwrap();
-        assert_eq!(set.gpas().collect::<Vec<_>>(), vec![0x2000, 0x3000, 0x4000, 0x107000]);
+        assert_eq!(
+            set.gpas().collect::<Vec<_>>(),
+            vec![0x2000, 0x3000, 0x4000, 0x107000]
+        );
         set.clear();
         log.take_into(&mut set).unwrap();
         assert!(set.is_clear(), "a log reports a write once");
@@ -268,14 +281,18 @@ mod tests {
         let other = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         mem.write_obj(1u8, GuestAddress(0x1000)).unwrap();
         other.write_obj(1u8, GuestAddress(0x5000)).unwrap();
-        let mut log = UnionLog::new(AtomicBitmapLog::new(&mem).unwrap(), AtomicBitmapLog::new(&other).unwrap());
+        let mut log = UnionLog::new(
+            AtomicBitmapLog::new(&mem).unwrap(),
+            AtomicBitmapLog::new(&other).unwrap(),
+        );
         let mut set = DirtySet::new(RamLayout::of(&mem).unwrap());
         log.take_into(&mut set).unwrap();
         assert_eq!(set.gpas().collect::<Vec<_>>(), vec![0x1000, 0x5000]);
 
-        let mut wrong = DirtySet::new(
-            RamLayout::new(vec![RegionLayout { gpa: 0, len: 0x20000 }]).unwrap(),
-        );
-        assert!(matches!(log.take_into(&mut wrong), Err(RamError::LayoutMismatch(_))));
+        let mut wrong = DirtySet::new(RamLayout::new(vec![RegionLayout { gpa: 0, len: 0x20000 }]).unwrap());
+        assert!(matches!(
+            log.take_into(&mut wrong),
+            Err(RamError::LayoutMismatch(_))
+        ));
     }
 }

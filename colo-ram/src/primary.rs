@@ -2,10 +2,10 @@
 
 use std::ops::Range;
 
+use crate::PAGE_SIZE;
 use crate::error::RamError;
 use crate::log::{DirtyLog, DirtySet};
 use crate::ram::{GuestRam, RamLayout};
-use crate::PAGE_SIZE;
 
 /// Whether `page` is all zero bytes.
 ///
@@ -75,7 +75,10 @@ pub struct CollectOptions {
 
 impl Default for CollectOptions {
     fn default() -> Self {
-        CollectOptions { detect_zero: true, max_run_pages: 256 }
+        CollectOptions {
+            detect_zero: true,
+            max_run_pages: 256,
+        }
     }
 }
 
@@ -106,7 +109,10 @@ pub struct Collection<'r> {
 
 impl std::fmt::Debug for Collection<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Collection").field("cur", &self.cur).field("stats", &self.stats).finish()
+        f.debug_struct("Collection")
+            .field("cur", &self.cur)
+            .field("stats", &self.stats)
+            .finish()
     }
 }
 
@@ -122,7 +128,10 @@ pub fn collect<'r>(
         runs: Box::new(set.runs()),
         cur: None,
         peek: None,
-        options: CollectOptions { max_run_pages: options.max_run_pages.max(1), ..options },
+        options: CollectOptions {
+            max_run_pages: options.max_run_pages.max(1),
+            ..options
+        },
         stats: CollectStats::default(),
         done: None,
     })
@@ -171,7 +180,10 @@ impl<'r> Collection<'r> {
             PageRun::Zero { gpa, pages: len }
         } else {
             self.stats.data_pages += len;
-            PageRun::Data { gpa, data: self.ram.pages(region, range.start, len)? }
+            PageRun::Data {
+                gpa,
+                data: self.ram.pages(region, range.start, len)?,
+            }
         };
         self.stats.runs += 1;
         self.cur = Some((region, range.start + len..range.end));
@@ -207,7 +219,10 @@ pub struct PrecopyPolicy {
 
 impl Default for PrecopyPolicy {
     fn default() -> Self {
-        PrecopyPolicy { max_rounds: 3, pause_below_pages: 2048 }
+        PrecopyPolicy {
+            max_rounds: 3,
+            pause_below_pages: 2048,
+        }
     }
 }
 
@@ -251,13 +266,21 @@ pub struct PrimaryRam<L> {
 impl<L: DirtyLog> PrimaryRam<L> {
     /// A primary over `layout` reading `log` (typically `UnionLog<KvmDirtyLog, AtomicBitmapLog>`).
     pub fn new(layout: RamLayout, log: L, options: CollectOptions) -> Self {
-        PrimaryRam { log, pending: DirtySet::new(layout), options, sent: false }
+        PrimaryRam {
+            log,
+            pending: DirtySet::new(layout),
+            options,
+            sent: false,
+        }
     }
 
-    /// Marks all of guest RAM pending: the first (initial sync) round then sends everything.
-    pub fn mark_all(&mut self) {
+    /// Initial sync: resets the log and marks all of guest RAM pending, so the next collection sends
+    /// everything and later rounds send only pages written after this call.
+    pub fn mark_all(&mut self) -> Result<(), RamError> {
         self.start_round();
+        self.log.take_into(&mut self.pending)?;
         self.pending.set_all();
+        Ok(())
     }
 
     fn start_round(&mut self) {
@@ -320,7 +343,10 @@ mod tests {
 
     #[test]
     fn precopy_policy_pauses_when_small_or_late() {
-        let p = PrecopyPolicy { max_rounds: 2, pause_below_pages: 10 };
+        let p = PrecopyPolicy {
+            max_rounds: 2,
+            pause_below_pages: 10,
+        };
         assert!(p.another_round(0, 11));
         assert!(!p.another_round(0, 10));
         assert!(!p.another_round(2, 1000));

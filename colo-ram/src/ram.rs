@@ -4,8 +4,8 @@ use std::marker::PhantomData;
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
-use crate::error::RamError;
 use crate::PAGE_SIZE;
+use crate::error::RamError;
 
 /// Where one region of guest RAM lives in the guest's physical address space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,7 +60,14 @@ impl RamLayout {
 
     /// The layout of a vm-memory guest memory.
     pub fn of<M: GuestMemoryBackend>(mem: &M) -> Result<Self, RamError> {
-        Self::new(mem.iter().map(|r| RegionLayout { gpa: r.start_addr().0, len: r.len() }).collect())
+        Self::new(
+            mem.iter()
+                .map(|r| RegionLayout {
+                    gpa: r.start_addr().0,
+                    len: r.len(),
+                })
+                .collect(),
+        )
     }
 
     /// The regions.
@@ -81,7 +88,10 @@ impl RamLayout {
     /// Finds the region and page index of a page-aligned range `gpa..gpa+len` that must lie in one region.
     pub fn locate(&self, gpa: u64, len: u64) -> Result<(usize, usize), RamError> {
         if gpa % PAGE_SIZE as u64 != 0 {
-            return Err(RamError::Misaligned { gpa, page_size: PAGE_SIZE });
+            return Err(RamError::Misaligned {
+                gpa,
+                page_size: PAGE_SIZE,
+            });
         }
         let idx = self.regions.partition_point(|r| r.end() <= gpa);
         match self.regions.get(idx) {
@@ -124,14 +134,20 @@ impl<'m> GuestRam<'m> {
         let layout = RamLayout::of(mem)?;
         let mut regions = Vec::with_capacity(layout.regions().len());
         for (r, l) in mem.iter().zip(layout.regions()) {
-            let host = r.get_host_address(MemoryRegionAddress(0)).map_err(|_| RamError::UnsupportedRegion {
-                gpa: l.gpa,
-                len: l.len,
-                reason: "region has no host mapping",
-            })?;
+            let host =
+                r.get_host_address(MemoryRegionAddress(0))
+                    .map_err(|_| RamError::UnsupportedRegion {
+                        gpa: l.gpa,
+                        len: l.len,
+                        reason: "region has no host mapping",
+                    })?;
             regions.push(HostRegion { layout: *l, host });
         }
-        Ok(GuestRam { layout, regions, _mem: PhantomData })
+        Ok(GuestRam {
+            layout,
+            regions,
+            _mem: PhantomData,
+        })
     }
 
     /// The layout of this memory.
@@ -141,7 +157,10 @@ impl<'m> GuestRam<'m> {
 
     /// Host pointer to page `page` of region `region`, checked against the layout.
     pub(crate) fn page_ptr(&self, region: usize, page: usize, pages: usize) -> Result<*mut u8, RamError> {
-        let r = self.regions.get(region).ok_or(RamError::OutOfRange { gpa: 0, len: 0 })?;
+        let r = self
+            .regions
+            .get(region)
+            .ok_or(RamError::OutOfRange { gpa: 0, len: 0 })?;
         if page.checked_add(pages).is_none_or(|e| e > r.layout.pages()) {
             return Err(RamError::OutOfRange {
                 gpa: r.layout.gpa.saturating_add((page * PAGE_SIZE) as u64),
@@ -188,7 +207,9 @@ impl<'m> GuestRam<'m> {
         let (region, off) = self.byte_offset(gpa, buf.len())?;
         // SAFETY: `off .. off + buf.len()` lies inside the region's mapping (checked by `byte_offset`);
         // `buf` is a distinct Rust allocation, so the ranges do not overlap.
-        unsafe { std::ptr::copy_nonoverlapping(self.regions[region].host.add(off), buf.as_mut_ptr(), buf.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.regions[region].host.add(off), buf.as_mut_ptr(), buf.len())
+        };
         Ok(())
     }
 
@@ -216,9 +237,21 @@ mod tests {
         assert!(RamLayout::new(vec![r(u64::MAX - 0xfff, 0x2000)]).is_err());
         let l = RamLayout::new(vec![r(0, 0x2000), r(0x10000, 0x3000)]).unwrap();
         assert_eq!(l.locate(0x11000, 0x2000).unwrap(), (1, 1));
-        assert!(matches!(l.locate(0x11000, 0x3000), Err(RamError::OutOfRange { .. })));
-        assert!(matches!(l.locate(0x3000, 0x1000), Err(RamError::OutOfRange { .. })));
-        assert!(matches!(l.locate(0x11001, 0x1000), Err(RamError::Misaligned { .. })));
-        assert!(matches!(l.locate(u64::MAX & !0xfff, 0x1000), Err(RamError::OutOfRange { .. })));
+        assert!(matches!(
+            l.locate(0x11000, 0x3000),
+            Err(RamError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            l.locate(0x3000, 0x1000),
+            Err(RamError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            l.locate(0x11001, 0x1000),
+            Err(RamError::Misaligned { .. })
+        ));
+        assert!(matches!(
+            l.locate(u64::MAX & !0xfff, 0x1000),
+            Err(RamError::OutOfRange { .. })
+        ));
     }
 }
