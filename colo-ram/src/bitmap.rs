@@ -304,7 +304,7 @@ impl Iterator for Runs<'_> {
                 }
                 None => start..end,
             };
-            if end % WORD_BITS == 0 && self.cur == 0 {
+            if end.is_multiple_of(WORD_BITS) && self.cur == 0 {
                 // Touches the top of the word: may continue into the next word.
                 self.pending = Some(run);
                 continue;

@@ -53,6 +53,8 @@ pub struct FlushStats {
 #[derive(Debug)]
 pub struct RamCache {
     layout: RamLayout,
+    /// Host view of `mem`, made once (a page receive must not allocate).
+    view: GuestRam<'static>,
     mem: GuestMemoryMmap,
     received: DirtySet,
     options: FlushOptions,
@@ -75,9 +77,13 @@ impl RamCache {
             })
             .collect::<Result<_, _>>()?;
         let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| RamError::CacheAlloc(e.to_string()))?;
+        // SAFETY: `mem` is owned by the cache next to the view, never replaced and never handed out
+        // mutably, so its mappings outlive every use of the view.
+        let view = unsafe { GuestRam::new_detached(&mem)? };
         Ok(RamCache {
             received: DirtySet::new(layout.clone()),
             layout,
+            view,
             mem,
             options,
         })
@@ -109,13 +115,13 @@ impl RamCache {
     }
 
     fn check_data(gpa: u64, data: &[u8]) -> Result<(), RamError> {
-        if gpa % PAGE_SIZE as u64 != 0 {
+        if !gpa.is_multiple_of(PAGE_SIZE as u64) {
             return Err(RamError::Misaligned {
                 gpa,
                 page_size: PAGE_SIZE,
             });
         }
-        if data.is_empty() || data.len() % PAGE_SIZE != 0 {
+        if data.is_empty() || !data.len().is_multiple_of(PAGE_SIZE) {
             return Err(RamError::ShortPage {
                 gpa,
                 len: data.len(),
@@ -131,7 +137,7 @@ impl RamCache {
         self.check_ram(svm)?;
         let (region, page) = self.layout.locate(gpa, data.len() as u64)?;
         svm.write_pages(region, page, data)?;
-        GuestRam::new(&self.mem)?.write_pages(region, page, data)
+        self.view.write_pages(region, page, data)
     }
 
     /// Initial sync: zeroes `pages` pages at `gpa` in both the cache and SVM memory `svm`.
@@ -139,13 +145,13 @@ impl RamCache {
         self.check_ram(svm)?;
         let (region, page) = self.locate_pages(gpa, pages)?;
         svm.zero_pages(region, page, pages)?;
-        GuestRam::new(&self.mem)?.zero_pages(region, page, pages)
+        self.view.zero_pages(region, page, pages)
     }
 
     /// Initial sync done some other way (SVM RAM loaded directly): copies all of `svm` into the cache.
     pub fn fill_from(&mut self, svm: &GuestRam<'_>) -> Result<(), RamError> {
         self.check_ram(svm)?;
-        let cache = GuestRam::new(&self.mem)?;
+        let cache = &self.view;
         for (i, r) in self.layout.regions().iter().enumerate() {
             cache.write_pages(i, 0, svm.pages(i, 0, r.pages())?)?;
         }
@@ -157,14 +163,14 @@ impl RamCache {
     pub fn receive(&mut self, gpa: u64, data: &[u8]) -> Result<(), RamError> {
         Self::check_data(gpa, data)?;
         let (region, page) = self.layout.locate(gpa, data.len() as u64)?;
-        GuestRam::new(&self.mem)?.write_pages(region, page, data)?;
+        self.view.write_pages(region, page, data)?;
         self.mark(region, page..page + data.len() / PAGE_SIZE)
     }
 
     /// A zero-page marker from the primary: `pages` zero pages at `gpa`, cache only, marked received.
     pub fn receive_zero(&mut self, gpa: u64, pages: usize) -> Result<(), RamError> {
         let (region, page) = self.locate_pages(gpa, pages)?;
-        GuestRam::new(&self.mem)?.zero_pages(region, page, pages)?;
+        self.view.zero_pages(region, page, pages)?;
         self.mark(region, page..page + pages)
     }
 
@@ -211,7 +217,7 @@ impl RamCache {
         self.check_ram(svm)?;
         let received_pages = self.received.count();
         svm_log.take_into(&mut self.received)?;
-        let cache = GuestRam::new(&self.mem)?;
+        let cache = &self.view;
         let mut stats = FlushStats {
             received_pages,
             flushed_pages: 0,
@@ -225,7 +231,7 @@ impl RamCache {
             } else {
                 1
             };
-            stats.threads = stats.threads.max(copy_region(&cache, svm, i, map, threads)?);
+            stats.threads = stats.threads.max(copy_region(cache, svm, i, map, threads)?);
         }
         self.received.clear();
         Ok(stats)

@@ -20,6 +20,44 @@
 //! | [`ram`] | [`GuestRam`] / [`RamLayout`]: guest RAM as host mappings |
 //! | [`primary`] | [`PrimaryRam`], [`collect`], [`PageRun`], zero detection, pre-copy policy |
 //! | [`cache`] | [`RamCache`] and its flush |
+//!
+//! ## Example: one checkpoint, without KVM
+//!
+//! ```rust
+//! use colo_ram::*;
+//! use vm_memory::{bitmap::AtomicBitmap, Bytes, GuestAddress, GuestMemoryMmap};
+//!
+//! let pvm = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+//! let svm = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+//! let layout = RamLayout::of(&pvm).unwrap();
+//! // On KVM: UnionLog::new(KvmDirtyLog::new(&vm_fd, layout.clone(), slots)?, AtomicBitmapLog::new(&pvm)?)
+//! let mut primary = PrimaryRam::new(layout.clone(), AtomicBitmapLog::new(&pvm).unwrap(), CollectOptions::default());
+//! let mut cache = RamCache::new(layout, FlushOptions::default()).unwrap();
+//! let mut svm_log = AtomicBitmapLog::new(&svm).unwrap();
+//! let (pram, sram) = (GuestRam::new(&pvm).unwrap(), GuestRam::new(&svm).unwrap());
+//! pvm.write_slice(b"boot", GuestAddress(0x1000)).unwrap();
+//! primary.mark_all().unwrap(); // initial sync: every page, into the cache and SVM memory
+//! for run in primary.collect(&pram).unwrap() {
+//!     match run.unwrap() {
+//!         PageRun::Data { gpa, data } => cache.load_initial(&sram, gpa, data).unwrap(),
+//!         PageRun::Zero { gpa, pages } => cache.load_initial_zero(&sram, gpa, pages).unwrap(),
+//!     }
+//! }
+//!
+//! pvm.write_slice(b"epoch 1", GuestAddress(0x3000)).unwrap(); // the primary runs
+//! svm.write_slice(b"diverged", GuestAddress(0x8000)).unwrap(); // so does the secondary
+//!
+//! primary.take_log().unwrap(); // checkpoint, primary paused: the pages written since the last one
+//! for run in primary.collect(&pram).unwrap() {
+//!     match run.unwrap() {
+//!         // ...over the wire...
+//!         PageRun::Data { gpa, data } => cache.receive(gpa, data).unwrap(),
+//!         PageRun::Zero { gpa, pages } => cache.receive_zero(gpa, pages).unwrap(),
+//!     }
+//! }
+//! let stats = cache.flush(&sram, &mut svm_log).unwrap(); // secondary paused
+//! assert_eq!(stats.flushed_pages, 2); // the received page and the one the SVM dirtied itself
+//! ```
 
 pub mod bitmap;
 pub mod cache;

@@ -87,7 +87,7 @@ impl RamLayout {
 
     /// Finds the region and page index of a page-aligned range `gpa..gpa+len` that must lie in one region.
     pub fn locate(&self, gpa: u64, len: u64) -> Result<(usize, usize), RamError> {
-        if gpa % PAGE_SIZE as u64 != 0 {
+        if !gpa.is_multiple_of(PAGE_SIZE as u64) {
             return Err(RamError::Misaligned {
                 gpa,
                 page_size: PAGE_SIZE,
@@ -127,6 +127,23 @@ pub struct GuestRam<'m> {
 unsafe impl Send for GuestRam<'_> {}
 // SAFETY: as for `Send`; shared access only reads or copies into disjoint pages (see `RamCache::flush`).
 unsafe impl Sync for GuestRam<'_> {}
+
+impl GuestRam<'static> {
+    /// Like [`GuestRam::new`], without tying the view's lifetime to `mem` (for a struct owning both).
+    ///
+    /// # Safety
+    ///
+    /// The caller keeps every region mapping of `mem` alive, and unmapped by nobody else, for as long as the
+    /// returned view is used. (vm-memory mappings live on the heap: moving `mem` does not move them.)
+    pub(crate) unsafe fn new_detached<M: GuestMemoryBackend>(mem: &M) -> Result<Self, RamError> {
+        let GuestRam { layout, regions, .. } = GuestRam::new(mem)?;
+        Ok(GuestRam {
+            layout,
+            regions,
+            _mem: PhantomData,
+        })
+    }
+}
 
 impl<'m> GuestRam<'m> {
     /// Borrows the host mappings of every region of `mem`.
@@ -250,7 +267,7 @@ mod tests {
             Err(RamError::Misaligned { .. })
         ));
         assert!(matches!(
-            l.locate(u64::MAX & !0xfff, 0x1000),
+            l.locate(!0xfff, 0x1000),
             Err(RamError::OutOfRange { .. })
         ));
     }
