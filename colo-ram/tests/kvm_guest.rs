@@ -13,6 +13,10 @@ fn kvm_pair_round_trip() {
 }
 
 #[cfg(feature = "kvm")]
+#[path = "support/cpl3.rs"]
+mod cpl3;
+
+#[cfg(feature = "kvm")]
 mod kvm {
     use std::sync::Arc;
 
@@ -20,163 +24,29 @@ mod kvm {
         AtomicBitmapLog, CollectOptions, DirtyLog, DirtySet, FlushOptions, GuestRam, KvmDirtyLog,
         KvmManualDirtyLog, PAGE_SIZE, PageRun, PrimaryRam, RamCache, RamLayout, UnionLog,
     };
-    use kvm_bindings::{
-        KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, kvm_segment, kvm_userspace_memory_region,
-    };
-    use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-    use vm_memory::bitmap::AtomicBitmap;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+    use kvm_ioctls::VcpuFd;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-    type Mem = GuestMemoryMmap<AtomicBitmap>;
+    use super::cpl3::{Mem, TABLE, create_vm, kvm_or_skip, load_guest, run_guest};
+
     type Log = Box<dyn DirtyLog + Send>;
 
     /// Guest RAM: 4 MiB at 0 and 2 MiB at 16 MiB, two KVM slots.
     const RANGES: [(u64, usize); 2] = [(0, 4 << 20), (16 << 20, 2 << 20)];
-    const GDT: u64 = 0x500;
-    const PML4: u64 = 0x1000;
-    const CODE: u64 = 0x4000;
-    const TABLE: u64 = 0x5000;
-    const EXIT_PORT: u16 = 0x10;
 
-    /// for each address in [rsi .. rsi + 8*rcx): store the address at it and rdx 8 bytes further; then `out`.
-    const GUEST_CODE: [u8; 23] = [
-        0x48,
-        0x8b,
-        0x06, // mov rax, [rsi]
-        0x48,
-        0x89,
-        0x00, // mov [rax], rax
-        0x48,
-        0x89,
-        0x50,
-        0x08, // mov [rax+8], rdx
-        0x48,
-        0x83,
-        0xc6,
-        0x08, // add rsi, 8
-        0x48,
-        0xff,
-        0xc9, // dec rcx
-        0x75,
-        0xed, // jnz back to the first instruction
-        0xe6,
-        EXIT_PORT as u8, // out 0x10, al (allowed at CPL3 by IOPL=3)
-        0xeb,
-        0xfe, // jmp $ (never reached: the VMM resets RIP)
-    ];
-
-    struct Vm {
-        vm: Arc<VmFd>,
-        mem: Mem,
-        vcpu: VcpuFd,
-        log: Log,
-    }
-
-    fn kvm() -> Option<Kvm> {
-        if !std::path::Path::new("/dev/kvm").exists() {
-            eprintln!("SKIPPED: /dev/kvm is missing; the colo-ram KVM pair test did not run");
-            return None;
-        }
-        Some(Kvm::new().expect("/dev/kvm exists but cannot be opened"))
-    }
-
-    fn new_vm(kvm: &Kvm, manual: bool) -> Vm {
-        let vm = Arc::new(kvm.create_vm().unwrap());
-        let mem = Mem::from_ranges(&RANGES.map(|(g, l)| (GuestAddress(g), l))).unwrap();
-        let layout = RamLayout::of(&mem).unwrap();
-        let slots = vec![0, 1];
-        // Manual protect must be enabled before the slots are registered.
-        let kvm_log: Log = if manual {
-            Box::new(KvmManualDirtyLog::new(Arc::clone(&vm), layout, slots).unwrap())
-        } else {
-            Box::new(KvmDirtyLog::new(Arc::clone(&vm), layout, slots).unwrap())
-        };
-        for (slot, region) in mem.iter().enumerate() {
-            let host = mem.get_host_address(region.start_addr()).unwrap();
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: KVM_MEM_LOG_DIRTY_PAGES,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
-            // SAFETY: the mapping belongs to `mem`, which lives in the returned `Vm` as long as the VM.
-            unsafe { vm.set_user_memory_region(r).unwrap() };
-        }
-        vm.set_tss_address(0xfffb_d000).unwrap();
-        let vcpu = vm.create_vcpu(0).unwrap();
-        vcpu.set_cpuid2(&kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap())
-            .unwrap();
-        let mut sregs = vcpu.get_sregs().unwrap();
-        let seg = |selector: u16, type_: u8, l: u8, db: u8| kvm_segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            selector,
-            type_,
-            present: 1,
-            dpl: 3,
-            db,
-            s: 1,
-            l,
-            g: 1,
-            ..Default::default()
-        };
-        sregs.cs = seg(0x23, 0xb, 1, 0);
-        let data = seg(0x1b, 0x3, 0, 1);
-        (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
-        sregs.gdt.base = GDT;
-        sregs.gdt.limit = 5 * 8 - 1;
-        sregs.cr3 = PML4;
-        sregs.cr4 = (1 << 5) | (1 << 9) | (1 << 10); // PAE, OSFXSR, OSXMMEXCPT
-        sregs.cr0 = 1 | (1 << 1) | (1 << 16) | (1 << 31); // PE, MP, WP, PG
-        sregs.efer = (1 << 8) | (1 << 10); // LME, LMA
-        vcpu.set_sregs(&sregs).unwrap();
+    /// A VM whose dirty log is KVM's (plain or manual protect) OR the VMM's own vm-memory writes.
+    fn new_vm(kvm: &kvm_ioctls::Kvm, manual: bool) -> (Mem, VcpuFd, Log) {
+        let (_vm, mem, vcpu, kvm_log) = create_vm(kvm, &RANGES, |vm, mem| -> Log {
+            let layout = RamLayout::of(mem).unwrap();
+            // Manual protect must be enabled before the slots are registered.
+            if manual {
+                Box::new(KvmManualDirtyLog::new(Arc::clone(vm), layout, vec![0, 1]).unwrap())
+            } else {
+                Box::new(KvmDirtyLog::new(Arc::clone(vm), layout, vec![0, 1]).unwrap())
+            }
+        });
         let log: Log = Box::new(UnionLog::new(kvm_log, AtomicBitmapLog::new(&mem).unwrap()));
-        Vm { vm, mem, vcpu, log }
-    }
-
-    /// GDT, identity-mapped 1 GiB of 2 MiB user pages (0xFEC00000.. stays unmapped), the code.
-    fn load_guest(mem: &Mem) {
-        let gdt: [u64; 5] = [
-            0,
-            0x00af_9a00_0000_ffff,
-            0x00cf_9200_0000_ffff,
-            0x00cf_f200_0000_ffff,
-            0x00af_fa00_0000_ffff,
-        ];
-        for (i, d) in gdt.iter().enumerate() {
-            mem.write_obj(*d, GuestAddress(GDT + 8 * i as u64)).unwrap();
-        }
-        const PRESENT_RW_USER: u64 = 0x7;
-        mem.write_obj(0x2000 | PRESENT_RW_USER, GuestAddress(PML4))
-            .unwrap();
-        mem.write_obj(0x3000 | PRESENT_RW_USER, GuestAddress(0x2000))
-            .unwrap();
-        for i in 0..512u64 {
-            mem.write_obj((i << 21) | PRESENT_RW_USER | 0x80, GuestAddress(0x3000 + 8 * i))
-                .unwrap();
-        }
-        mem.write_slice(&GUEST_CODE, GuestAddress(CODE)).unwrap();
-    }
-
-    /// Runs the guest over `targets` (written by the VMM into the table page) with marker `rdx`.
-    fn run_guest(vcpu: &mut VcpuFd, mem: &Mem, targets: &[u64], rdx: u64) {
-        assert!(!targets.is_empty() && targets.len() <= 512);
-        for (i, t) in targets.iter().enumerate() {
-            mem.write_obj(*t, GuestAddress(TABLE + 8 * i as u64)).unwrap();
-        }
-        let mut regs = vcpu.get_regs().unwrap();
-        regs.rip = CODE;
-        regs.rsp = 0x8000 - 8;
-        regs.rflags = 0x2 | (3 << 12); // IOPL = 3, IF = 0
-        regs.rsi = TABLE;
-        regs.rcx = targets.len() as u64;
-        regs.rdx = rdx;
-        vcpu.set_regs(&regs).unwrap();
-        match vcpu.run().unwrap() {
-            VcpuExit::IoOut(EXIT_PORT, _) => {}
-            other => panic!("guest did not reach its exit port: {other:?}"),
-        }
+        (mem, vcpu, log)
     }
 
     fn snapshot<M: GuestMemoryBackend>(mem: &M) -> Vec<u8> {
@@ -211,19 +81,11 @@ mod kvm {
     }
 
     fn pair_round_trip(manual: bool) {
-        let Some(kvm) = kvm() else { return };
-        let Vm {
-            vm: _pvm_fd,
-            mem: pvm,
-            vcpu: mut pvcpu,
-            log: plog,
-        } = new_vm(&kvm, manual);
-        let Vm {
-            vm: _svm_fd,
-            mem: svm,
-            vcpu: mut svcpu,
-            log: mut slog,
-        } = new_vm(&kvm, manual);
+        let Some(kvm) = kvm_or_skip("the colo-ram KVM pair test") else {
+            return;
+        };
+        let (pvm, mut pvcpu, plog) = new_vm(&kvm, manual);
+        let (svm, mut svcpu, mut slog) = new_vm(&kvm, manual);
         load_guest(&pvm);
         let layout = RamLayout::of(&pvm).unwrap();
         let mut primary = PrimaryRam::new(layout.clone(), plog, CollectOptions::default());
