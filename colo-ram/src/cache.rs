@@ -265,9 +265,8 @@ fn copy_region(
         let handles: Vec<_> = parts.map(|p| s.spawn(|| copy_words(p))).collect();
         let mut result = mine.map_or(Ok(()), &copy_words);
         for h in handles {
-            let r = h
-                .join()
-                .unwrap_or_else(|_| Err(RamError::LayoutMismatch("flush thread panicked".into())));
+            // A panic in a copy thread is a bug here, not bad input: pass it on unchanged.
+            let r = h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
             result = result.and(r);
         }
         result

@@ -16,7 +16,7 @@
 //! |---|---|
 //! | [`bitmap`] | [`DirtyBitmap`]: word-at-a-time bitmap with fast run iteration |
 //! | [`log`] | [`DirtyLog`] trait, [`DirtySet`], [`AtomicBitmapLog`], [`UnionLog`] |
-//! | `kvm` | `KvmDirtyLog` and `KvmManualDirtyLog` over kvm-ioctls (feature `kvm`) |
+//! | `kvm` | `KvmDirtyLog`, `KvmManualDirtyLog`, `KvmDirtyRing` over kvm-ioctls (feature `kvm`) |
 //! | [`ram`] | [`GuestRam`] / [`RamLayout`]: guest RAM as host mappings |
 //! | [`primary`] | [`PrimaryRam`], [`collect`], [`PageRun`], zero detection, pre-copy policy |
 //! | [`cache`] | [`RamCache`] and its flush |
@@ -72,7 +72,7 @@ pub use bitmap::DirtyBitmap;
 pub use cache::{FlushOptions, FlushStats, RamCache};
 pub use error::RamError;
 #[cfg(feature = "kvm")]
-pub use kvm::{KvmDirtyLog, KvmManualDirtyLog};
+pub use kvm::{KvmDirtyLog, KvmDirtyRing, KvmManualDirtyLog};
 pub use log::{AtomicBitmapLog, DirtyLog, DirtySet, NoopDirtyLog, UnionLog};
 pub use primary::{
     CollectOptions, CollectStats, Collection, PageRun, PrecopyPolicy, PrimaryRam, collect, is_zero,

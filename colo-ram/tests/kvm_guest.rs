@@ -1,7 +1,7 @@
 //! A real KVM pair: a long-mode CPL3 guest on a "primary" VM writes a known set of pages (and the VMM
 //! writes some through vm-memory); the dirty log must report every one of them; the pages go through
 //! collection, the RAM cache and a flush into a "secondary" VM whose own guest has dirtied other pages; the
-//! two memories must then be equal. Runs once with the plain KVM log and once with manual protect, and once
+//! two memories must then be equal. Runs with the plain KVM log, with manual protect and with the dirty ring, each
 //! with a pre-copy round sent while the guest runs on another thread.
 //!
 //! Needs /dev/kvm; prints a loud SKIPPED line where it is missing (or when built without feature `kvm`).
@@ -22,9 +22,9 @@ mod kvm {
 
     use colo_ram::{
         AtomicBitmapLog, CollectOptions, DirtyLog, DirtySet, FlushOptions, GuestRam, KvmDirtyLog,
-        KvmManualDirtyLog, PAGE_SIZE, PageRun, PrimaryRam, RamCache, RamLayout, UnionLog,
+        KvmDirtyRing, KvmManualDirtyLog, PAGE_SIZE, PageRun, PrimaryRam, RamCache, RamLayout, UnionLog,
     };
-    use kvm_ioctls::VcpuFd;
+    use kvm_ioctls::{VcpuFd, VmFd};
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
     use super::cpl3::{Mem, TABLE, create_vm, kvm_or_skip, load_guest, run_guest};
@@ -34,16 +34,36 @@ mod kvm {
     /// Guest RAM: 4 MiB at 0 and 2 MiB at 16 MiB, two KVM slots.
     const RANGES: [(u64, usize); 2] = [(0, 4 << 20), (16 << 20, 2 << 20)];
 
-    /// A VM whose dirty log is KVM's (plain or manual protect) OR the VMM's own vm-memory writes.
-    fn new_vm(kvm: &kvm_ioctls::Kvm, manual: bool) -> (Mem, VcpuFd, Log) {
-        let (_vm, mem, vcpu, kvm_log) = create_vm(kvm, &RANGES, |vm, mem| -> Log {
+    #[derive(Clone, Copy, Debug)]
+    enum Kind {
+        Plain,
+        Manual,
+        Ring,
+    }
+
+    const RING_ENTRIES: u32 = 4096;
+
+    /// A VM whose dirty log is KVM's (plain, manual protect or dirty ring) OR the VMM's vm-memory writes.
+    fn new_vm(kvm: &kvm_ioctls::Kvm, kind: Kind) -> (Mem, VcpuFd, Log) {
+        let (vm, mem, vcpu, kvm_log) = create_vm(kvm, &RANGES, |vm, mem| -> Option<Log> {
             let layout = RamLayout::of(mem).unwrap();
-            // Manual protect must be enabled before the slots are registered.
-            if manual {
-                Box::new(KvmManualDirtyLog::new(Arc::clone(vm), layout, vec![0, 1]).unwrap())
-            } else {
-                Box::new(KvmDirtyLog::new(Arc::clone(vm), layout, vec![0, 1]).unwrap())
+            // Manual protect and the ring are enabled before the slots and vCPUs exist.
+            match kind {
+                Kind::Plain => Some(Box::new(
+                    KvmDirtyLog::new(Arc::clone(vm), layout, vec![0, 1]).unwrap(),
+                )),
+                Kind::Manual => Some(Box::new(
+                    KvmManualDirtyLog::new(Arc::clone(vm), layout, vec![0, 1]).unwrap(),
+                )),
+                Kind::Ring => {
+                    KvmDirtyRing::<Arc<VmFd>>::enable(vm, RING_ENTRIES).unwrap();
+                    None
+                }
             }
+        });
+        let kvm_log = kvm_log.unwrap_or_else(|| {
+            let layout = RamLayout::of(&mem).unwrap();
+            Box::new(KvmDirtyRing::new(vm, layout, vec![0, 1], &[&vcpu], RING_ENTRIES).unwrap())
         });
         let log: Log = Box::new(UnionLog::new(kvm_log, AtomicBitmapLog::new(&mem).unwrap()));
         (mem, vcpu, log)
@@ -80,12 +100,12 @@ mod kvm {
         }
     }
 
-    fn pair_round_trip(manual: bool) {
+    fn pair_round_trip(kind: Kind) {
         let Some(kvm) = kvm_or_skip("the colo-ram KVM pair test") else {
             return;
         };
-        let (pvm, mut pvcpu, plog) = new_vm(&kvm, manual);
-        let (svm, mut svcpu, mut slog) = new_vm(&kvm, manual);
+        let (pvm, mut pvcpu, plog) = new_vm(&kvm, kind);
+        let (svm, mut svcpu, mut slog) = new_vm(&kvm, kind);
         load_guest(&pvm);
         let layout = RamLayout::of(&pvm).unwrap();
         let mut primary = PrimaryRam::new(layout.clone(), plog, CollectOptions::default());
@@ -135,7 +155,7 @@ mod kvm {
             );
         }
         eprintln!(
-            "epoch 1 (manual={manual}): {pending} pages dirty, guest wrote {}, VMM {}",
+            "epoch 1 ({kind:?}): {pending} pages dirty, guest wrote {}, VMM {}",
             a.len(),
             v.len()
         );
@@ -184,7 +204,7 @@ mod kvm {
             );
         }
         send(&mut primary, &pram, &mut cache);
-        eprintln!("epoch 2 (manual={manual}): {precopy} pages pre-copied, {paused} sent paused");
+        eprintln!("epoch 2 ({kind:?}): {precopy} pages pre-copied, {paused} sent paused");
         cache.flush(&sram, &mut slog).unwrap();
         assert_equal(&pvm, &svm, "after checkpoint 2 (pre-copy)");
         // The cache itself holds the PVM's RAM.
@@ -193,11 +213,16 @@ mod kvm {
 
     #[test]
     fn kvm_pair_round_trip_plain_log() {
-        pair_round_trip(false);
+        pair_round_trip(Kind::Plain);
     }
 
     #[test]
     fn kvm_pair_round_trip_manual_protect() {
-        pair_round_trip(true);
+        pair_round_trip(Kind::Manual);
+    }
+
+    #[test]
+    fn kvm_pair_round_trip_dirty_ring() {
+        pair_round_trip(Kind::Ring);
     }
 }
