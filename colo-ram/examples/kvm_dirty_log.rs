@@ -1,4 +1,5 @@
-//! Plain `KVM_GET_DIRTY_LOG` against manual protect (`KVM_GET_DIRTY_LOG` + `KVM_CLEAR_DIRTY_LOG`) on a real
+//! Plain `KVM_GET_DIRTY_LOG` against manual protect (`KVM_GET_DIRTY_LOG` + `KVM_CLEAR_DIRTY_LOG`) and the
+//! per-vCPU dirty ring (65536 entries) on a real
 //! 1 GiB guest: the cost of one `take_into` when clean and after the guest dirtied 1% and 10% of its pages,
 //! and the guest's own time to dirty them (write-protect faults after the reset).
 //!
@@ -11,7 +12,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use colo_ram::{DirtyLog, DirtySet, KvmDirtyLog, KvmManualDirtyLog, PAGE_SIZE, RamLayout};
+use colo_ram::{DirtyLog, DirtySet, KvmDirtyLog, KvmDirtyRing, KvmManualDirtyLog, PAGE_SIZE, RamLayout};
+use kvm_ioctls::VmFd;
 
 #[path = "../tests/support/cpl3.rs"]
 #[allow(dead_code)]
@@ -24,14 +26,35 @@ fn median(mut v: Vec<Duration>) -> f64 {
     v[v.len() / 2].as_secs_f64()
 }
 
-fn measure(kvm: &kvm_ioctls::Kvm, manual: bool, rounds: usize) -> serde_json::Value {
-    let (_vm, mem, mut vcpu, mut log) = cpl3::create_vm(kvm, &[(0, GIB)], |vm, mem| -> Box<dyn DirtyLog> {
-        let layout = RamLayout::of(mem).unwrap();
-        if manual {
-            Box::new(KvmManualDirtyLog::new(Arc::clone(vm), layout, vec![0]).unwrap())
-        } else {
-            Box::new(KvmDirtyLog::new(Arc::clone(vm), layout, vec![0]).unwrap())
-        }
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Plain,
+    Manual,
+    Ring,
+}
+
+const RING_ENTRIES: u32 = 65536;
+
+fn measure(kvm: &kvm_ioctls::Kvm, kind: Kind, rounds: usize) -> serde_json::Value {
+    let (vm, mem, mut vcpu, log) =
+        cpl3::create_vm(kvm, &[(0, GIB)], |vm, mem| -> Option<Box<dyn DirtyLog>> {
+            let layout = RamLayout::of(mem).unwrap();
+            match kind {
+                Kind::Plain => Some(Box::new(
+                    KvmDirtyLog::new(Arc::clone(vm), layout, vec![0]).unwrap(),
+                )),
+                Kind::Manual => Some(Box::new(
+                    KvmManualDirtyLog::new(Arc::clone(vm), layout, vec![0]).unwrap(),
+                )),
+                Kind::Ring => {
+                    KvmDirtyRing::<Arc<VmFd>>::enable(vm, RING_ENTRIES).unwrap();
+                    None
+                }
+            }
+        });
+    let mut log = log.unwrap_or_else(|| {
+        let layout = RamLayout::of(&mem).unwrap();
+        Box::new(KvmDirtyRing::new(vm, layout, vec![0], &[&vcpu], RING_ENTRIES).unwrap())
     });
     cpl3::load_guest(&mem);
     let mut set = DirtySet::new(RamLayout::of(&mem).unwrap());
@@ -96,11 +119,11 @@ fn main() -> anyhow::Result<()> {
     let Some(kvm) = cpl3::kvm_or_skip("the kvm_dirty_log benchmark") else {
         return Ok(());
     };
-    let plain = measure(&kvm, false, rounds.max(1));
-    let manual = measure(&kvm, true, rounds.max(1));
-    println!(
-        "{}",
-        serde_json::json!({ "slot_gib": 1, "plain": plain, "manual_protect": manual })
-    );
+    let plain = measure(&kvm, Kind::Plain, rounds.max(1));
+    let manual = measure(&kvm, Kind::Manual, rounds.max(1));
+    let ring = measure(&kvm, Kind::Ring, rounds.max(1));
+    let out =
+        serde_json::json!({ "slot_gib": 1, "plain": plain, "manual_protect": manual, "dirty_ring": ring });
+    println!("{out}");
     Ok(())
 }
