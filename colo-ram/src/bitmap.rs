@@ -44,6 +44,17 @@ impl DirtyBitmap {
         Ok(map)
     }
 
+    /// Takes (reads and resets) vm-memory's bitmap of one region: the pages the VMM wrote through vm-memory.
+    pub fn take_atomic(map: &vm_memory::bitmap::AtomicBitmap) -> Self {
+        let bits = map.len();
+        let mut words = map.get_and_reset();
+        // `AtomicBitmap` sizes its words as we do; never trust it blindly.
+        words.resize(bits.div_ceil(WORD_BITS), 0);
+        let mut out = DirtyBitmap { words, bits };
+        out.mask_tail();
+        out
+    }
+
     /// Number of pages (bits) this bitmap covers.
     pub fn len(&self) -> usize {
         self.bits
@@ -357,6 +368,17 @@ mod tests {
         let m = DirtyBitmap::from_words(vec![u64::MAX], 10).unwrap();
         assert_eq!(m.count(), 10);
         assert_eq!(m.runs().collect::<Vec<_>>(), vec![0..10]);
+    }
+
+    #[test]
+    fn takes_atomic_bitmap_and_resets_it() {
+        let atomic =
+            vm_memory::bitmap::AtomicBitmap::new(100 * 4096, std::num::NonZeroUsize::new(4096).unwrap());
+        atomic.set_addr_range(4096 * 63, 4096 * 3);
+        let m = DirtyBitmap::take_atomic(&atomic);
+        assert_eq!(m.len(), 100);
+        assert_eq!(m.runs().collect::<Vec<_>>(), vec![63..66]);
+        assert!(DirtyBitmap::take_atomic(&atomic).is_clear());
     }
 
     #[test]

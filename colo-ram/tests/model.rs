@@ -179,4 +179,26 @@ proptest! {
         cache.flush(&sram, &mut colo_ram::NoopDirtyLog).unwrap();
         prop_assert!(snapshot(&svm) == snapshot(&pvm));
     }
+
+    #[test]
+    fn hostile_pages_are_errors_never_writes(
+        gpa in prop_oneof![any::<u64>(), 0u64..0x120000, (0u64..0x130).prop_map(|p| p * PAGE_SIZE as u64), Just(!0xfffu64)],
+        len in prop_oneof![0usize..3 * PAGE_SIZE, (0usize..5).prop_map(|p| p * PAGE_SIZE)],
+        pages in prop_oneof![any::<usize>(), 0usize..70],
+    ) {
+        let m = mem();
+        let layout = RamLayout::of(&m).unwrap();
+        let mut cache = RamCache::new(layout.clone(), FlushOptions::default()).unwrap();
+        let data = vec![0xabu8; len];
+        let in_ram = |g: u64, l: u64| REGIONS.iter().any(|&(s, p)| g >= s && g.checked_add(l).is_some_and(|e| e <= s + (p * PAGE_SIZE) as u64));
+        let ok_data = gpa % PAGE_SIZE as u64 == 0 && len > 0 && len % PAGE_SIZE == 0 && in_ram(gpa, len as u64);
+        prop_assert_eq!(cache.receive(gpa, &data).is_ok(), ok_data);
+        let zlen = (pages as u64).checked_mul(PAGE_SIZE as u64);
+        let ok_zero = gpa % PAGE_SIZE as u64 == 0 && pages > 0 && zlen.is_some_and(|l| in_ram(gpa, l));
+        prop_assert_eq!(cache.receive_zero(gpa, pages).is_ok(), ok_zero);
+        // Only accepted pages are marked.
+        let expected = usize::from(ok_data) * (len / PAGE_SIZE) + if ok_zero { pages } else { 0 };
+        prop_assert!(cache.received().count() <= expected);
+        if !ok_data && !ok_zero { prop_assert!(cache.received().is_clear()); }
+    }
 }
