@@ -173,7 +173,7 @@ fn flush(c: &mut Criterion) {
     let mut cache = RamCache::new(layout.clone(), FlushOptions::default()).unwrap();
     // Touch everything once so no page fault lands in a measurement.
     cache.fill_from(&GuestRam::new(&svm).unwrap()).unwrap();
-    let sram = GuestRam::new(&svm).unwrap();
+    let mut sram = GuestRam::new(&svm).unwrap();
     let src = cache.memory().get_host_address(GuestAddress(0)).unwrap() as usize;
     let dst = svm.get_host_address(GuestAddress(0)).unwrap() as usize;
 
@@ -199,7 +199,7 @@ fn flush(c: &mut Criterion) {
             });
             let id = format!("{pct}/1GiB");
             g.bench_function(BenchmarkId::new(id.clone(), format!("{threads}thr")), |b| {
-                b.iter(|| cache.flush(&sram, &mut log).unwrap())
+                b.iter(|| cache.flush(&mut sram, &mut log).unwrap())
             });
             g.bench_function(BenchmarkId::new(id, format!("memcpy_{threads}thr")), |b| {
                 b.iter(|| scattered_memcpy(src, dst, &pages, threads))

@@ -130,7 +130,7 @@ fn main() -> anyhow::Result<()> {
             parallel_threshold_pages: 1024,
         },
     )?;
-    let sram = GuestRam::new(&svm)?;
+    let mut sram = GuestRam::new(&svm)?;
     cache.fill_from(&sram)?; // fault every page in before measuring
 
     let map = random_map(size / PAGE_SIZE, args.dirty_pct / 100.0, 0x5eed);
@@ -147,7 +147,7 @@ fn main() -> anyhow::Result<()> {
     let (mut flush_t, mut memcpy_t) = (Vec::new(), Vec::new());
     for _ in 0..args.iters {
         let t = Instant::now();
-        cache.flush(&sram, &mut log)?;
+        cache.flush(&mut sram, &mut log)?;
         flush_t.push(t.elapsed());
         let t = Instant::now();
         scattered_memcpy(src, dst, &pages, 2);

@@ -132,7 +132,7 @@ impl RamCache {
     }
 
     /// Initial sync: writes whole pages at `gpa` into both the cache and SVM memory `svm`.
-    pub fn load_initial(&mut self, svm: &GuestRam<'_>, gpa: u64, data: &[u8]) -> Result<(), RamError> {
+    pub fn load_initial(&mut self, svm: &mut GuestRam<'_>, gpa: u64, data: &[u8]) -> Result<(), RamError> {
         Self::check_data(gpa, data)?;
         self.check_ram(svm)?;
         let (region, page) = self.layout.locate(gpa, data.len() as u64)?;
@@ -141,7 +141,12 @@ impl RamCache {
     }
 
     /// Initial sync: zeroes `pages` pages at `gpa` in both the cache and SVM memory `svm`.
-    pub fn load_initial_zero(&mut self, svm: &GuestRam<'_>, gpa: u64, pages: usize) -> Result<(), RamError> {
+    pub fn load_initial_zero(
+        &mut self,
+        svm: &mut GuestRam<'_>,
+        gpa: u64,
+        pages: usize,
+    ) -> Result<(), RamError> {
         self.check_ram(svm)?;
         let (region, page) = self.locate_pages(gpa, pages)?;
         svm.zero_pages(region, page, pages)?;
@@ -211,7 +216,7 @@ impl RamCache {
     /// primary's RAM at this checkpoint.
     pub fn flush<L: DirtyLog + ?Sized>(
         &mut self,
-        svm: &GuestRam<'_>,
+        svm: &mut GuestRam<'_>,
         svm_log: &mut L,
     ) -> Result<FlushStats, RamError> {
         self.check_ram(svm)?;

@@ -34,13 +34,13 @@
 //! let mut primary = PrimaryRam::new(layout.clone(), AtomicBitmapLog::new(&pvm).unwrap(), CollectOptions::default());
 //! let mut cache = RamCache::new(layout, FlushOptions::default()).unwrap();
 //! let mut svm_log = AtomicBitmapLog::new(&svm).unwrap();
-//! let (pram, sram) = (GuestRam::new(&pvm).unwrap(), GuestRam::new(&svm).unwrap());
+//! let (pram, mut sram) = (GuestRam::new(&pvm).unwrap(), GuestRam::new(&svm).unwrap());
 //! pvm.write_slice(b"boot", GuestAddress(0x1000)).unwrap();
 //! primary.mark_all().unwrap(); // initial sync: every page, into the cache and SVM memory
 //! for run in primary.collect(&pram).unwrap() {
 //!     match run.unwrap() {
-//!         PageRun::Data { gpa, data } => cache.load_initial(&sram, gpa, data).unwrap(),
-//!         PageRun::Zero { gpa, pages } => cache.load_initial_zero(&sram, gpa, pages).unwrap(),
+//!         PageRun::Data { gpa, data } => cache.load_initial(&mut sram, gpa, data).unwrap(),
+//!         PageRun::Zero { gpa, pages } => cache.load_initial_zero(&mut sram, gpa, pages).unwrap(),
 //!     }
 //! }
 //!
@@ -55,7 +55,7 @@
 //!         PageRun::Zero { gpa, pages } => cache.receive_zero(gpa, pages).unwrap(),
 //!     }
 //! }
-//! let stats = cache.flush(&sram, &mut svm_log).unwrap(); // secondary paused
+//! let stats = cache.flush(&mut sram, &mut svm_log).unwrap(); // secondary paused
 //! assert_eq!(stats.flushed_pages, 2); // the received page and the one the SVM dirtied itself
 //! ```
 

@@ -114,6 +114,10 @@ pub(crate) struct HostRegion {
 /// The primary reads pages out of it, the secondary's RAM cache flushes pages into it. Writes made through
 /// this view bypass vm-memory's dirty bitmap on purpose: a flush must not show up as the SVM dirtying its
 /// own memory.
+///
+/// Writers take `&mut GuestRam`, so page slices borrowed from a view (a [`Collection`](crate::Collection))
+/// cannot be alive while the same view is written. As in every VMM, the guest itself (through KVM) may
+/// change bytes behind a borrowed slice while its vCPUs run; the dirty log then reports the page again.
 #[derive(Debug)]
 pub struct GuestRam<'m> {
     layout: RamLayout,

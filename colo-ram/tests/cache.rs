@@ -80,9 +80,9 @@ fn bad_pages_from_the_peer_are_typed_errors() {
 
     // A cache for another layout refuses to flush into this memory.
     let other = Mem::from_ranges(&[(GuestAddress(0), 64 * PAGE_SIZE)]).unwrap();
-    let svm = GuestRam::new(&other).unwrap();
+    let mut svm = GuestRam::new(&other).unwrap();
     assert!(matches!(
-        cache.flush(&svm, &mut NoopDirtyLog),
+        cache.flush(&mut svm, &mut NoopDirtyLog),
         Err(RamError::LayoutMismatch(_))
     ));
 }
@@ -110,12 +110,12 @@ fn flush_writes_received_and_rolls_back_svm_dirty_pages() {
         CollectOptions::default(),
     );
     let pram = GuestRam::new(&pvm).unwrap();
-    let sram = GuestRam::new(&svm).unwrap();
+    let mut sram = GuestRam::new(&svm).unwrap();
     primary.mark_all().unwrap();
     for run in primary.collect(&pram).unwrap() {
         match run.unwrap() {
-            PageRun::Data { gpa, data } => cache.load_initial(&sram, gpa, data).unwrap(),
-            PageRun::Zero { gpa, pages } => cache.load_initial_zero(&sram, gpa, pages).unwrap(),
+            PageRun::Data { gpa, data } => cache.load_initial(&mut sram, gpa, data).unwrap(),
+            PageRun::Zero { gpa, pages } => cache.load_initial_zero(&mut sram, gpa, pages).unwrap(),
         }
     }
     let mut svm_log = AtomicBitmapLog::new(&svm).unwrap();
@@ -145,7 +145,7 @@ fn flush_writes_received_and_rolls_back_svm_dirty_pages() {
         bytes(&svm),
         "received pages stay in the cache until the flush"
     );
-    let stats = cache.flush(&sram, &mut svm_log).unwrap();
+    let stats = cache.flush(&mut sram, &mut svm_log).unwrap();
     assert_eq!(stats.received_pages, 2);
     assert_eq!(stats.flushed_pages, 4);
     assert_eq!(bytes(&pvm), bytes(&svm));

@@ -117,14 +117,14 @@ mod kvm {
             },
         )
         .unwrap();
-        let (pram, sram) = (GuestRam::new(&pvm).unwrap(), GuestRam::new(&svm).unwrap());
+        let (pram, mut sram) = (GuestRam::new(&pvm).unwrap(), GuestRam::new(&svm).unwrap());
 
         // Initial sync: everything into the cache and the SVM; then the SVM's log starts clean.
         primary.mark_all().unwrap();
         for run in primary.collect(&pram).unwrap() {
             match run.unwrap() {
-                PageRun::Data { gpa, data } => cache.load_initial(&sram, gpa, data).unwrap(),
-                PageRun::Zero { gpa, pages } => cache.load_initial_zero(&sram, gpa, pages).unwrap(),
+                PageRun::Data { gpa, data } => cache.load_initial(&mut sram, gpa, data).unwrap(),
+                PageRun::Zero { gpa, pages } => cache.load_initial_zero(&mut sram, gpa, pages).unwrap(),
             }
         }
         slog.take_into(&mut DirtySet::new(layout.clone())).unwrap();
@@ -161,7 +161,7 @@ mod kvm {
         );
         assert!(pending < 64, "the log over-reports wildly: {pending} pages");
         send(&mut primary, &pram, &mut cache);
-        let stats = cache.flush(&sram, &mut slog).unwrap();
+        let stats = cache.flush(&mut sram, &mut slog).unwrap();
         assert!(
             stats.flushed_pages >= pending + 3,
             "the SVM's own dirty pages were not flushed: {stats:?}"
@@ -205,7 +205,7 @@ mod kvm {
         }
         send(&mut primary, &pram, &mut cache);
         eprintln!("epoch 2 ({kind:?}): {precopy} pages pre-copied, {paused} sent paused");
-        cache.flush(&sram, &mut slog).unwrap();
+        cache.flush(&mut sram, &mut slog).unwrap();
         assert_equal(&pvm, &svm, "after checkpoint 2 (pre-copy)");
         // The cache itself holds the PVM's RAM.
         assert_eq!(snapshot(cache.memory()), snapshot(&pvm));

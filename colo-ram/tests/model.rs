@@ -124,17 +124,17 @@ proptest! {
         let mut primary = PrimaryRam::new(layout.clone(), AtomicBitmapLog::new(&pvm).unwrap(), options);
         let mut cache = RamCache::new(layout, FlushOptions { threads: 1, parallel_threshold_pages: 0 }).unwrap();
         let mut svm_log = AtomicBitmapLog::new(&svm).unwrap();
-        let (pram, sram) = (GuestRam::new(&pvm).unwrap(), GuestRam::new(&svm).unwrap());
+        let (pram, mut sram) = (GuestRam::new(&pvm).unwrap(), GuestRam::new(&svm).unwrap());
 
         // Initial sync into cache and SVM memory.
         primary.mark_all().unwrap();
         for run in primary.collect(&pram).unwrap() {
             match run.unwrap() {
-                PageRun::Data { gpa, data } => cache.load_initial(&sram, gpa, data).unwrap(),
-                PageRun::Zero { gpa, pages } => cache.load_initial_zero(&sram, gpa, pages).unwrap(),
+                PageRun::Data { gpa, data } => cache.load_initial(&mut sram, gpa, data).unwrap(),
+                PageRun::Zero { gpa, pages } => cache.load_initial_zero(&mut sram, gpa, pages).unwrap(),
             }
         }
-        cache.flush(&sram, &mut svm_log).unwrap(); // starts the SVM's log clean; copies nothing new
+        cache.flush(&mut sram, &mut svm_log).unwrap(); // starts the SVM's log clean; copies nothing new
         prop_assert_eq!(snapshot(&svm), snapshot(&pvm));
 
         for op in ops {
@@ -146,7 +146,7 @@ proptest! {
                     cache.set_options(FlushOptions { threads, parallel_threshold_pages: 0 });
                     send(&mut primary, &pram, &mut cache, true);
                     let oracle = snapshot(&pvm);
-                    cache.flush(&sram, &mut svm_log).unwrap();
+                    cache.flush(&mut sram, &mut svm_log).unwrap();
                     prop_assert!(snapshot(&svm) == oracle, "SVM differs from the PVM after a flush");
                     prop_assert!(cache.received().is_clear());
                 }
@@ -162,7 +162,7 @@ proptest! {
         for p in 0..64 { write(&svm, p, 0, PAGE_SIZE, 0xee); write(&pvm, p, 0, PAGE_SIZE, 0xee); }
         let mut primary = PrimaryRam::new(layout.clone(), AtomicBitmapLog::new(&pvm).unwrap(), CollectOptions::default());
         let mut cache = RamCache::new(layout, FlushOptions::default()).unwrap();
-        let (pram, sram) = (GuestRam::new(&pvm).unwrap(), GuestRam::new(&svm).unwrap());
+        let (pram, mut sram) = (GuestRam::new(&pvm).unwrap(), GuestRam::new(&svm).unwrap());
         cache.fill_from(&sram).unwrap();
         primary.take_log().unwrap();
         for &(p, v) in &pages { write(&pvm, p, 0, PAGE_SIZE, v); }
@@ -176,7 +176,7 @@ proptest! {
         }
         let zeroed: std::collections::BTreeSet<_> = pages.iter().map(|&(p, _)| p).filter(|&p| pages.iter().rev().find(|x| x.0 == p).unwrap().1 == 0).collect();
         prop_assert_eq!(zero_markers, zeroed.len());
-        cache.flush(&sram, &mut colo_ram::NoopDirtyLog).unwrap();
+        cache.flush(&mut sram, &mut colo_ram::NoopDirtyLog).unwrap();
         prop_assert!(snapshot(&svm) == snapshot(&pvm));
     }
 
