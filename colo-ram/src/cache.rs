@@ -1,6 +1,7 @@
 //! Secondary side: the RAM cache and its flush into the SVM's memory at a checkpoint.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -243,6 +244,9 @@ impl RamCache {
     }
 }
 
+/// Work items per flush thread (balanced by page count, claimed dynamically).
+const PARTS_PER_THREAD: usize = 8;
+
 /// Copies the pages marked in `map` (region `region`) from `src` to `dst`, on up to `threads` threads.
 /// Returns the number of threads used.
 fn copy_region(
@@ -262,13 +266,24 @@ fn copy_region(
         copy_words(0..map.words().len())?;
         return Ok(1);
     }
-    let parts = map.balanced_word_ranges(threads);
-    let used = parts.len();
+    // Several parts per thread, claimed dynamically: the calling thread starts at once, and a helper that
+    // the scheduler starts late simply takes fewer parts.
+    let parts = map.balanced_word_ranges(threads * PARTS_PER_THREAD);
+    if parts.len() <= 1 {
+        copy_words(0..map.words().len())?;
+        return Ok(1);
+    }
+    let used = threads.min(parts.len());
+    let next = AtomicUsize::new(0);
+    let work = || -> Result<(), RamError> {
+        while let Some(part) = parts.get(next.fetch_add(1, Ordering::Relaxed)) {
+            copy_words(part.clone())?;
+        }
+        Ok(())
+    };
     std::thread::scope(|s| {
-        let mut parts = parts.into_iter();
-        let mine = parts.next();
-        let handles: Vec<_> = parts.map(|p| s.spawn(|| copy_words(p))).collect();
-        let mut result = mine.map_or(Ok(()), &copy_words);
+        let handles: Vec<_> = (1..used).map(|_| s.spawn(work)).collect();
+        let mut result = work();
         for h in handles {
             // A panic in a copy thread is a bug here, not bad input: pass it on unchanged.
             let r = h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
