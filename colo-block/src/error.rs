@@ -65,6 +65,21 @@ pub enum Error {
         /// Configured cap.
         limit: u64,
     },
+    /// A primary write would touch more distinct blocks in this epoch than the secondary's hidden store
+    /// holds ([`EpochLimit`](crate::primary::EpochLimit)).
+    ///
+    /// Nothing was written. The VMM holds the guest's request, takes a checkpoint and retries.
+    #[error("epoch {epoch}: write needs {needed} new blocks, {used} of {limit} already touched")]
+    EpochFull {
+        /// The current epoch.
+        epoch: u64,
+        /// Distinct blocks already written in the epoch.
+        used: usize,
+        /// New blocks the rejected write needs.
+        needed: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// An acknowledgement names a write id that was never handed to the transport.
     #[error("ack for write {id} but the highest write handed over is {highest_sent:?}")]
     UnknownAck {

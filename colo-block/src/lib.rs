@@ -67,7 +67,9 @@ pub mod sync;
 pub use backend::{BlockBackend, MemBackend, RawFile, SECTOR_SIZE};
 pub use error::{Error, Result};
 pub use fault::{FaultPlan, FaultyBackend, VolatileBackend};
-pub use primary::{CompletionMode, Outgoing, PrimaryConfig, PrimaryDisk, WriteId, WriteRecord, WriteStatus};
+pub use primary::{
+    CompletionMode, EpochLimit, Outgoing, PrimaryConfig, PrimaryDisk, WriteId, WriteRecord, WriteStatus,
+};
 pub use secondary::{Recovery, SecondaryDisk, SecondaryState, recover};
 pub use store::{JournalStore, MemStore, OverlayStore};
 pub use sync::{InitialSync, SyncChunk, SyncProgress};

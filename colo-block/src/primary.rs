@@ -28,6 +28,15 @@
 //! In both modes a guest flush is [`PrimaryDisk::flush`]: it makes the local disk durable. The primary never
 //! completes a write that is not on its local disk, so no completed write is lost by losing the secondary.
 //!
+//! # Epoch size
+//!
+//! The secondary saves the old content of every block the primary overwrites in an epoch (its hidden
+//! store), and its store is bounded. A write the secondary cannot protect must not be sent at all, since
+//! the epoch's checkpoint needs every write of the epoch. So the bound is enforced here, before the write:
+//! with an [`EpochLimit`] equal to the secondary's hidden-store geometry, a write that would touch more
+//! distinct blocks in the epoch is refused with [`Error::EpochFull`] (nothing written); the VMM holds the
+//! guest's request, takes a checkpoint and retries.
+//!
 //! # Barrier
 //!
 //! At a checkpoint the VMM pauses the guest and calls [`PrimaryDisk::end_epoch`]. This queues a barrier
@@ -35,12 +44,14 @@
 //! ([`PrimaryDisk::barrier_handed_over`]), every write of that epoch has been handed to the transport. The
 //! secondary must see the barrier before it commits the checkpoint.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
+use std::hash::BuildHasherDefault;
 
 use bytes::{Bytes, BytesMut};
 
 use crate::backend::{BlockBackend, check_request};
 use crate::error::{Error, Result};
+use crate::store::BlockHasher;
 use crate::sync::{InitialSync, SyncProgress};
 
 /// When a guest write completes.
@@ -100,6 +111,15 @@ pub enum WriteStatus {
     AwaitingAck(WriteId),
 }
 
+/// The secondary's hidden-store geometry, to bound the distinct blocks written per epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpochLimit {
+    /// The secondary's overlay block size in bytes.
+    pub block_size: u64,
+    /// The secondary's hidden-store capacity in blocks.
+    pub max_blocks: usize,
+}
+
 /// Limits and modes of a [`PrimaryDisk`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PrimaryConfig {
@@ -107,6 +127,8 @@ pub struct PrimaryConfig {
     pub mode: CompletionMode,
     /// Cap on bytes queued for the transport plus bytes awaiting acknowledgement.
     pub max_backlog_bytes: u64,
+    /// Bound on distinct blocks written per epoch (see the module docs); `None` for no bound.
+    pub epoch_limit: Option<EpochLimit>,
 }
 
 impl Default for PrimaryConfig {
@@ -114,6 +136,7 @@ impl Default for PrimaryConfig {
         PrimaryConfig {
             mode: CompletionMode::Async,
             max_backlog_bytes: 256 << 20,
+            epoch_limit: None,
         }
     }
 }
@@ -153,6 +176,7 @@ pub struct PrimaryDisk<B> {
     unacked_bytes: u64,
     highest_sent: Option<u64>,
     last_barrier_sent: Option<u64>,
+    epoch_blocks: HashSet<u64, BuildHasherDefault<BlockHasher>>,
 }
 
 impl<B: BlockBackend> PrimaryDisk<B> {
@@ -170,6 +194,7 @@ impl<B: BlockBackend> PrimaryDisk<B> {
             unacked_bytes: 0,
             highest_sent: None,
             last_barrier_sent: None,
+            epoch_blocks: HashSet::default(),
         }
     }
 
@@ -229,6 +254,23 @@ impl<B: BlockBackend> PrimaryDisk<B> {
                         len,
                         limit: self.config.max_backlog_bytes,
                     });
+                }
+                if let Some(limit) = self.config.epoch_limit
+                    && len > 0
+                {
+                    let bs = limit.block_size.max(1);
+                    let blocks = offset / bs..=(offset + len - 1) / bs;
+                    let needed = blocks.clone().filter(|b| !self.epoch_blocks.contains(b)).count();
+                    let used = self.epoch_blocks.len();
+                    if used + needed > limit.max_blocks {
+                        return Err(Error::EpochFull {
+                            epoch: self.epoch,
+                            used,
+                            needed,
+                            limit: limit.max_blocks,
+                        });
+                    }
+                    self.epoch_blocks.extend(blocks);
                 }
                 self.disk.write_at(offset, &data)?;
                 let id = WriteId(self.next_id);
@@ -307,6 +349,7 @@ impl<B: BlockBackend> PrimaryDisk<B> {
                 let epoch = self.epoch;
                 self.queue.push_back(Outgoing::Barrier { epoch });
                 self.epoch += 1;
+                self.epoch_blocks.clear();
                 Ok(epoch)
             }
             _ => Err(self.invalid("end_epoch")),
@@ -399,6 +442,7 @@ mod tests {
             PrimaryConfig {
                 mode,
                 max_backlog_bytes: 8192,
+                epoch_limit: None,
             },
         );
         p.start_replication().unwrap();
@@ -484,6 +528,36 @@ mod tests {
             p.write(3, Bytes::from(vec![0u8; 512])),
             Err(Error::Misaligned { .. })
         ));
+    }
+
+    #[test]
+    fn epoch_limit_refuses_writes_the_secondary_cannot_protect() {
+        let limit = EpochLimit {
+            block_size: 4096,
+            max_blocks: 2,
+        };
+        let mut p = PrimaryDisk::new(
+            MemBackend::new(1 << 16).unwrap(),
+            PrimaryConfig {
+                epoch_limit: Some(limit),
+                ..PrimaryConfig::default()
+            },
+        );
+        p.start_replication().unwrap();
+        p.write(0, Bytes::from(vec![1u8; 8192])).unwrap();
+        p.write(512, Bytes::from(vec![1u8; 512])).unwrap(); // same blocks: fine
+        let err = p.write(8192, Bytes::from(vec![1u8; 512])).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::EpochFull {
+                epoch: 0,
+                used: 2,
+                needed: 1,
+                limit: 2
+            }
+        ));
+        p.end_epoch().unwrap();
+        p.write(8192, Bytes::from(vec![1u8; 512])).unwrap();
     }
 
     #[test]
