@@ -6,7 +6,8 @@
 //!   is one global point in time. The failing operation and every later one return an I/O error and do not
 //!   reach the inner backend, except that a failing write can be *torn*: its first half is written.
 //! * [`VolatileBackend`] models a volatile write cache: writes stay pending until `flush`, and
-//!   [`VolatileBackend::crash`] drops what was not flushed, giving the worst-case post-crash device.
+//!   [`VolatileBackend::crash`] drops what was not flushed; [`VolatileBackend::crash_keeping`] keeps any
+//!   chosen subset of the unflushed sectors (writes reordered and torn by the cache).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -177,6 +178,17 @@ impl<B: BlockBackend> VolatileBackend<B> {
     /// The host crashed: what survives is the durable medium, without the unflushed writes.
     pub fn crash(self) -> B {
         self.inner
+    }
+
+    /// The host crashed and the cache had written back some of its sectors: `keep(sector)` says which
+    /// (any subset is possible on real hardware, including a part of one write).
+    pub fn crash_keeping(mut self, mut keep: impl FnMut(u64) -> bool) -> Result<B> {
+        for (sector, data) in std::mem::take(&mut self.pending) {
+            if keep(sector) {
+                self.inner.write_at(sector * SECTOR_SIZE, &data)?;
+            }
+        }
+        Ok(self.inner)
     }
 
     /// Sectors written and not yet flushed.
