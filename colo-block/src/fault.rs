@@ -58,9 +58,10 @@ impl FaultPlan {
         self.state.tear.store(tear, Ordering::SeqCst);
     }
 
-    /// Stops injecting faults.
+    /// Stops injecting faults: the device works again.
     pub fn disarm(&self) {
         self.state.limit.store(u64::MAX, Ordering::SeqCst);
+        self.state.tripped.store(false, Ordering::SeqCst);
     }
 
     /// Mutating operations that went through so far.
@@ -68,7 +69,7 @@ impl FaultPlan {
         self.state.ops.load(Ordering::SeqCst)
     }
 
-    /// True once an operation was refused.
+    /// True once an operation was refused (until `disarm`).
     pub fn tripped(&self) -> bool {
         self.state.tripped.load(Ordering::SeqCst)
     }

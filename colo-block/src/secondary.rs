@@ -273,6 +273,9 @@ impl<D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryDisk<D, H, A> {
         if self.state != SecondaryState::Replicating {
             return Err(self.invalid("apply"));
         }
+        if records.is_empty() {
+            return Ok(());
+        }
         if self.barrier_seen {
             return Err(Error::InvalidState {
                 state: "barrier received",
@@ -527,5 +530,209 @@ impl<D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryDisk<D, H, A> {
     /// Disk, hidden store and active overlay.
     pub fn into_parts(self) -> (D, H, A) {
         (self.disk, self.hidden, self.active)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::backend::MemBackend;
+    use crate::fault::{FaultPlan, FaultyBackend};
+    use crate::store::{JournalStore, MemStore};
+
+    const BS: usize = 1024;
+
+    fn secondary(hidden: usize, active: usize) -> SecondaryDisk<MemBackend, MemStore, MemStore> {
+        SecondaryDisk::new(
+            MemBackend::from_vec(vec![0xaa; 16 * BS]).unwrap(),
+            MemStore::new(BS, hidden).unwrap(),
+            MemStore::new(BS, active).unwrap(),
+            0,
+        )
+        .unwrap()
+    }
+
+    fn rec(id: u64, epoch: u64, offset: u64, len: usize, v: u8) -> WriteRecord {
+        WriteRecord {
+            id: WriteId(id),
+            epoch,
+            offset,
+            data: Bytes::from(vec![v; len]),
+        }
+    }
+
+    #[test]
+    fn epoch_and_barrier_rules_are_enforced() {
+        let mut s = secondary(4, 4);
+        assert!(matches!(s.checkpoint(), Err(Error::BarrierMissing { epoch: 0 })));
+        assert!(matches!(
+            s.apply(&rec(0, 1, 0, 512, 1)),
+            Err(Error::EpochMismatch {
+                expected: 0,
+                found: 1
+            })
+        ));
+        assert!(matches!(
+            s.handle_barrier(3),
+            Err(Error::EpochMismatch {
+                expected: 0,
+                found: 3
+            })
+        ));
+        assert_eq!(
+            s.disk().as_slice()[0],
+            0xaa,
+            "rejected record must not be applied"
+        );
+        s.handle_barrier(0).unwrap();
+        assert!(matches!(
+            s.apply(&rec(0, 0, 0, 512, 1)),
+            Err(Error::InvalidState { .. })
+        ));
+        assert!(matches!(s.handle_barrier(0), Err(Error::InvalidState { .. })));
+        assert_eq!(s.checkpoint().unwrap(), 1);
+        s.apply(&rec(0, 1, 0, 512, 1)).unwrap();
+        assert_eq!(s.last_applied(), Some(WriteId(0)));
+    }
+
+    #[test]
+    fn full_hidden_store_rejects_the_whole_batch() {
+        let mut s = secondary(2, 4);
+        let batch = [rec(0, 0, 0, 512, 1), rec(1, 0, 4 * BS as u64, 2 * BS, 2)];
+        let err = s.apply_batch(&batch).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::OverlayFull {
+                store: "hidden",
+                used: 0,
+                capacity: 2,
+                needed: 3
+            }
+        ));
+        assert!(s.disk().as_slice().iter().all(|&b| b == 0xaa));
+        assert!(s.hidden().is_empty());
+        assert!(s.last_applied().is_none());
+    }
+
+    #[test]
+    fn full_active_overlay_rejects_the_write_and_keeps_the_view() {
+        let mut s = secondary(4, 2);
+        s.svm_write(0, &[1; BS]).unwrap();
+        let err = s.svm_write(BS as u64 + 512, &[2; BS]).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::OverlayFull {
+                store: "active",
+                used: 1,
+                capacity: 2,
+                needed: 2
+            }
+        ));
+        let mut buf = vec![0; 3 * BS];
+        s.svm_read(0, &mut buf).unwrap();
+        assert!(buf[..BS].iter().all(|&b| b == 1) && buf[BS..].iter().all(|&b| b == 0xaa));
+    }
+
+    #[test]
+    fn partial_block_writes_merge_with_the_checkpoint_view() {
+        let mut s = secondary(4, 4);
+        // The PVM overwrites block 0 entirely; then the SVM writes the second sector of it.
+        s.apply(&rec(0, 0, 0, BS, 7)).unwrap();
+        s.svm_write(512, &[3; 512]).unwrap();
+        let mut buf = vec![0; BS];
+        s.svm_read(0, &mut buf).unwrap();
+        assert!(
+            buf[..512].iter().all(|&b| b == 0xaa),
+            "from the hidden store, not the PVM's data"
+        );
+        assert!(buf[512..].iter().all(|&b| b == 3));
+    }
+
+    #[test]
+    fn io_and_state_errors_outside_replication() {
+        let mut s = SecondaryDisk::new_syncing(
+            MemBackend::new(16 * BS as u64).unwrap(),
+            MemStore::new(BS, 2).unwrap(),
+            MemStore::new(BS, 2).unwrap(),
+        )
+        .unwrap();
+        let mut buf = [0u8; 512];
+        assert!(matches!(
+            s.svm_read(0, &mut buf),
+            Err(Error::InvalidState { state: "syncing", .. })
+        ));
+        assert!(matches!(s.failover(), Err(Error::InvalidState { .. })));
+        s.apply_sync_chunk(0, &[5; 2048]).unwrap();
+        s.finish_sync(4).unwrap();
+        assert_eq!(s.epoch(), 4);
+        assert!(matches!(
+            s.apply_sync_chunk(0, &[5; 512]),
+            Err(Error::InvalidState { .. })
+        ));
+        s.failover().unwrap();
+        assert_eq!(s.state(), SecondaryState::FailedOver);
+        s.svm_write(0, &[9; 512]).unwrap();
+        assert_eq!(s.disk().as_slice()[0], 9);
+        assert!(matches!(
+            s.apply(&rec(0, 4, 0, 512, 1)),
+            Err(Error::InvalidState { .. })
+        ));
+    }
+
+    #[test]
+    fn failed_failover_can_be_retried() {
+        let plan = FaultPlan::never();
+        let disk = FaultyBackend::new(MemBackend::from_vec(vec![0xaa; 16 * BS]).unwrap(), plan.clone());
+        let mut s = SecondaryDisk::new(
+            disk,
+            MemStore::new(BS, 4).unwrap(),
+            MemStore::new(BS, 4).unwrap(),
+            0,
+        )
+        .unwrap();
+        s.apply(&rec(0, 0, 0, BS, 1)).unwrap();
+        s.svm_write(BS as u64, &[2; BS]).unwrap();
+        plan.arm(1, false);
+        assert!(s.failover().is_err());
+        assert_eq!(s.state(), SecondaryState::FailoverIncomplete);
+        assert!(matches!(
+            s.svm_write(0, &[0; 512]),
+            Err(Error::InvalidState { .. })
+        ));
+        plan.disarm();
+        let mut buf = vec![0; 2 * BS];
+        s.svm_read(0, &mut buf).unwrap();
+        assert!(buf[..BS].iter().all(|&b| b == 0xaa) && buf[BS..].iter().all(|&b| b == 2));
+        s.failover().unwrap();
+        assert!(s.disk().inner().as_slice()[..BS].iter().all(|&b| b == 0xaa));
+        assert!(s.disk().inner().as_slice()[BS..2 * BS].iter().all(|&b| b == 2));
+    }
+
+    #[test]
+    fn new_refuses_unrecovered_journals_and_recover_checks_indexes() {
+        let dev = MemBackend::new(JournalStore::<MemBackend>::required_len(BS, 4)).unwrap();
+        let mut j = JournalStore::format(dev, BS).unwrap();
+        j.put(1000, &[1; BS]).unwrap();
+        let disk = MemBackend::new(16 * BS as u64).unwrap();
+        let active = MemStore::new(BS, 2).unwrap();
+        let err = SecondaryDisk::new(disk.clone(), j, active, 0).unwrap_err();
+        assert!(matches!(err, Error::InvalidState { .. }));
+        let dev = MemBackend::new(JournalStore::<MemBackend>::required_len(BS, 4)).unwrap();
+        let mut j = JournalStore::format(dev, BS).unwrap();
+        j.put(1000, &[1; BS]).unwrap();
+        let (mut disk, mut active) = (disk, MemStore::new(BS, 2).unwrap());
+        assert!(matches!(
+            recover(&mut disk, &mut j, &mut active),
+            Err(Error::CorruptJournal { .. })
+        ));
+        let err = SecondaryDisk::new(
+            disk,
+            MemStore::new(512, 2).unwrap(),
+            MemStore::new(BS, 2).unwrap(),
+            0,
+        );
+        assert!(matches!(err, Err(Error::Mismatch { .. })));
     }
 }

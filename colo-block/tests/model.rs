@@ -235,7 +235,7 @@ fn journal(capacity: usize) -> JournalStore<MemBackend> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(ProptestConfig::with_cases(1024))]
 
     #[test]
     fn mem_overlays_match_oracle(ops in prop::collection::vec(op(), 1..60), failover: bool, delivered in 0..8usize) {
