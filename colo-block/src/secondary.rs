@@ -100,7 +100,12 @@ pub struct SecondaryDisk<D, H, A> {
     barrier_seen: bool,
     last_applied: Option<WriteId>,
     scratch: Vec<u8>,
+    /// Buffer for coalesced reads of old blocks (grows up to `MAX_READ_RUN`).
+    run_buf: Vec<u8>,
 }
+
+/// Largest single read when saving old blocks into the hidden store.
+const MAX_READ_RUN: usize = 1 << 20;
 
 fn check_geometry<D: BlockBackend, H: OverlayStore, A: OverlayStore>(
     disk: &D,
@@ -165,9 +170,12 @@ fn finish_failover<D: BlockBackend, H: OverlayStore, A: OverlayStore>(
     write_back(disk, hidden, Some(&in_active), scratch)?;
     disk.flush()?;
     hidden.clear()?;
+    hidden.sync()?;
     let n = write_back(disk, active, None, scratch)?;
     disk.flush()?;
+    // Durable before the disk is used directly: a later recovery must not write these blocks again.
     active.clear()?;
+    active.sync()?;
     Ok(n)
 }
 
@@ -190,10 +198,12 @@ pub fn recover<D: BlockBackend, H: OverlayStore, A: OverlayStore>(
         let blocks = write_back(disk, hidden, None, &mut scratch)?;
         disk.flush()?;
         hidden.clear()?;
+        hidden.sync()?;
         result = Recovery::RolledBack { blocks };
     }
     if !active.is_empty() {
         active.clear()?;
+        active.sync()?;
     }
     Ok(result)
 }
@@ -228,6 +238,7 @@ impl<D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryDisk<D, H, A> {
             barrier_seen: false,
             last_applied: None,
             scratch: vec![0; block_size as usize],
+            run_buf: Vec::new(),
         })
     }
 
@@ -313,16 +324,37 @@ impl<D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryDisk<D, H, A> {
                 needed: new_blocks.len(),
             });
         }
-        for &b in &new_blocks {
-            self.disk.read_at(b * bs, &mut self.scratch)?;
-            self.hidden.put(b, &self.scratch)?;
-        }
+        self.save_old_blocks(&new_blocks)?;
         if !new_blocks.is_empty() {
             self.hidden.sync()?;
         }
         for r in records {
             self.disk.write_at(r.offset, &r.data)?;
             self.last_applied = Some(r.id);
+        }
+        Ok(())
+    }
+
+    /// Copies the disk's current content of `blocks` (sorted, distinct) into the hidden store, reading
+    /// each run of consecutive blocks with one read of at most [`MAX_READ_RUN`] bytes.
+    fn save_old_blocks(&mut self, blocks: &[u64]) -> Result<()> {
+        let bs = self.block_size as usize;
+        let max_run = (MAX_READ_RUN / bs).max(1);
+        let mut i = 0;
+        while i < blocks.len() {
+            let mut n = 1;
+            while i + n < blocks.len() && n < max_run && blocks[i + n] == blocks[i] + n as u64 {
+                n += 1;
+            }
+            if self.run_buf.len() < n * bs {
+                self.run_buf.resize(n * bs, 0);
+            }
+            let buf = &mut self.run_buf[..n * bs];
+            self.disk.read_at(blocks[i] * bs as u64, buf)?;
+            for (k, data) in buf.chunks_exact(bs).enumerate() {
+                self.hidden.put(blocks[i] + k as u64, data)?;
+            }
+            i += n;
         }
         Ok(())
     }
@@ -362,6 +394,9 @@ impl<D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryDisk<D, H, A> {
                 self.disk.flush()?;
                 // Commit point: from here the disk no longer rolls back to the previous image.
                 self.hidden.clear()?;
+                self.hidden.sync()?;
+                // The active overlay's drop need not be durable: recovery discards an overlay that is
+                // not marked committing.
                 self.active.clear()?;
                 self.epoch += 1;
                 self.barrier_seen = false;

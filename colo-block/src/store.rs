@@ -15,11 +15,13 @@
 //!
 //! A superblock holds a magic, a format version, the block size, a sequence number, the current record
 //! generation and a state (`open` or `committing`), protected by a CRC32. Every change of superblock writes
-//! the *other* copy with the next sequence number and flushes; a torn superblock write therefore leaves the
-//! previous superblock intact and valid. A slot header holds a magic, the record generation, the block index
+//! a copy with the next sequence number (open picks the valid copy with the higher one); a torn superblock write therefore leaves the
+//! previous superblock intact and valid. Precisely: the copy last known durable is never overwritten; a
+//! superblock written without a flush is replaced in place by the next one. A slot header holds a magic, the record generation, the block index
 //! and the CRC32 of the data, itself protected by a CRC32. Slots are filled in order from slot 0; on open the
 //! store takes slots until the first one that is not a complete, current-generation record. `clear` starts a
-//! new generation, which invalidates every record at once with a single superblock write.
+//! new generation, which invalidates every record at once with a single superblock write (durable at the
+//! next `sync`); `set_committing` writes and flushes.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -53,7 +55,8 @@ pub trait OverlayStore {
     fn put(&mut self, block: u64, data: &[u8]) -> Result<()>;
     /// Makes every `put` so far durable (no-op in memory).
     fn sync(&mut self) -> Result<()>;
-    /// Drops every block (durably, for a journal).
+    /// Drops every block. For a journal the drop is durable after the next [`sync`](Self::sync); a crash
+    /// before that may bring the dropped blocks back.
     fn clear(&mut self) -> Result<()>;
     /// The held block indexes in ascending order.
     fn blocks(&self) -> Vec<u64>;
@@ -352,6 +355,10 @@ fn decode_record(rec: &[u8], generation: u64) -> Option<u64> {
 pub struct JournalStore<B> {
     backend: B,
     sb: Superblock,
+    /// Which superblock copy holds `sb` (0 = A, 1 = B).
+    sb_slot: u64,
+    /// True when `sb` is known to be on the medium (flushed since it was written).
+    sb_durable: bool,
     capacity: usize,
     index: BlockMap,
     next: usize,
@@ -394,6 +401,8 @@ impl<B: BlockBackend> JournalStore<B> {
         Ok(JournalStore {
             backend,
             sb,
+            sb_slot: 1,
+            sb_durable: true,
             capacity,
             index: BlockMap::default(),
             next: 0,
@@ -413,15 +422,16 @@ impl<B: BlockBackend> JournalStore<B> {
         backend.read_at(0, &mut two)?;
         let a = Superblock::decode(&two[..SECTOR_SIZE as usize]);
         let b = Superblock::decode(&two[SECTOR_SIZE as usize..]);
-        let sb = match (a, b) {
+        let (sb, sb_slot) = match (a, b) {
             (Some(a), Some(b)) => {
                 if a.seq >= b.seq {
-                    a
+                    (a, 0)
                 } else {
-                    b
+                    (b, 1)
                 }
             }
-            (Some(s), None) | (None, Some(s)) => s,
+            (Some(s), None) => (s, 0),
+            (None, Some(s)) => (s, 1),
             (None, None) => {
                 return Err(Error::CorruptJournal {
                     reason: "no valid superblock",
@@ -438,6 +448,8 @@ impl<B: BlockBackend> JournalStore<B> {
         let mut store = JournalStore {
             backend,
             sb,
+            sb_slot,
+            sb_durable: true,
             capacity,
             index: BlockMap::default(),
             next: 0,
@@ -472,16 +484,28 @@ impl<B: BlockBackend> JournalStore<B> {
         JOURNAL_HEADER_BYTES + slot as u64 * (SLOT_HEADER + self.sb.block_size as usize) as u64
     }
 
-    fn write_superblock(&mut self, generation: u64, state: u32) -> Result<()> {
+    /// Writes the next superblock. The copy that is known durable is never overwritten: if the latest
+    /// superblock is durable the other copy is written, otherwise the latest (not yet durable) copy is
+    /// replaced. A torn or lost superblock write therefore always leaves the last durable one valid.
+    fn write_superblock(&mut self, generation: u64, state: u32, flush: bool) -> Result<()> {
         let sb = Superblock {
             block_size: self.sb.block_size,
             seq: self.sb.seq + 1,
             generation,
             state,
         };
-        self.backend.write_at((sb.seq % 2) * SECTOR_SIZE, &sb.encode())?;
-        self.backend.flush()?;
+        let slot = if self.sb_durable {
+            1 - self.sb_slot
+        } else {
+            self.sb_slot
+        };
+        self.backend.write_at(slot * SECTOR_SIZE, &sb.encode())?;
         self.sb = sb;
+        self.sb_slot = slot;
+        self.sb_durable = false;
+        if flush {
+            self.sync()?;
+        }
         Ok(())
     }
 
@@ -555,12 +579,14 @@ impl<B: BlockBackend> OverlayStore for JournalStore<B> {
     }
 
     fn sync(&mut self) -> Result<()> {
-        self.backend.flush()
+        self.backend.flush()?;
+        self.sb_durable = true;
+        Ok(())
     }
 
     fn clear(&mut self) -> Result<()> {
         let generation = self.sb.seq + 1;
-        self.write_superblock(generation, STATE_OPEN)?;
+        self.write_superblock(generation, STATE_OPEN, false)?;
         self.index.clear();
         self.next = 0;
         Ok(())
@@ -580,7 +606,7 @@ impl<B: BlockBackend> OverlayStore for JournalStore<B> {
         if self.is_committing() {
             return Ok(());
         }
-        self.write_superblock(self.sb.generation, STATE_COMMITTING)
+        self.write_superblock(self.sb.generation, STATE_COMMITTING, true)
     }
 }
 
@@ -663,10 +689,10 @@ mod tests {
         let mut j = JournalStore::format(dev, 512).unwrap();
         j.put(3, &[3; 512]).unwrap();
         j.sync().unwrap();
-        let seq = j.sb.seq;
+        let slot = j.sb_slot;
         let mut dev = j.into_backend();
         // A torn write of the next superblock (the other copy) leaves garbage there.
-        dev.write_at(((seq + 1) % 2) * SECTOR_SIZE, &[0x55; 512]).unwrap();
+        dev.write_at((1 - slot) * SECTOR_SIZE, &[0x55; 512]).unwrap();
         let j = JournalStore::open(dev).unwrap();
         assert_eq!(j.blocks(), vec![3]);
         assert!(!j.is_committing());

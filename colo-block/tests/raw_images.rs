@@ -69,6 +69,7 @@ fn crash_at_every_step_on_raw_files() {
         (dir.path().join("image0.raw"), &sc.img0),
         (dir.path().join("image1.raw"), &sc.img1),
         (dir.path().join("failover.raw"), &sc.img_failover),
+        (dir.path().join("after.raw"), &sc.img_after),
     ];
     for (p, img) in &expected {
         write_image(p, img, qemu);

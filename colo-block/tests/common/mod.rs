@@ -10,6 +10,8 @@ use colo_block::{
 pub const BLOCK: usize = 4096;
 pub const DISK: usize = 64 * BLOCK;
 pub const JOURNAL_BLOCKS: usize = 32;
+/// One sector written by the promoted SVM over a block its active overlay held.
+const POST_FAILOVER: (u64, u8) = (30 * BLOCK as u64 + 512, 17);
 
 /// Where the scenario was when it crashed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +20,8 @@ pub enum Phase {
     Checkpoint,
     Epoch1,
     Failover,
+    /// The promoted SVM writes straight to its disk and flushes.
+    AfterFailover,
     Done,
 }
 
@@ -25,6 +29,7 @@ pub struct Scenario {
     pub img0: Vec<u8>,
     pub img1: Vec<u8>,
     pub img_failover: Vec<u8>,
+    pub img_after: Vec<u8>,
     epoch0: Vec<Vec<WriteRecord>>,
     svm0: Vec<(u64, Vec<u8>)>,
     epoch1: Vec<Vec<WriteRecord>>,
@@ -84,10 +89,13 @@ impl Scenario {
         for (off, d) in &svm1 {
             apply(&mut img_failover, *off, d);
         }
+        let mut img_after = img_failover.clone();
+        apply(&mut img_after, POST_FAILOVER.0, &fill(512, POST_FAILOVER.1));
         Scenario {
             img0,
             img1,
             img_failover,
+            img_after,
             epoch0,
             svm0,
             epoch1,
@@ -104,7 +112,13 @@ impl Scenario {
                 ("image 1", &self.img1),
                 ("image 1 + SVM writes", &self.img_failover),
             ],
-            Phase::Done => vec![("image 1 + SVM writes", &self.img_failover)],
+            Phase::AfterFailover => {
+                vec![
+                    ("image 1 + SVM writes", &self.img_failover),
+                    ("after failover", &self.img_after),
+                ]
+            }
+            Phase::Done => vec![("after failover", &self.img_after)],
         }
     }
 
@@ -133,6 +147,9 @@ impl Scenario {
         }
         *phase = Phase::Failover;
         sec.failover()?;
+        *phase = Phase::AfterFailover;
+        sec.svm_write(POST_FAILOVER.0, &fill(512, POST_FAILOVER.1))?;
+        sec.svm_flush()?;
         *phase = Phase::Done;
         Ok(())
     }
