@@ -57,7 +57,7 @@ pub trait BlockBackend {
 
 /// Checks that `offset` and `len` are sector aligned and that the range fits in a device of `device_len`.
 pub fn check_request(offset: u64, len: u64, device_len: u64) -> Result<()> {
-    if offset % SECTOR_SIZE != 0 || len % SECTOR_SIZE != 0 {
+    if !offset.is_multiple_of(SECTOR_SIZE) || !len.is_multiple_of(SECTOR_SIZE) {
         return Err(Error::Misaligned {
             offset,
             len,
@@ -136,7 +136,7 @@ impl RawFile {
 
     /// Creates (or truncates) a raw image of `len` bytes, sparse and reading as zeros.
     pub fn create(path: impl AsRef<Path>, len: u64) -> Result<Self> {
-        if len % SECTOR_SIZE != 0 {
+        if !len.is_multiple_of(SECTOR_SIZE) {
             return Err(Error::Misaligned {
                 offset: 0,
                 len,
@@ -229,7 +229,7 @@ pub struct MemBackend {
 impl MemBackend {
     /// A zero-filled device of `len` bytes (a multiple of [`SECTOR_SIZE`]).
     pub fn new(len: u64) -> Result<Self> {
-        if len % SECTOR_SIZE != 0 {
+        if !len.is_multiple_of(SECTOR_SIZE) {
             return Err(Error::Misaligned {
                 offset: 0,
                 len,
@@ -242,7 +242,7 @@ impl MemBackend {
 
     /// A device holding `data` (its length a multiple of [`SECTOR_SIZE`]).
     pub fn from_vec(data: Vec<u8>) -> Result<Self> {
-        if data.len() as u64 % SECTOR_SIZE != 0 {
+        if !(data.len() as u64).is_multiple_of(SECTOR_SIZE) {
             return Err(Error::Misaligned {
                 offset: 0,
                 len: data.len() as u64,

@@ -120,7 +120,7 @@ fn check_geometry<D: BlockBackend, H: OverlayStore, A: OverlayStore>(
             found: active.block_size() as u64,
         });
     }
-    if disk.len() % bs != 0 {
+    if !disk.len().is_multiple_of(bs) {
         return Err(Error::Mismatch {
             what: "disk length modulo block size",
             expected: 0,

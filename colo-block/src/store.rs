@@ -88,7 +88,7 @@ impl Hasher for BlockHasher {
 type BlockMap = HashMap<u64, u32, BuildHasherDefault<BlockHasher>>;
 
 fn check_block_size(block_size: usize) -> Result<()> {
-    if block_size == 0 || block_size % SECTOR_SIZE as usize != 0 || block_size > MAX_BLOCK_SIZE {
+    if block_size == 0 || !block_size.is_multiple_of(SECTOR_SIZE as usize) || block_size > MAX_BLOCK_SIZE {
         return Err(Error::InvalidConfig(
             "block size must be a non-zero multiple of 512, at most 1 MiB",
         ));
@@ -97,7 +97,7 @@ fn check_block_size(block_size: usize) -> Result<()> {
 }
 
 fn check_piece(block_size: usize, offset: usize, len: usize) -> Result<()> {
-    if offset % SECTOR_SIZE as usize != 0 || len % SECTOR_SIZE as usize != 0 {
+    if !offset.is_multiple_of(SECTOR_SIZE as usize) || !len.is_multiple_of(SECTOR_SIZE as usize) {
         return Err(Error::Misaligned {
             offset: offset as u64,
             len: len as u64,

@@ -82,12 +82,12 @@ impl InitialSync {
     /// A sync with nothing dirty yet, for a stale secondary: mark the divergent ranges with
     /// [`mark_dirty`](Self::mark_dirty).
     pub fn clean(disk_len: u64, chunk_size: u64) -> Result<Self> {
-        if chunk_size == 0 || chunk_size % SECTOR_SIZE != 0 || chunk_size > MAX_CHUNK_SIZE {
+        if chunk_size == 0 || !chunk_size.is_multiple_of(SECTOR_SIZE) || chunk_size > MAX_CHUNK_SIZE {
             return Err(Error::InvalidConfig(
                 "sync chunk size must be a non-zero multiple of 512, at most 64 MiB",
             ));
         }
-        if disk_len % SECTOR_SIZE != 0 {
+        if !disk_len.is_multiple_of(SECTOR_SIZE) {
             return Err(Error::Misaligned {
                 offset: 0,
                 len: disk_len,

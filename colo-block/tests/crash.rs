@@ -92,7 +92,7 @@ fn keep_fn(seed: u64) -> impl FnMut(u64) -> bool {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        x % 2 == 0
+        x.is_multiple_of(2)
     }
 }
 
