@@ -285,6 +285,8 @@ struct Superblock {
     seq: u64,
     generation: u64,
     state: u32,
+    /// Chosen at format time; records of another journal that used the same device never match.
+    journal_id: u64,
 }
 
 impl Superblock {
@@ -296,17 +298,18 @@ impl Superblock {
         b[16..24].copy_from_slice(&self.seq.to_le_bytes());
         b[24..32].copy_from_slice(&self.generation.to_le_bytes());
         b[32..36].copy_from_slice(&self.state.to_le_bytes());
-        let crc = crc32fast::hash(&b[0..36]);
-        b[36..40].copy_from_slice(&crc.to_le_bytes());
+        b[36..44].copy_from_slice(&self.journal_id.to_le_bytes());
+        let crc = crc32fast::hash(&b[0..44]);
+        b[44..48].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
     fn decode(b: &[u8]) -> Option<Superblock> {
-        if b.len() < 40 || &b[0..8] != SB_MAGIC {
+        if b.len() < 48 || &b[0..8] != SB_MAGIC {
             return None;
         }
-        let crc = u32::from_le_bytes(b[36..40].try_into().ok()?);
-        if crc != crc32fast::hash(&b[0..36]) {
+        let crc = u32::from_le_bytes(b[44..48].try_into().ok()?);
+        if crc != crc32fast::hash(&b[0..44]) {
             return None;
         }
         if u32::from_le_bytes(b[8..12].try_into().ok()?) != FORMAT_VERSION {
@@ -317,36 +320,58 @@ impl Superblock {
             seq: u64::from_le_bytes(b[16..24].try_into().ok()?),
             generation: u64::from_le_bytes(b[24..32].try_into().ok()?),
             state: u32::from_le_bytes(b[32..36].try_into().ok()?),
+            journal_id: u64::from_le_bytes(b[36..44].try_into().ok()?),
         })
     }
 }
 
-fn encode_record_header(h: &mut [u8], generation: u64, block: u64, data: &[u8]) {
+fn encode_record_header(h: &mut [u8], sb: &Superblock, block: u64, data: &[u8]) {
     h.fill(0);
     h[0..8].copy_from_slice(REC_MAGIC);
-    h[8..16].copy_from_slice(&generation.to_le_bytes());
+    h[8..16].copy_from_slice(&sb.generation.to_le_bytes());
     h[16..24].copy_from_slice(&block.to_le_bytes());
     h[24..28].copy_from_slice(&crc32fast::hash(data).to_le_bytes());
-    let crc = crc32fast::hash(&h[0..28]);
-    h[28..32].copy_from_slice(&crc.to_le_bytes());
+    h[28..36].copy_from_slice(&sb.journal_id.to_le_bytes());
+    let crc = crc32fast::hash(&h[0..36]);
+    h[36..40].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// Returns the block index when `rec` (header followed by data) is a complete record of `generation`.
-fn decode_record(rec: &[u8], generation: u64) -> Option<u64> {
+/// Returns the block index when `rec` (header followed by data) is a complete record of the journal and
+/// generation of `sb`.
+fn decode_record(rec: &[u8], sb: &Superblock) -> Option<u64> {
     let (h, data) = rec.split_at(SLOT_HEADER);
     if &h[0..8] != REC_MAGIC {
         return None;
     }
-    if u32::from_le_bytes(h[28..32].try_into().ok()?) != crc32fast::hash(&h[0..28]) {
+    if u32::from_le_bytes(h[36..40].try_into().ok()?) != crc32fast::hash(&h[0..36]) {
         return None;
     }
-    if u64::from_le_bytes(h[8..16].try_into().ok()?) != generation {
+    if u64::from_le_bytes(h[8..16].try_into().ok()?) != sb.generation
+        || u64::from_le_bytes(h[28..36].try_into().ok()?) != sb.journal_id
+    {
         return None;
     }
     if u32::from_le_bytes(h[24..28].try_into().ok()?) != crc32fast::hash(data) {
         return None;
     }
     Some(u64::from_le_bytes(h[16..24].try_into().ok()?))
+}
+
+/// Reads both superblock copies: the valid one with the higher sequence number and its slot.
+fn read_superblock<B: BlockBackend>(backend: &B) -> Result<Option<(Superblock, u64)>> {
+    if backend.len() < JOURNAL_HEADER_BYTES {
+        return Ok(None);
+    }
+    let mut two = [0u8; 2 * SECTOR_SIZE as usize];
+    backend.read_at(0, &mut two)?;
+    let a = Superblock::decode(&two[..SECTOR_SIZE as usize]);
+    let b = Superblock::decode(&two[SECTOR_SIZE as usize..]);
+    Ok(match (a, b) {
+        (Some(a), Some(b)) if b.seq > a.seq => Some((b, 1)),
+        (Some(a), _) => Some((a, 0)),
+        (None, Some(b)) => Some((b, 1)),
+        (None, None) => None,
+    })
 }
 
 /// An overlay kept as a crash-recoverable log on a [`BlockBackend`] (see the module docs for the format).
@@ -386,22 +411,29 @@ impl<B: BlockBackend> JournalStore<B> {
     pub fn format(mut backend: B, block_size: usize) -> Result<Self> {
         check_block_size(block_size)?;
         let capacity = Self::capacity_for(backend.len(), block_size)?;
+        // Continue the sequence of any journal the device held before, so none of its records can
+        // match the new generation; a fresh id guards against records whose superblocks are gone.
+        let previous = read_superblock(&backend).ok().flatten();
+        let seq = previous.map_or(0, |(sb, _)| sb.seq) + 1;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let journal_id = nanos ^ seq.rotate_left(32) ^ u64::from(std::process::id()).rotate_left(16);
         let sb = Superblock {
             block_size: block_size as u32,
-            seq: 1,
-            generation: 1,
+            seq,
+            generation: seq,
             state: STATE_OPEN,
+            journal_id,
         };
-        // Invalidate both copies first so no older journal on the device survives the format.
-        // Zeroing slot 0's header makes any older records unreachable (the scan stops at slot 0).
-        backend.write_at(0, &[0u8; 2 * SECTOR_SIZE as usize])?;
-        backend.write_at(JOURNAL_HEADER_BYTES, &[0u8; SLOT_HEADER])?;
-        backend.write_at(SECTOR_SIZE, &sb.encode())?;
+        // Write the copy that does not hold the previous journal's latest superblock.
+        let slot = previous.map_or(0, |(_, slot)| 1 - slot);
+        backend.write_at(slot * SECTOR_SIZE, &sb.encode())?;
         backend.flush()?;
         Ok(JournalStore {
             backend,
             sb,
-            sb_slot: 1,
+            sb_slot: slot,
             sb_durable: true,
             capacity,
             index: BlockMap::default(),
@@ -412,32 +444,11 @@ impl<B: BlockBackend> JournalStore<B> {
 
     /// Opens a journal written by [`format`](Self::format), recovering its current records.
     pub fn open(backend: B) -> Result<Self> {
-        let mut two = [0u8; 2 * SECTOR_SIZE as usize];
-        if backend.len() < JOURNAL_HEADER_BYTES {
+        let Some((sb, sb_slot)) = read_superblock(&backend)? else {
             return Err(Error::CorruptJournal {
-                reason: "device smaller than the journal header",
+                reason: "no valid superblock",
                 slot: None,
             });
-        }
-        backend.read_at(0, &mut two)?;
-        let a = Superblock::decode(&two[..SECTOR_SIZE as usize]);
-        let b = Superblock::decode(&two[SECTOR_SIZE as usize..]);
-        let (sb, sb_slot) = match (a, b) {
-            (Some(a), Some(b)) => {
-                if a.seq >= b.seq {
-                    (a, 0)
-                } else {
-                    (b, 1)
-                }
-            }
-            (Some(s), None) => (s, 0),
-            (None, Some(s)) => (s, 1),
-            (None, None) => {
-                return Err(Error::CorruptJournal {
-                    reason: "no valid superblock",
-                    slot: None,
-                });
-            }
         };
         let block_size = sb.block_size as usize;
         check_block_size(block_size).map_err(|_| Error::CorruptJournal {
@@ -458,7 +469,7 @@ impl<B: BlockBackend> JournalStore<B> {
         let mut rec = vec![0u8; SLOT_HEADER + block_size];
         while store.next < capacity {
             store.backend.read_at(store.slot_offset(store.next), &mut rec)?;
-            let Some(block) = decode_record(&rec, sb.generation) else {
+            let Some(block) = decode_record(&rec, &sb) else {
                 break;
             };
             if store.index.insert(block, store.next as u32).is_some() {
@@ -489,6 +500,7 @@ impl<B: BlockBackend> JournalStore<B> {
     /// replaced. A torn or lost superblock write therefore always leaves the last durable one valid.
     fn write_superblock(&mut self, generation: u64, state: u32, flush: bool) -> Result<()> {
         let sb = Superblock {
+            journal_id: self.sb.journal_id,
             block_size: self.sb.block_size,
             seq: self.sb.seq + 1,
             generation,
@@ -565,10 +577,9 @@ impl<B: BlockBackend> OverlayStore for JournalStore<B> {
             None if self.next >= self.capacity => return Err(full(self.index.len(), self.capacity)),
             None => (self.next, true),
         };
-        let generation = self.sb.generation;
         let (h, d) = self.scratch.split_at_mut(SLOT_HEADER);
         d.copy_from_slice(data);
-        encode_record_header(h, generation, block, data);
+        encode_record_header(h, &self.sb, block, data);
         let at = self.slot_offset(slot);
         self.backend.write_at(at, &self.scratch)?;
         if new {
@@ -681,6 +692,21 @@ mod tests {
             JournalStore::open(dev),
             Err(Error::CorruptJournal { .. })
         ));
+    }
+
+    #[test]
+    fn reformat_never_resurrects_old_records() {
+        let dev = MemBackend::new(JournalStore::<MemBackend>::required_len(512, 4)).unwrap();
+        let mut j = JournalStore::format(dev, 512).unwrap();
+        for b in 1..4 {
+            j.put(b, &[b as u8; 512]).unwrap();
+        }
+        j.sync().unwrap();
+        let mut j = JournalStore::format(j.into_backend(), 512).unwrap();
+        j.put(9, &[9; 512]).unwrap();
+        j.sync().unwrap();
+        let j = JournalStore::open(j.into_backend()).unwrap();
+        assert_eq!(j.blocks(), vec![9]);
     }
 
     #[test]
