@@ -41,7 +41,9 @@ pub enum Error {
     },
     /// An overlay (hidden store or active overlay) has no room for the blocks a request needs.
     ///
-    /// Nothing was changed. The VMM turns this into a checkpoint request: a checkpoint empties both overlays.
+    /// Nothing was changed. For the active overlay the VMM turns this into a checkpoint request (a
+    /// checkpoint empties both overlays) and retries the SVM's write. For the hidden store see
+    /// [`SecondaryDisk::apply_batch`](crate::SecondaryDisk::apply_batch).
     #[error("{store} overlay full: {used} of {capacity} blocks used, request needs {needed} more")]
     OverlayFull {
         /// Which overlay (`hidden` or `active`).

@@ -13,7 +13,7 @@
 //! | [`secondary`] | [`SecondaryDisk`]: hidden store and active overlay, `checkpoint`, `failover`, crash [`recover`]y |
 //! | [`store`] | bounded overlays: [`MemStore`] in memory, [`JournalStore`] crash-recoverable on any backend |
 //! | [`sync`] | [`InitialSync`]: dirty-chunk bitmap to bring a new or stale secondary up to date |
-//! | [`fault`] | [`FaultyBackend`]: fault injection to test crash behaviour |
+//! | [`fault`] | [`FaultyBackend`], [`VolatileBackend`]: fault injection and write-cache loss to test crash behaviour |
 //!
 //! Left to the VMM: the transport (records are plain data with [`bytes::Bytes`] payloads; deliver them in
 //! order), turning [`Error::OverlayFull`] into a checkpoint request, when to checkpoint and fail over, and

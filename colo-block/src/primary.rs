@@ -21,7 +21,8 @@
 //!   disk accepted it. The record may still sit in the queue or the network; if the secondary is lost, the
 //!   primary simply carries on. The guest loses nothing: its data is on the primary's disk.
 //! * [`CompletionMode::Sync`] (DRBD protocol C): a write completes when the local disk accepted it *and*
-//!   the secondary acknowledged it. `write` returns [`WriteStatus::AwaitingAck`]; the id comes back out of
+//!   the secondary acknowledged it (applied it to its disk, see [`secondary`](crate::secondary)).
+//!   `write` returns [`WriteStatus::AwaitingAck`]; the id comes back out of
 //!   `handle_ack` when it completes. If the secondary is lost, [`PrimaryDisk::stop_replication`] completes
 //!   every waiting write (they are all on the local disk).
 //!

@@ -39,6 +39,12 @@
 //!
 //! The primary's side of the contract is in [`primary`](crate::primary): it completes no write that is not
 //! on its own disk.
+//!
+//! # Acknowledgements
+//!
+//! [`SecondaryDisk::last_applied`] is the id to acknowledge after `apply`/`apply_batch` returns: the write
+//! is on the secondary disk (in its cache; durable at the next checkpoint's flush) and protected by the
+//! hidden store. That is what protocol C's completion means here.
 
 use crate::backend::{BlockBackend, check_request};
 use crate::error::{Error, Result};
@@ -278,8 +284,13 @@ impl<D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryDisk<D, H, A> {
     /// Applies the primary's writes in order, protecting the SVM's view with the hidden store.
     ///
     /// Every record is checked first (epoch, alignment, range) and the hidden store's room for the whole
-    /// batch; on such an error nothing changed. A full hidden store is [`Error::OverlayFull`]: the VMM asks
-    /// for a checkpoint. One hidden-store sync covers the batch.
+    /// batch; on such an error nothing changed. One hidden-store sync covers the batch.
+    ///
+    /// A full hidden store is [`Error::OverlayFull`] with `store: "hidden"`. It cannot be cured by a
+    /// checkpoint (the checkpoint needs this very write first), so the primary prevents it: configure its
+    /// [`EpochLimit`](crate::EpochLimit) with this store's block size and capacity, and it refuses a guest
+    /// write that would overflow the store before anything is sent ([`Error::EpochFull`]). If it happens
+    /// anyway the pair has diverged from that contract: stop replicating and resync.
     pub fn apply_batch(&mut self, records: &[WriteRecord]) -> Result<()> {
         if self.state != SecondaryState::Replicating {
             return Err(self.invalid("apply"));
