@@ -40,8 +40,9 @@
 //! while let Some(out) = primary.poll_outgoing()? {
 //!     match out {
 //!         Outgoing::Write(rec) => secondary.apply(&rec)?,
+//!         Outgoing::Discard(rec) => secondary.apply_discard(&rec)?,
 //!         Outgoing::Barrier { epoch } => secondary.handle_barrier(epoch)?,
-//!         _ => unreachable!(),
+//!         Outgoing::SyncChunk { .. } | Outgoing::SyncDone => unreachable!("no sync started"),
 //!     }
 //! }
 //! assert!(primary.barrier_handed_over(epoch));
@@ -68,7 +69,8 @@ pub use backend::{BlockBackend, MemBackend, RawFile, SECTOR_SIZE};
 pub use error::{Error, Result};
 pub use fault::{FaultPlan, FaultyBackend, VolatileBackend};
 pub use primary::{
-    CompletionMode, EpochLimit, Outgoing, PrimaryConfig, PrimaryDisk, WriteId, WriteRecord, WriteStatus,
+    CompletionMode, DiscardRecord, EpochLimit, Outgoing, PrimaryConfig, PrimaryDisk, WriteId, WriteRecord,
+    WriteStatus,
 };
 pub use secondary::{Recovery, SecondaryDisk, SecondaryState, recover};
 pub use store::{JournalStore, MemStore, OverlayStore};

@@ -82,11 +82,55 @@ pub struct WriteRecord {
     pub data: Bytes,
 }
 
+/// One guest discard, for the secondary: the range reads as zeros once applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiscardRecord {
+    /// The discard's id (same sequence as writes; acknowledged like them).
+    pub id: WriteId,
+    /// The epoch it belongs to.
+    pub epoch: u64,
+    /// Byte offset on the disk (sector aligned).
+    pub offset: u64,
+    /// Length in bytes (a sector multiple).
+    pub len: u64,
+}
+
+/// What a guest request carries.
+enum Payload {
+    Data(Bytes),
+    Discard(u64),
+}
+
+impl Payload {
+    fn len(&self) -> u64 {
+        match self {
+            Payload::Data(d) => d.len() as u64,
+            Payload::Discard(len) => *len,
+        }
+    }
+
+    fn queued_bytes(&self) -> u64 {
+        match self {
+            Payload::Data(d) => d.len() as u64,
+            Payload::Discard(_) => 0,
+        }
+    }
+
+    fn apply_to<B: BlockBackend>(&self, disk: &mut B, offset: u64) -> Result<()> {
+        match self {
+            Payload::Data(d) => disk.write_at(offset, d),
+            Payload::Discard(len) => disk.discard(offset, *len),
+        }
+    }
+}
+
 /// What the primary hands to the transport, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outgoing {
     /// A guest write.
     Write(WriteRecord),
+    /// A guest discard.
+    Discard(DiscardRecord),
     /// Every write of `epoch` precedes this.
     Barrier {
         /// The epoch closed.
@@ -235,64 +279,93 @@ impl<B: BlockBackend> PrimaryDisk<B> {
     /// The data reaches the local disk before this returns; the replication record shares `data`'s buffer.
     /// On error nothing was written and nothing queued.
     pub fn write(&mut self, offset: u64, data: Bytes) -> Result<WriteStatus> {
-        let len = data.len() as u64;
+        self.submit(offset, Payload::Data(data))
+    }
+
+    /// A guest discard of `len` bytes at `offset`: the range reads as zeros afterwards, here and (once
+    /// the [`DiscardRecord`] is applied) on the secondary. Completion and errors as for [`write`](Self::write).
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<WriteStatus> {
+        self.submit(offset, Payload::Discard(len))
+    }
+
+    fn submit(&mut self, offset: u64, payload: Payload) -> Result<WriteStatus> {
+        let len = payload.len();
         check_request(offset, len, self.disk.len())?;
         match &mut self.state {
             State::Standalone => {
-                self.disk.write_at(offset, &data)?;
+                payload.apply_to(&mut self.disk, offset)?;
                 Ok(WriteStatus::Completed)
             }
             State::Syncing(sync) => {
-                self.disk.write_at(offset, &data)?;
+                payload.apply_to(&mut self.disk, offset)?;
                 sync.note_write(offset, len)?;
                 Ok(WriteStatus::Completed)
             }
             State::Replicating => {
+                // Only data waits in the queue; a discard record is a few bytes.
+                let bytes = payload.queued_bytes();
                 let backlog = self.queued_bytes + self.unacked_bytes;
-                if backlog + len > self.config.max_backlog_bytes {
+                if backlog + bytes > self.config.max_backlog_bytes {
                     return Err(Error::BacklogFull {
                         backlog,
-                        len,
+                        len: bytes,
                         limit: self.config.max_backlog_bytes,
                     });
                 }
-                if let Some(limit) = self.config.epoch_limit
-                    && len > 0
-                {
-                    let bs = limit.block_size.max(1);
-                    let blocks = offset / bs..=(offset + len - 1) / bs;
-                    let needed = blocks.clone().filter(|b| !self.epoch_blocks.contains(b)).count();
-                    let used = self.epoch_blocks.len();
-                    if used + needed > limit.max_blocks {
-                        return Err(Error::EpochFull {
-                            epoch: self.epoch,
-                            used,
-                            needed,
-                            limit: limit.max_blocks,
-                        });
-                    }
-                    self.epoch_blocks.extend(blocks);
-                }
-                self.disk.write_at(offset, &data)?;
+                self.reserve_epoch_blocks(offset, len)?;
+                payload.apply_to(&mut self.disk, offset)?;
                 let id = WriteId(self.next_id);
                 self.next_id += 1;
-                self.queued_bytes += len;
-                self.queue.push_back(Outgoing::Write(WriteRecord {
-                    id,
-                    epoch: self.epoch,
-                    offset,
-                    data,
-                }));
+                self.queued_bytes += bytes;
+                let epoch = self.epoch;
+                self.queue.push_back(match payload {
+                    Payload::Data(data) => Outgoing::Write(WriteRecord {
+                        id,
+                        epoch,
+                        offset,
+                        data,
+                    }),
+                    Payload::Discard(len) => Outgoing::Discard(DiscardRecord {
+                        id,
+                        epoch,
+                        offset,
+                        len,
+                    }),
+                });
                 match self.config.mode {
                     CompletionMode::Async => Ok(WriteStatus::Completed),
                     CompletionMode::Sync => {
-                        self.unacked.push_back((id, len));
-                        self.unacked_bytes += len;
+                        self.unacked.push_back((id, bytes));
+                        self.unacked_bytes += bytes;
                         Ok(WriteStatus::AwaitingAck(id))
                     }
                 }
             }
         }
+    }
+
+    /// Checks the [`EpochLimit`] for a request touching `len` bytes at `offset`, and counts its blocks.
+    fn reserve_epoch_blocks(&mut self, offset: u64, len: u64) -> Result<()> {
+        let Some(limit) = self.config.epoch_limit else {
+            return Ok(());
+        };
+        if len == 0 {
+            return Ok(());
+        }
+        let bs = limit.block_size.max(1);
+        let blocks = offset / bs..=(offset + len - 1) / bs;
+        let needed = blocks.clone().filter(|b| !self.epoch_blocks.contains(b)).count();
+        let used = self.epoch_blocks.len();
+        if used + needed > limit.max_blocks {
+            return Err(Error::EpochFull {
+                epoch: self.epoch,
+                used,
+                needed,
+                limit: limit.max_blocks,
+            });
+        }
+        self.epoch_blocks.extend(blocks);
+        Ok(())
     }
 
     /// A guest read.
@@ -314,6 +387,7 @@ impl<B: BlockBackend> PrimaryDisk<B> {
                     self.queued_bytes -= rec.data.len() as u64;
                     self.highest_sent = Some(rec.id.0);
                 }
+                Outgoing::Discard(rec) => self.highest_sent = Some(rec.id.0),
                 Outgoing::Barrier { epoch } => self.last_barrier_sent = Some(*epoch),
                 Outgoing::SyncChunk { .. } | Outgoing::SyncDone => {}
             }
@@ -493,6 +567,28 @@ mod tests {
             WriteStatus::Completed
         );
         assert!(p.poll_outgoing().unwrap().is_none());
+    }
+
+    #[test]
+    fn discard_zeroes_locally_and_is_replicated_without_backlog() {
+        let mut p = primary(CompletionMode::Sync);
+        p.write(0, Bytes::from(vec![4u8; 1024])).unwrap();
+        assert_eq!(p.discard(512, 512).unwrap(), WriteStatus::AwaitingAck(WriteId(1)));
+        let mut buf = vec![9u8; 1024];
+        p.read(0, &mut buf).unwrap();
+        assert_eq!(&buf[..512], &[4; 512]);
+        assert_eq!(&buf[512..], &[0; 512]);
+        assert_eq!(p.queued_bytes(), 1024);
+        assert!(matches!(p.poll_outgoing().unwrap(), Some(Outgoing::Write(_))));
+        let rec = DiscardRecord {
+            id: WriteId(1),
+            epoch: 0,
+            offset: 512,
+            len: 512,
+        };
+        assert_eq!(p.poll_outgoing().unwrap(), Some(Outgoing::Discard(rec)));
+        assert_eq!(p.handle_ack(WriteId(1)).unwrap(), vec![WriteId(0), WriteId(1)]);
+        assert!(matches!(p.discard(0, 100), Err(Error::Misaligned { .. })));
     }
 
     #[test]

@@ -48,7 +48,52 @@
 
 use crate::backend::{BlockBackend, check_request};
 use crate::error::{Error, Result};
-use crate::primary::{WriteId, WriteRecord};
+use crate::primary::{DiscardRecord, WriteId, WriteRecord};
+
+/// A replicated request from the primary: a write or a discard.
+trait Replicated {
+    fn id(&self) -> WriteId;
+    fn epoch(&self) -> u64;
+    fn offset(&self) -> u64;
+    fn len(&self) -> u64;
+    fn apply_to<D: BlockBackend>(&self, disk: &mut D) -> Result<()>;
+}
+
+impl Replicated for WriteRecord {
+    fn id(&self) -> WriteId {
+        self.id
+    }
+    fn epoch(&self) -> u64 {
+        self.epoch
+    }
+    fn offset(&self) -> u64 {
+        self.offset
+    }
+    fn len(&self) -> u64 {
+        self.data.len() as u64
+    }
+    fn apply_to<D: BlockBackend>(&self, disk: &mut D) -> Result<()> {
+        disk.write_at(self.offset, &self.data)
+    }
+}
+
+impl Replicated for DiscardRecord {
+    fn id(&self) -> WriteId {
+        self.id
+    }
+    fn epoch(&self) -> u64 {
+        self.epoch
+    }
+    fn offset(&self) -> u64 {
+        self.offset
+    }
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn apply_to<D: BlockBackend>(&self, disk: &mut D) -> Result<()> {
+        disk.discard(self.offset, self.len)
+    }
+}
 use crate::store::OverlayStore;
 
 /// Where a [`SecondaryDisk`] stands.
@@ -292,6 +337,15 @@ impl<D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryDisk<D, H, A> {
     /// write that would overflow the store before anything is sent ([`Error::EpochFull`]). If it happens
     /// anyway the pair has diverged from that contract: stop replicating and resync.
     pub fn apply_batch(&mut self, records: &[WriteRecord]) -> Result<()> {
+        self.apply_records(records)
+    }
+
+    /// Applies one of the primary's discards, protecting the SVM's view like a write.
+    pub fn apply_discard(&mut self, record: &DiscardRecord) -> Result<()> {
+        self.apply_records(std::slice::from_ref(record))
+    }
+
+    fn apply_records<R: Replicated>(&mut self, records: &[R]) -> Result<()> {
         if self.state != SecondaryState::Replicating {
             return Err(self.invalid("apply"));
         }
@@ -307,18 +361,18 @@ impl<D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryDisk<D, H, A> {
         let bs = self.block_size;
         let mut new_blocks: Vec<u64> = Vec::new();
         for r in records {
-            if r.epoch != self.epoch {
+            if r.epoch() != self.epoch {
                 return Err(Error::EpochMismatch {
                     expected: self.epoch,
-                    found: r.epoch,
+                    found: r.epoch(),
                 });
             }
-            let len = r.data.len() as u64;
-            check_request(r.offset, len, self.disk.len())?;
+            let (offset, len) = (r.offset(), r.len());
+            check_request(offset, len, self.disk.len())?;
             if len == 0 {
                 continue;
             }
-            for b in r.offset / bs..=(r.offset + len - 1) / bs {
+            for b in offset / bs..=(offset + len - 1) / bs {
                 if !self.hidden.contains(b) {
                     new_blocks.push(b);
                 }
@@ -340,8 +394,8 @@ impl<D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryDisk<D, H, A> {
             self.hidden.sync()?;
         }
         for r in records {
-            self.disk.write_at(r.offset, &r.data)?;
-            self.last_applied = Some(r.id);
+            r.apply_to(&mut self.disk)?;
+            self.last_applied = Some(r.id());
         }
         Ok(())
     }

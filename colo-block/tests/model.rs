@@ -23,6 +23,10 @@ enum Op {
         sectors: usize,
         fill: u8,
     },
+    PvmDiscard {
+        sector: usize,
+        sectors: usize,
+    },
     SvmWrite {
         sector: usize,
         sectors: usize,
@@ -46,6 +50,7 @@ fn range() -> impl Strategy<Value = (usize, usize)> {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (range(), any::<u8>()).prop_map(|((sector, sectors), fill)| Op::PvmWrite { sector, sectors, fill }),
+        1 => range().prop_map(|(sector, sectors)| Op::PvmDiscard { sector, sectors }),
         3 => (range(), any::<u8>()).prop_map(|((sector, sectors), fill)| Op::SvmWrite { sector, sectors, fill }),
         3 => range().prop_map(|(sector, sectors)| Op::SvmRead { sector, sectors }),
         2 => (0..6usize).prop_map(|count| Op::Deliver { count }),
@@ -66,7 +71,7 @@ fn pattern(sectors: usize, fill: u8, salt: usize) -> Vec<u8> {
 struct Pair<H, A> {
     primary: PrimaryDisk<MemBackend>,
     secondary: SecondaryDisk<MemBackend, H, A>,
-    in_flight: Vec<WriteRecord>,
+    in_flight: Vec<Outgoing>,
     // The oracle.
     primary_img: Vec<u8>,
     ckpt_img: Vec<u8>,
@@ -101,7 +106,7 @@ impl<H: OverlayStore, A: OverlayStore> Pair<H, A> {
     fn pump(&mut self) {
         while let Some(out) = self.primary.poll_outgoing().unwrap() {
             match out {
-                Outgoing::Write(rec) => self.in_flight.push(rec),
+                rec @ (Outgoing::Write(_) | Outgoing::Discard(_)) => self.in_flight.push(rec),
                 Outgoing::Barrier { epoch } => {
                     self.deliver(usize::MAX);
                     self.secondary.handle_barrier(epoch).unwrap();
@@ -111,12 +116,28 @@ impl<H: OverlayStore, A: OverlayStore> Pair<H, A> {
         }
     }
 
+    /// Delivers the first `count` records in flight: runs of writes as one batch, discards one by one.
     fn deliver(&mut self, count: usize) {
         let n = count.min(self.in_flight.len());
-        let batch: Vec<WriteRecord> = self.in_flight.drain(..n).collect();
-        if !batch.is_empty() {
-            self.secondary.apply_batch(&batch).unwrap();
-            assert_eq!(self.secondary.last_applied(), Some(batch[n - 1].id));
+        let mut batch: Vec<WriteRecord> = Vec::new();
+        let mut last = None;
+        for out in self.in_flight.drain(..n) {
+            match out {
+                Outgoing::Write(rec) => {
+                    last = Some(rec.id);
+                    batch.push(rec);
+                }
+                Outgoing::Discard(rec) => {
+                    self.secondary.apply_batch(&std::mem::take(&mut batch)).unwrap();
+                    self.secondary.apply_discard(&rec).unwrap();
+                    last = Some(rec.id);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        self.secondary.apply_batch(&batch).unwrap();
+        if last.is_some() {
+            assert_eq!(self.secondary.last_applied(), last);
         }
     }
 
@@ -165,6 +186,19 @@ impl<H: OverlayStore, A: OverlayStore> Pair<H, A> {
                     Err(e) => panic!("{e}"),
                 }
                 self.primary_img[sector * SECTOR..(sector + sectors) * SECTOR].copy_from_slice(&data);
+                self.pump();
+            }
+            Op::PvmDiscard { sector, sectors } => {
+                let (off, len) = ((sector * SECTOR) as u64, (sectors * SECTOR) as u64);
+                match self.primary.discard(off, len) {
+                    Ok(_) => {}
+                    Err(Error::EpochFull { .. }) => {
+                        self.checkpoint();
+                        self.primary.discard(off, len).unwrap();
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+                self.primary_img[sector * SECTOR..(sector + sectors) * SECTOR].fill(0);
                 self.pump();
             }
             Op::SvmWrite {

@@ -118,6 +118,10 @@ fn pump(
     while let Some(out) = primary.poll_outgoing().unwrap() {
         match out {
             Outgoing::Write(rec) => batch.push(rec),
+            Outgoing::Discard(rec) => {
+                secondary.apply_batch(&std::mem::take(&mut batch)).unwrap();
+                secondary.apply_discard(&rec).unwrap();
+            }
             Outgoing::Barrier { epoch } => {
                 secondary.apply_batch(&std::mem::take(&mut batch)).unwrap();
                 secondary.handle_barrier(epoch).unwrap();

@@ -3,8 +3,8 @@
 
 use bytes::Bytes;
 use colo_block::{
-    BlockBackend, FaultPlan, JournalStore, OverlayStore, Recovery, SecondaryDisk, WriteId, WriteRecord,
-    recover,
+    BlockBackend, DiscardRecord, FaultPlan, JournalStore, OverlayStore, Recovery, SecondaryDisk, WriteId,
+    WriteRecord, recover,
 };
 
 pub const BLOCK: usize = 4096;
@@ -33,6 +33,9 @@ pub struct Scenario {
     epoch0: Vec<Vec<WriteRecord>>,
     svm0: Vec<(u64, Vec<u8>)>,
     epoch1: Vec<Vec<WriteRecord>>,
+    /// Discards applied after each epoch's writes.
+    discard0: DiscardRecord,
+    discard1: DiscardRecord,
     svm1: Vec<(u64, Vec<u8>)>,
 }
 
@@ -85,6 +88,20 @@ impl Scenario {
         for r in epoch0.iter().flatten() {
             apply(&mut img1, r.offset, &r.data);
         }
+        // A discard over a block partly written in this epoch, and one across a block boundary.
+        let discard0 = DiscardRecord {
+            id: WriteId(100),
+            epoch: 0,
+            offset: 10 * BLOCK as u64,
+            len: 1536,
+        };
+        let discard1 = DiscardRecord {
+            id: WriteId(101),
+            epoch: 1,
+            offset: 44 * BLOCK as u64 - 512,
+            len: 2048,
+        };
+        img1[discard0.offset as usize..(discard0.offset + discard0.len) as usize].fill(0);
         let mut img_failover = img1.clone();
         for (off, d) in &svm1 {
             apply(&mut img_failover, *off, d);
@@ -99,6 +116,8 @@ impl Scenario {
             epoch0,
             svm0,
             epoch1,
+            discard0,
+            discard1,
             svm1,
         }
     }
@@ -132,6 +151,7 @@ impl Scenario {
         for batch in &self.epoch0 {
             sec.apply_batch(batch)?;
         }
+        sec.apply_discard(&self.discard0)?;
         for (off, d) in &self.svm0 {
             sec.svm_write(*off, d)?;
         }
@@ -142,6 +162,7 @@ impl Scenario {
         for batch in &self.epoch1 {
             sec.apply_batch(batch)?;
         }
+        sec.apply_discard(&self.discard1)?;
         for (off, d) in &self.svm1 {
             sec.svm_write(*off, d)?;
         }
