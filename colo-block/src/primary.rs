@@ -6,6 +6,7 @@
 //! ```text
 //! guest write(offset, Bytes) --> local disk (pwrite)        --> WriteStatus back to the device model
 //!                            \-> Outgoing::Write(WriteRecord) queued, same Bytes (no copy)
+//! guest discard(offset, len) --> local discard, Outgoing::Discard(DiscardRecord) queued
 //! checkpoint               ---> end_epoch(): Outgoing::Barrier { epoch } queued behind the epoch's writes
 //! VMM transport            <--- poll_outgoing(): records, barriers, sync chunks, in order
 //! secondary ack(id)        ---> handle_ack(id): writes now complete (Sync mode)
