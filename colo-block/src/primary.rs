@@ -27,6 +27,9 @@
 //!   `handle_ack` when it completes. If the secondary is lost, [`PrimaryDisk::stop_replication`] completes
 //!   every waiting write (they are all on the local disk).
 //!
+//! While standalone or during an initial sync, writes complete on the local write in both modes: there is
+//! no copy to wait for yet (the sync re-sends whatever they dirty).
+//!
 //! In both modes a guest flush is [`PrimaryDisk::flush`]: it makes the local disk durable. The primary never
 //! completes a write that is not on its local disk, so no completed write is lost by losing the secondary.
 //!
