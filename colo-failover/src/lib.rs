@@ -50,6 +50,8 @@
 
 mod arbiter;
 mod error;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 mod lease;
 mod node;
 mod token;
