@@ -17,7 +17,7 @@
 //! starts from the wall clock in milliseconds, which keeps tokens growing across restarts only as long as the
 //! wall clock does not go back: give production witnesses a state file.
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -408,7 +408,11 @@ impl Shared {
                 Ok(req) => writer.write_all(self.serve(req).to_line().as_bytes())?,
                 Err(e) => {
                     writer.write_all(Answer::Error(e.to_string()).to_line().as_bytes())?;
-                    return writer.shutdown(Shutdown::Both);
+                    writer.shutdown(Shutdown::Write)?;
+                    // Swallow a bounded amount of what the client still sends, so closing does not reset the
+                    // connection before it has read the error.
+                    let _ = io::copy(&mut reader.take(64 * 1024), &mut io::sink());
+                    return Ok(());
                 }
             }
         }
