@@ -72,17 +72,23 @@ pub struct Config {
     /// A held lease is renewed when this fraction (in percent) of its TTL has passed since the last renewal
     /// was sent.
     pub renew_percent: u8,
+    /// How long a node that lost its partner keeps asking while the arbiter says someone else holds it,
+    /// before it gives up and stops its guest. A partner that died while holding the arbiter (a primary
+    /// after an earlier failover) keeps it until its lease runs out, so this must exceed the arbiter's lease
+    /// TTL plus its expiry slack (etcd: about 0.5 s). Zero fences at the first refusal.
+    pub denied_patience: Duration,
 }
 
 impl Default for Config {
     /// 100 ms heartbeats, 500 ms timeout (five missed heartbeats), 100 ms arbiter retry, renew at a third of
-    /// the TTL.
+    /// the TTL, 5 s patience with a refusing arbiter (enough for leases up to about 4 s).
     fn default() -> Self {
         Config {
             heartbeat_interval: Duration::from_millis(100),
             heartbeat_timeout: Duration::from_millis(500),
             arbiter_retry: Duration::from_millis(100),
             renew_percent: 33,
+            denied_patience: Duration::from_secs(5),
         }
     }
 }
@@ -372,6 +378,8 @@ pub struct Node {
     last_token: FenceToken,
     /// When the outstanding arbiter request (acquire or renew) was emitted.
     pending: Option<Instant>,
+    /// When the arbiter first refused this failover.
+    denied_since: Option<Instant>,
     next_heartbeat: Option<Instant>,
     peer_deadline: Option<Instant>,
     retry_at: Option<Instant>,
@@ -395,6 +403,7 @@ impl Node {
             lease: None,
             last_token: FenceToken::ZERO,
             pending: None,
+            denied_since: None,
             next_heartbeat: None,
             peer_deadline: None,
             retry_at: None,
@@ -685,7 +694,13 @@ impl Node {
             }
             (State::Required { .. }, Ev(E::ArbiterDenied { holder })) => {
                 self.take_pending(state, input)?;
-                self.fence(holder);
+                let since = *self.denied_since.get_or_insert(now);
+                if now.saturating_duration_since(since) >= self.config.denied_patience {
+                    self.fence(holder);
+                } else {
+                    // The holder may be a dead partner whose lease has not run out yet: ask again.
+                    self.retry_at = Some(now + self.config.arbiter_retry);
+                }
             }
             (State::Required { .. }, Ev(E::ArbiterUnreachable)) => {
                 self.take_pending(state, input)?;
@@ -735,6 +750,7 @@ impl Node {
                         self.request_arbiter(now, Action::AcquireArbiter);
                     }
                     State::Alone => {
+                        self.denied_since = None;
                         self.actions.push_back(Action::SuspendOutput);
                         self.state = State::Required {
                             role: Role::Primary,
@@ -800,6 +816,7 @@ impl Node {
 
     fn begin_failover(&mut self, now: Instant, role: Role, reason: ExitReason) {
         self.stop_heartbeats();
+        self.denied_since = None;
         self.reason = ExitReason::Processing;
         match self.lease {
             // A primary whose lease is valid holds the arbiter already (its local expiry comes before the
@@ -943,7 +960,11 @@ mod tests {
     }
 
     fn in_colo(role: Role, t0: Instant) -> Node {
-        let mut n = Node::new(Config::default()).unwrap();
+        let mut n = Node::new(Config {
+            denied_patience: Duration::ZERO,
+            ..Config::default()
+        })
+        .unwrap();
         n.handle_event(
             t0,
             if role == Role::Primary {
@@ -1086,6 +1107,83 @@ mod tests {
         // The fenced node may rejoin as a new secondary.
         s.handle_event(t0, Event::Join).unwrap();
         assert_eq!(s.status().role, Role::Secondary);
+    }
+
+    #[test]
+    fn denied_node_keeps_asking_for_the_patience_then_stops() {
+        let t0 = Instant::now();
+        let mut s = Node::new(Config {
+            denied_patience: Duration::from_millis(1000),
+            ..Config::default()
+        })
+        .unwrap();
+        s.handle_event(t0, Event::Join).unwrap();
+        s.handle_event(t0, Event::SyncCompleted).unwrap();
+        s.handle_event(t0, Event::ChannelError).unwrap();
+        drain(&mut s);
+        let mut now = t0;
+        // The dead primary's lease runs for another 800 ms.
+        s.handle_event(
+            now,
+            Event::ArbiterDenied {
+                holder: Some(FenceToken(1)),
+            },
+        )
+        .unwrap();
+        loop {
+            let t = s.poll_timeout().unwrap();
+            now = t;
+            s.handle_timeout(now);
+            assert_eq!(drain(&mut s), vec![Action::AcquireArbiter]);
+            assert_eq!(s.output_token(now), None);
+            if now >= t0 + Duration::from_millis(800) {
+                break;
+            }
+            s.handle_event(
+                now,
+                Event::ArbiterDenied {
+                    holder: Some(FenceToken(1)),
+                },
+            )
+            .unwrap();
+        }
+        s.handle_event(
+            now,
+            Event::ArbiterGranted {
+                token: FenceToken(2),
+                ttl: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(drain(&mut s), vec![Action::Promote { token: FenceToken(2) }]);
+
+        // A live holder keeps refusing: the node gives up after the patience.
+        let mut s = Node::new(Config {
+            denied_patience: Duration::from_millis(1000),
+            ..Config::default()
+        })
+        .unwrap();
+        s.handle_event(t0, Event::Join).unwrap();
+        s.handle_event(t0, Event::SyncCompleted).unwrap();
+        s.handle_event(t0, Event::ChannelError).unwrap();
+        drain(&mut s);
+        let mut now = t0;
+        loop {
+            s.handle_event(
+                now,
+                Event::ArbiterDenied {
+                    holder: Some(FenceToken(1)),
+                },
+            )
+            .unwrap();
+            if drain(&mut s) == [Action::StopGuest] {
+                break;
+            }
+            now = s.poll_timeout().unwrap();
+            s.handle_timeout(now);
+            assert_eq!(drain(&mut s), vec![Action::AcquireArbiter]);
+        }
+        assert!(now >= t0 + Duration::from_millis(1000) && now < t0 + Duration::from_millis(1101));
     }
 
     #[test]

@@ -145,7 +145,12 @@ pub fn drive(node: &mut Node, arbiter: &mut dyn Arbiter) -> Vec<Action> {
 
 /// A node that is in COLO with the given role at `now`.
 pub fn node_in_colo(primary: bool, now: Instant) -> Node {
-    let mut n = Node::new(colo_failover::Config::default()).expect("default config");
+    // Fence at the first refusal: these tests race live holders.
+    let config = colo_failover::Config {
+        denied_patience: Duration::ZERO,
+        ..colo_failover::Config::default()
+    };
+    let mut n = Node::new(config).expect("valid config");
     n.handle_event(now, if primary { Event::Protect } else { Event::Join })
         .expect("start");
     n.handle_event(now, Event::SyncCompleted).expect("sync");
