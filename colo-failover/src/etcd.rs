@@ -274,6 +274,8 @@ impl Arbiter for EtcdArbiter {
         }
         match self.try_win() {
             Ok(d) => Ok(d),
+            // A timeout is not retried: every call stays bounded by about two timeouts.
+            Err(e @ ArbiterError::Io { .. }) => Err(e),
             Err(e) => {
                 // Most likely the lease expired between the keep-alive and the txn (etcd answers NotFound):
                 // start over with a fresh lease once.

@@ -589,8 +589,20 @@ impl Node {
             // Losing the partner during the initial sync: nothing to fail over to or from.
             (State::Syncing { role: Role::Primary }, Ev(E::ChannelError) | Tm(Timer::PeerTimeout)) => {
                 self.stop_heartbeats();
-                self.state = State::Alone;
                 self.notices.push_back(Notice::SyncAborted);
+                if self.paired && !self.lease_valid(now) {
+                    // Re-protecting after a failover, and the lease lapsed meanwhile: running alone needs the
+                    // arbiter again.
+                    self.state = State::Required {
+                        role: Role::Primary,
+                        reason: ExitReason::Error,
+                    };
+                    self.reason = ExitReason::Processing;
+                    self.set_failover(FailoverStatus::Required);
+                    self.request_arbiter(now, Action::AcquireArbiter);
+                } else {
+                    self.state = State::Alone;
+                }
             }
             (State::Syncing { .. }, Ev(E::ChannelError) | Tm(Timer::PeerTimeout)) => {
                 // A secondary without a complete copy cannot take over.
@@ -749,6 +761,21 @@ impl Node {
                         self.set_failover(FailoverStatus::Required);
                         self.request_arbiter(now, Action::AcquireArbiter);
                     }
+                    State::Syncing { role: Role::Primary } if self.paired => {
+                        // Re-protection runs unprotected: output needs the lease. Give the sync up and win the
+                        // arbiter again (the new secondary sees the sync fail).
+                        self.stop_heartbeats();
+                        self.notices.push_back(Notice::SyncAborted);
+                        self.denied_since = None;
+                        self.actions.push_back(Action::SuspendOutput);
+                        self.state = State::Required {
+                            role: Role::Primary,
+                            reason: ExitReason::Error,
+                        };
+                        self.reason = ExitReason::Processing;
+                        self.set_failover(FailoverStatus::Required);
+                        self.request_arbiter(now, Action::AcquireArbiter);
+                    }
                     State::Alone => {
                         self.denied_since = None;
                         self.actions.push_back(Action::SuspendOutput);
@@ -802,6 +829,10 @@ impl Node {
     }
 
     // ---- helpers (no transitions of their own) ----
+
+    fn lease_valid(&self, now: Instant) -> bool {
+        self.lease.is_some_and(|l| l.expires.is_none_or(|e| now < e))
+    }
 
     fn enter_syncing(&mut self, now: Instant, role: Role) {
         self.state = State::Syncing { role };
@@ -1318,6 +1349,33 @@ mod tests {
             drain(&mut p),
             vec![Action::ContinueAlone { token: FenceToken(1) }]
         );
+    }
+
+    #[test]
+    fn reprotecting_primary_whose_lease_lapses_gives_the_sync_up_and_asks_again() {
+        let t0 = Instant::now();
+        let mut p = in_colo(Role::Primary, t0);
+        p.handle_event(t0, Event::ChannelError).unwrap();
+        drain(&mut p);
+        let ttl = Some(Duration::from_millis(900));
+        p.handle_event(
+            t0,
+            Event::ArbiterGranted {
+                token: FenceToken(1),
+                ttl,
+            },
+        )
+        .unwrap();
+        p.handle_event(t0, Event::TakeoverDone).unwrap();
+        p.handle_event(t0, Event::Protect).unwrap();
+        drain(&mut p);
+        // Frozen through its lease: it wakes up past both the lease and the new secondary's heartbeats.
+        p.handle_timeout(t0 + Duration::from_millis(2000));
+        let acts = drain(&mut p);
+        assert_eq!(acts, vec![Action::SuspendOutput, Action::AcquireArbiter]);
+        assert_eq!(p.status().failover, FailoverStatus::Required);
+        assert_eq!(p.output_token(t0 + Duration::from_millis(2000)), None);
+        assert!(notices(&mut p).contains(&Notice::SyncAborted));
     }
 
     #[test]
