@@ -12,6 +12,10 @@
 //! - every arbiter answer is accepted by the machine (one request at a time, no answer without a request);
 //! - after all faults heal, a pair that still has a copy of the guest ends with exactly one primary.
 //!
+//! Both a proptest over random schedules and an exhaustive pass over all short schedules from a fixed menu run
+//! these checks. Deliberately breaking the lease rule (counting the lease 600 ms longer) or the patience with a
+//! refusing arbiter makes them fail.
+//!
 //! With [`NoArbiter`] semantics the same partition gives two primaries: `split_brain_with_no_arbiter` shows it.
 //!
 //! Clocks: both nodes and the arbiter share the simulated clock (no drift); the lease rule that makes this
