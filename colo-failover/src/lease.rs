@@ -48,8 +48,10 @@ pub struct LeaseTable {
 }
 
 impl LeaseTable {
-    /// A fresh table whose first grant gets a token above `term_floor`. TTLs are capped at `max_ttl`.
+    /// A fresh table whose first grant gets a token above `term_floor`. TTLs are capped at `max_ttl` (itself capped
+    /// at [`MAX_LEASE_TTL`](crate::MAX_LEASE_TTL)).
     pub fn new(term_floor: u64, max_ttl: Duration) -> Self {
+        let max_ttl = max_ttl.min(crate::MAX_LEASE_TTL);
         LeaseTable {
             term: term_floor,
             holder: None,
@@ -60,6 +62,7 @@ impl LeaseTable {
 
     /// A table that lost its holder on a restart at `now`: grants nothing before `now + max_ttl`.
     pub fn restarted(now: Instant, term_floor: u64, max_ttl: Duration) -> Self {
+        let max_ttl = max_ttl.min(crate::MAX_LEASE_TTL);
         LeaseTable {
             term: term_floor,
             holder: None,

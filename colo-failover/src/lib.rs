@@ -60,5 +60,8 @@ pub mod witness;
 pub use arbiter::{Arbiter, ArbiterError, Decision, Grant, NoArbiter};
 pub use error::Error;
 pub use lease::{LeaseAnswer, LeaseTable};
-pub use node::{Action, Config, Event, ExitReason, FailoverStatus, LossCause, Node, Notice, Role, Status};
+pub use node::{
+    Action, Config, Event, ExitReason, FailoverStatus, LossCause, MAX_CONFIG_DURATION, MAX_LEASE_TTL, Node,
+    Notice, Role, Status,
+};
 pub use token::{FenceGate, FenceToken, StaleToken};

@@ -60,6 +60,12 @@ pub enum LossCause {
     Command,
 }
 
+/// The longest lease TTL the node believes (longer grants are counted as this long).
+pub const MAX_LEASE_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// The longest duration a [`Config`] field may have.
+pub const MAX_CONFIG_DURATION: Duration = Duration::from_secs(24 * 3600);
+
 /// Tuning of one node. All durations are measured on the clock the VMM passes in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
@@ -109,6 +115,17 @@ impl Config {
         if self.arbiter_retry.is_zero() {
             return Err(Error::InvalidConfig {
                 detail: "arbiter_retry is zero",
+            });
+        }
+        let durations = [
+            self.heartbeat_interval,
+            self.heartbeat_timeout,
+            self.arbiter_retry,
+            self.denied_patience,
+        ];
+        if durations.iter().any(|d| *d > MAX_CONFIG_DURATION) {
+            return Err(Error::InvalidConfig {
+                detail: "a duration exceeds MAX_CONFIG_DURATION (one day)",
             });
         }
         if self.renew_percent == 0 || self.renew_percent >= 100 {
@@ -929,6 +946,8 @@ impl Node {
     }
 
     fn hold(&mut self, sent: Instant, token: FenceToken, ttl: Option<Duration>) {
+        // The TTL comes from the arbiter: cap it so no answer can overflow the clock arithmetic.
+        let ttl = ttl.map(|t| t.min(MAX_LEASE_TTL));
         self.last_token = self.last_token.max(token);
         let expires = ttl.map(|t| sent + t);
         self.lease = Some(Lease { token, expires, ttl });
@@ -1454,6 +1473,24 @@ mod tests {
         for c in bad {
             assert!(matches!(Node::new(c), Err(Error::InvalidConfig { .. })));
         }
+    }
+
+    #[test]
+    fn absurd_ttl_from_an_arbiter_is_capped_not_a_panic() {
+        let t0 = Instant::now();
+        let mut s = in_colo(Role::Secondary, t0);
+        s.handle_event(t0, Event::ChannelError).unwrap();
+        drain(&mut s);
+        s.handle_event(
+            t0,
+            Event::ArbiterGranted {
+                token: FenceToken(1),
+                ttl: Some(Duration::MAX),
+            },
+        )
+        .unwrap();
+        assert_eq!(s.lease_ttl(), Some(MAX_LEASE_TTL));
+        assert!(s.poll_timeout().is_some());
     }
 
     #[test]
