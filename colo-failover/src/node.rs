@@ -440,8 +440,11 @@ impl Node {
         let (role, mode) = match self.state {
             State::Idle | State::Fenced | State::Stopped => (Role::None, Role::None),
             State::Syncing { role } => (role, Role::None),
-            State::Colo { role, .. } | State::Required { role, .. } | State::Active { role, .. } => {
-                (role, role)
+            State::Colo { role, .. } => (role, role),
+            // A failover out of COLO keeps the COLO mode until it completes; a node that already ran alone
+            // and is re-winning a lapsed lease is not in COLO.
+            State::Required { role, .. } | State::Active { role, .. } => {
+                (role, if self.exit_reported { Role::None } else { role })
             }
             State::Relaunch { .. } => (Role::Secondary, Role::Secondary),
             State::Alone => (Role::Primary, Role::None),
@@ -1356,6 +1359,7 @@ mod tests {
         assert_eq!(drain(&mut p), vec![Action::SuspendOutput, Action::AcquireArbiter]);
         assert!(!p.is_primary_alone(t0 + Duration::from_millis(900)));
         assert_eq!(p.status().failover, FailoverStatus::Required);
+        assert_eq!((p.status().role, p.status().mode), (Role::Primary, Role::None));
         p.handle_event(
             t0 + Duration::from_millis(950),
             Event::ArbiterGranted {
