@@ -82,7 +82,7 @@ impl Decoder {
         self.buf.len()
     }
 
-    /// Capacity of the receive buffer (what it has allocated).
+    /// Capacity of the receive buffer. It never exceeds `HEADER_LEN + max_body`.
     pub fn capacity(&self) -> usize {
         self.buf.capacity()
     }
@@ -94,6 +94,11 @@ impl Decoder {
             return 0;
         }
         let n = self.wanted().min(data.len());
+        if self.header.is_none() && self.buf.capacity() < HEADER_LEN && !self.buf.try_reclaim(HEADER_LEN) {
+            let mut fresh = BytesMut::with_capacity(HEADER_LEN);
+            fresh.extend_from_slice(&self.buf);
+            self.buf = fresh;
+        }
         self.buf.extend_from_slice(&data[..n]);
         n
     }
@@ -132,8 +137,14 @@ impl Decoder {
                 let mut raw = [0u8; HEADER_LEN];
                 raw.copy_from_slice(&self.buf[..HEADER_LEN]);
                 let h = FrameHeader::decode(&raw, self.max_body)?;
-                // The cap was checked: now it is safe to make room for the body.
-                self.buf.reserve(h.body_len as usize);
+                // The cap was checked: now it is safe to make room for the body. Reuse the old allocation if
+                // every frame handed out of it has been dropped; otherwise allocate exactly one frame.
+                let need = h.frame_len();
+                if self.buf.capacity() < need && !self.buf.try_reclaim(need - self.buf.len()) {
+                    let mut fresh = BytesMut::with_capacity(need);
+                    fresh.extend_from_slice(&self.buf);
+                    self.buf = fresh;
+                }
                 self.header = Some(h);
                 h
             }
