@@ -192,15 +192,11 @@ fn main() -> Res<()> {
         rc.push(rcpu);
     }
     let cpu_ratio = median(&mut rc.clone()) / median(&mut fc.clone());
-    let mut ratios: Vec<f64> = f.iter().zip(&r).map(|(a, b)| a / b).collect();
+    let ratios: Vec<f64> = f.iter().zip(&r).map(|(a, b)| a / b).collect();
     let (fm, rm) = (median(&mut f.clone()), median(&mut r.clone()));
     let ratio = fm / rm;
-    let mut sorted = ratios.clone();
-    let (lo, hi) = (
-        sorted.iter().cloned().fold(f64::MAX, f64::min),
-        sorted.iter().cloned().fold(0.0, f64::max),
-    );
-    let _ = median(&mut sorted);
+    let lo = ratios.iter().copied().fold(f64::MAX, f64::min);
+    let hi = ratios.iter().copied().fold(0.0, f64::max);
     if args.json {
         let out = serde_json::json!({
             "bytes_per_run": total,
@@ -212,7 +208,7 @@ fn main() -> Res<()> {
             "ratio": ratio,
             "framed_runs_gbps": f,
             "raw_runs_gbps": r,
-            "round_ratios": ratios.drain(..).collect::<Vec<_>>(),
+            "round_ratios": ratios,
             "round_ratio_min": lo,
             "round_ratio_max": hi,
             "framed_cpu_ns_per_byte": fc,

@@ -525,6 +525,18 @@ impl Message {
         }
     }
 
+    /// Encodes the frame without copying bulk data: like [`Message::encode_body`], and returns the header
+    /// (with the body CRC). The frame is `header.encode() ++ prefix ++ data...`.
+    pub fn encode_vectored<'a>(
+        &'a self,
+        version: u16,
+        prefix: &mut Vec<u8>,
+        data: &mut Vec<&'a [u8]>,
+    ) -> Result<FrameHeader> {
+        self.encode_body(prefix, data)?;
+        body_header(self.kind(), version, prefix, data)
+    }
+
     /// Encodes the whole frame (header and body) in protocol `version`, appending it to `out`.
     ///
     /// This copies bulk data; [`crate::transport::Channel`] writes the same bytes without copying.
@@ -674,6 +686,30 @@ impl Message {
             _ => None,
         }
     }
+}
+
+/// Encodes a page batch frame from borrowed pages without copying them: the body prefix (fixed part and
+/// descriptors) goes into `prefix`, the non-zero pages into `data`, and the returned header carries the CRC
+/// of the whole body. Write `header.encode() ++ prefix ++ data...` (for example as one vectored write).
+///
+/// `kind` must be [`Kind::RamPages`] or [`Kind::PrecopyPages`]; an empty slice marks a zero page.
+pub fn encode_page_frame<'a>(
+    kind: Kind,
+    version: u16,
+    epoch: u64,
+    page_size: u32,
+    pages: &[(u64, &'a [u8])],
+    prefix: &mut Vec<u8>,
+    data: &mut Vec<&'a [u8]>,
+) -> Result<FrameHeader> {
+    if !matches!(kind, Kind::RamPages | Kind::PrecopyPages) {
+        return Err(Error::Encode {
+            kind,
+            what: "not a page batch kind".into(),
+        });
+    }
+    encode_pages(kind, epoch, page_size, pages.iter().copied(), prefix, data)?;
+    body_header(kind, version, prefix, data)
 }
 
 /// Computes the header of a body given as `prefix ++ data...`, checking its length and that `kind` exists in

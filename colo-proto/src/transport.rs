@@ -158,8 +158,7 @@ impl<S: Read + Write> Channel<S> {
     pub fn send(&mut self, msg: &Message) -> Result<()> {
         self.prefix.clear();
         let mut data = Vec::new();
-        msg.encode_body(&mut self.prefix, &mut data)?;
-        let header = message::body_header(msg.kind(), self.version, &self.prefix, &data)?;
+        let header = msg.encode_vectored(self.version, &mut self.prefix, &mut data)?;
         write_frame(&mut self.stream, &header, &self.prefix, &data)
     }
 
@@ -181,15 +180,15 @@ impl<S: Read + Write> Channel<S> {
         for chunk in pages.chunks(self.batch_pages) {
             self.prefix.clear();
             data.clear();
-            message::encode_pages(
+            let header = message::encode_page_frame(
                 kind,
+                self.version,
                 epoch,
                 page_size,
-                chunk.iter().copied(),
+                chunk,
                 &mut self.prefix,
                 &mut data,
             )?;
-            let header = message::body_header(kind, self.version, &self.prefix, &data)?;
             write_frame(&mut self.stream, &header, &self.prefix, &data)?;
         }
         Ok(())

@@ -70,7 +70,7 @@ fn one_gib_of_pages_over_loopback_tcp_arrives_intact() {
         batch.clear();
         for _ in 0..1024 {
             let off = gpa as usize % WINDOW;
-            let data: &[u8] = if off / PAGE % 97 == 0 {
+            let data: &[u8] = if (off / PAGE).is_multiple_of(97) {
                 &[]
             } else {
                 &src[off..off + PAGE]
