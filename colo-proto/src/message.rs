@@ -330,50 +330,68 @@ pub(crate) fn check_page_size(kind: Kind, page_size: u32) -> Result<()> {
     Ok(())
 }
 
-/// Appends the prefix of a page batch (fixed part and descriptors) and collects the data slices.
+/// Appends the prefix of a page batch (fixed part and one descriptor per page) and collects the data slices.
+///
+/// Each entry is a run: `bytes` holds one or more whole pages starting at `gpa` (one data slice, one CRC
+/// update and one iovec for the whole run), or is empty for a single zero page.
 pub(crate) fn encode_pages<'a, I>(
     kind: Kind,
     epoch: u64,
     page_size: u32,
-    pages: I,
+    runs: I,
     prefix: &mut Vec<u8>,
     data: &mut Vec<&'a [u8]>,
 ) -> Result<()>
 where
-    I: ExactSizeIterator<Item = (u64, &'a [u8])>,
+    I: Iterator<Item = (u64, &'a [u8])> + Clone,
 {
     check_page_size(kind, page_size)?;
-    let count = u32::try_from(pages.len()).map_err(|_| Error::Encode {
+    let ps = page_size as usize;
+    let mut count = 0usize;
+    for (gpa, bytes) in runs.clone() {
+        if bytes.len() % ps != 0 {
+            return Err(Error::Encode {
+                kind,
+                what: format!(
+                    "run at {gpa:#x} has {} bytes, not a multiple of the page size {ps}",
+                    bytes.len()
+                ),
+            });
+        }
+        count += (bytes.len() / ps).max(1);
+    }
+    let count = u32::try_from(count).map_err(|_| Error::Encode {
         kind,
         what: "more than u32::MAX pages".into(),
     })?;
-    prefix.reserve(BATCH_FIXED + 8 * pages.len());
+    prefix.reserve(BATCH_FIXED + 8 * count as usize);
     prefix.extend_from_slice(&epoch.to_le_bytes());
     prefix.extend_from_slice(&page_size.to_le_bytes());
     prefix.extend_from_slice(&count.to_le_bytes());
     let mask = u64::from(page_size) - 1;
-    for (gpa, bytes) in pages {
+    for (gpa, bytes) in runs {
         if gpa & mask != 0 {
             return Err(Error::Encode {
                 kind,
                 what: format!("gpa {gpa:#x} not page aligned"),
             });
         }
-        let desc = if bytes.is_empty() {
-            gpa | ZERO_FLAG
-        } else if bytes.len() == page_size as usize {
-            data.push(bytes);
-            gpa
-        } else {
+        if bytes.is_empty() {
+            prefix.extend_from_slice(&(gpa | ZERO_FLAG).to_le_bytes());
+            continue;
+        }
+        let pages = (bytes.len() / ps) as u64;
+        let last = gpa.checked_add((pages - 1) * u64::from(page_size));
+        if last.is_none() {
             return Err(Error::Encode {
                 kind,
-                what: format!(
-                    "page at {gpa:#x} has {} bytes, page size is {page_size}",
-                    bytes.len()
-                ),
+                what: format!("run at {gpa:#x} wraps the address space"),
             });
-        };
-        prefix.extend_from_slice(&desc.to_le_bytes());
+        }
+        for i in 0..pages {
+            prefix.extend_from_slice(&(gpa + i * u64::from(page_size)).to_le_bytes());
+        }
+        data.push(bytes);
     }
     Ok(())
 }
@@ -692,7 +710,9 @@ impl Message {
 /// descriptors) goes into `prefix`, the non-zero pages into `data`, and the returned header carries the CRC
 /// of the whole body. Write `header.encode() ++ prefix ++ data...` (for example as one vectored write).
 ///
-/// `kind` must be [`Kind::RamPages`] or [`Kind::PrecopyPages`]; an empty slice marks a zero page.
+/// Each entry is a run of whole pages at consecutive guest addresses (a single page is a run of one), or an
+/// empty slice for one zero page. Handing contiguous dirty runs over as one slice saves a CRC update and an
+/// iovec per page. `kind` must be [`Kind::RamPages`] or [`Kind::PrecopyPages`].
 pub fn encode_page_frame<'a>(
     kind: Kind,
     version: u16,
