@@ -37,6 +37,11 @@ pub mod message;
 pub mod session;
 pub mod transport;
 
+/// The README's example runs as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 pub use decoder::Decoder;
 pub use error::{Error, Result};
 pub use frame::{DEFAULT_MAX_BODY, FrameHeader, HEADER_LEN, Kind, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
