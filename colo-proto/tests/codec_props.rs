@@ -165,7 +165,7 @@ fn decode_split(dec: &mut Decoder, wire: &[u8], splits: &[usize]) -> Result<Vec<
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(ProptestConfig::with_cases(1024))]
 
     #[test]
     fn every_message_round_trips_in_any_split(

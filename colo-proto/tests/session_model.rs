@@ -209,7 +209,7 @@ fn steps() -> impl Strategy<Value = Steps> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(ProptestConfig::with_cases(2048))]
 
     #[test]
     fn secondary_matches_the_reference_model(steps in steps()) {
