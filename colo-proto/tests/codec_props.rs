@@ -258,3 +258,81 @@ fn every_byte_of_a_page_batch_frame_is_protected() {
         assert!(decode_split(&mut dec, &w, &[w.len()]).is_err(), "byte {i}");
     }
 }
+
+/// An in-memory byte pipe: writes append, reads consume from the front.
+#[derive(Default)]
+struct Pipe {
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl std::io::Write for Pipe {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl std::io::Read for Pipe {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// `Channel::send_pages` with runs of pages and any batch size delivers exactly what the naive expansion
+    /// (one page at a time, in order) says.
+    #[test]
+    fn page_runs_arrive_as_the_naive_page_list(
+        runs in proptest::collection::vec((0u64..64, 0usize..6), 0..12),
+        batch in 1usize..9,
+    ) {
+        use colo_proto::{Channel, PagePhase};
+        const PS: usize = 512;
+        let mem: Vec<u8> = (0..64 * PS).map(|i| (i / PS) as u8 ^ (i as u8)).collect();
+        // (first page, length in pages); length 0 is a zero page. Runs are clipped to the memory.
+        let list: Vec<(u64, &[u8])> = runs
+            .iter()
+            .map(|&(first, len)| {
+                let first = first as usize;
+                let len = len.min(64 - first);
+                ((first * PS) as u64, &mem[first * PS..(first + len) * PS])
+            })
+            .collect();
+        let mut naive: Vec<(u64, Vec<u8>)> = Vec::new();
+        for &(gpa, bytes) in &list {
+            if bytes.is_empty() {
+                naive.push((gpa, Vec::new()));
+            }
+            for (i, page) in bytes.chunks(PS).enumerate() {
+                naive.push((gpa + (i * PS) as u64, page.to_vec()));
+            }
+        }
+        let mut tx = Channel::new(Pipe::default());
+        tx.set_version(PROTOCOL_VERSION);
+        tx.set_batch_pages(batch);
+        tx.send_pages(PagePhase::Precopy, 5, PS as u32, &list).unwrap();
+        let mut rx = Channel::new(tx.into_inner());
+        let mut got: Vec<(u64, Vec<u8>)> = Vec::new();
+        loop {
+            match rx.recv() {
+                Ok(Message::PrecopyPages(b)) => {
+                    prop_assert!(b.pages.len() <= batch);
+                    prop_assert_eq!(b.epoch, 5);
+                    got.extend(b.pages.into_iter().map(|p| (p.gpa, p.data.to_vec())));
+                }
+                Err(Error::Closed) => break,
+                other => prop_assert!(false, "unexpected {:?}", other),
+            }
+        }
+        prop_assert_eq!(got, naive);
+    }
+}
