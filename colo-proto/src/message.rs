@@ -687,6 +687,29 @@ impl Message {
         })
     }
 
+    /// Whether the checkpoint session machines consume this message. Route the others (heartbeat, block
+    /// writes, output frames, failover notices, guest shutdown, handshake) to the VMM's other subsystems, in
+    /// arrival order.
+    pub fn is_session_message(&self) -> bool {
+        matches!(
+            self,
+            Message::CheckpointReady
+                | Message::CheckpointRequest { .. }
+                | Message::CheckpointReply { .. }
+                | Message::VmstateSend { .. }
+                | Message::RamPages(_)
+                | Message::PrecopyPages(_)
+                | Message::EndOfRam { .. }
+                | Message::VmstateSize { .. }
+                | Message::DeviceState(_)
+                | Message::VmstateReceived { .. }
+                | Message::VmstateLoaded { .. }
+                | Message::BlockBarrier { .. }
+                | Message::Goodbye { .. }
+                | Message::Error { .. }
+        )
+    }
+
     /// The epoch a checkpoint message refers to, if it carries one.
     pub fn epoch(&self) -> Option<u64> {
         match self {

@@ -23,6 +23,8 @@
 //! RAM cache exactly like checkpoint pages. The first checkpoint (epoch 1) then completes the migration: the
 //! secondary's "pause" and "resume" of a guest that has not run yet simply start it.
 //!
+//! Only messages for which [`Message::is_session_message`] holds belong here; any other message is unexpected.
+//!
 //! An out-of-order message, a wrong epoch, a peer error or a missed deadline moves a machine to its `Failed`
 //! state, which it never leaves; a local command given at the wrong time is refused without changing state.
 
