@@ -84,6 +84,26 @@ fn codec(c: &mut Criterion) {
         })
     });
 
+    // The same frame when the caller hands the 1024 pages over as one contiguous run (one CRC update).
+    let run = [(0u64, &src[..])];
+    g.bench_function("encode/page_run_zero_copy/4MiB", |b| {
+        b.iter(|| {
+            prefix.clear();
+            data.clear();
+            let h = encode_page_frame(
+                Kind::RamPages,
+                PROTOCOL_VERSION,
+                1,
+                4096,
+                black_box(&run),
+                &mut prefix,
+                &mut data,
+            )
+            .expect("encode");
+            black_box(h);
+        })
+    });
+
     // Decode of a received frame: header checks, body CRC, page slices of the same buffer (no copy).
     let body = Bytes::copy_from_slice(&wire[HEADER_LEN..]);
     let mut raw = [0u8; HEADER_LEN];

@@ -37,6 +37,9 @@ pub const DEFAULT_BATCH_PAGES: usize = 256;
 pub const MAX_BATCH_PAGES: usize = IOV_MAX - 2;
 /// Receive buffers kept for reuse.
 const POOL_SIZE: usize = 8;
+/// Buffers larger than this (a rare huge device-state chunk) are freed instead of pooled, so the pool holds
+/// at most `POOL_SIZE * POOL_MAX_BUF` bytes.
+const POOL_MAX_BUF: usize = 8 << 20;
 
 /// Which kind of page batch [`Channel::send_pages`] writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +68,8 @@ impl AsRef<[u8]> for PooledBuf {
 impl Drop for PooledBuf {
     fn drop(&mut self) {
         let buf = std::mem::take(&mut self.buf);
-        if let Ok(mut pool) = self.pool.lock()
+        if buf.len() <= POOL_MAX_BUF
+            && let Ok(mut pool) = self.pool.lock()
             && pool.len() < POOL_SIZE
         {
             pool.push(buf);
