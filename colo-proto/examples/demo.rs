@@ -245,16 +245,16 @@ fn primary(stream: TcpStream, mem: usize, checkpoints: u64, dirty_per_epoch: usi
 }
 
 fn secondary(listener: TcpListener, mem: usize) -> Res<u32> {
+    // The secondary's guest memory and its RAM cache, filled with a pattern (so the memory is really there
+    // before the primary connects, and so that a page the primary never sent shows up as a mismatch).
+    let mut ram = vec![0xa5u8; mem];
+    let mut cache = vec![0xa5u8; mem];
     let (stream, peer) = listener.accept()?;
     let mut ch = Channel::from_tcp(stream)?;
     let local = LocalConfig::new(2, Role::Secondary, PAGE as u32, layout(mem));
     ch.handshake_accept(&local)?;
     println!("[S] accepted primary {peer}");
-    // The secondary's guest memory and its RAM cache (pages received since the last flush).
-    // Filled with a pattern (so the memory is really there before the timing starts, and so that a page the
-    // primary never sent would show up as a mismatch at the end).
-    let mut ram = vec![0xa5u8; mem];
-    let mut cache = vec![0xa5u8; mem];
+    // Which pages of the cache were received since the last flush.
     let mut cached = vec![false; mem / PAGE];
     let mut device_state = Vec::new();
     let mut sess = SecondarySession::new(SessionConfig::default(), Instant::now());
