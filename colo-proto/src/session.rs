@@ -936,3 +936,111 @@ fn accept_chunk(
         },
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn chunk(device_id: u32, total: u64, offset: u64, len: usize) -> Message {
+        Message::DeviceState(DeviceStateChunk {
+            epoch: 1,
+            device_id,
+            total,
+            offset,
+            data: Bytes::from(vec![0; len]),
+        })
+    }
+
+    /// A secondary inside checkpoint 1, waiting for device state of `size` bytes.
+    fn receiving_devices(size: u64) -> (SecondarySession, Instant) {
+        let now = Instant::now();
+        let mut s = SecondarySession::new(SessionConfig::default(), now);
+        for m in [
+            Message::CheckpointRequest { epoch: 1 },
+            Message::VmstateSend { epoch: 1 },
+            Message::EndOfRam { epoch: 1 },
+            Message::VmstateSize { epoch: 1, size },
+        ] {
+            s.handle_message(now, m).unwrap();
+        }
+        (s, now)
+    }
+
+    #[test]
+    fn device_state_in_chunks_and_devices_in_turn_is_accepted() {
+        let (mut s, now) = receiving_devices(10);
+        for m in [
+            chunk(7, 6, 0, 4),
+            chunk(7, 6, 4, 2),
+            chunk(8, 4, 0, 4),
+            Message::BlockBarrier { epoch: 1 },
+        ] {
+            s.handle_message(now, m).unwrap();
+        }
+        assert_eq!(s.state_name(), "loading the checkpoint");
+    }
+
+    #[test]
+    fn device_chunks_out_of_order_or_interleaved_fail() {
+        let (mut s, now) = receiving_devices(10);
+        s.handle_message(now, chunk(7, 6, 0, 4)).unwrap();
+        assert!(matches!(
+            s.handle_message(now, chunk(8, 4, 0, 4)),
+            Err(Error::DeviceState { .. })
+        ));
+        assert!(s.failure().is_some());
+
+        let (mut s, now) = receiving_devices(10);
+        assert!(matches!(
+            s.handle_message(now, chunk(7, 6, 2, 4)),
+            Err(Error::DeviceState { .. })
+        ));
+
+        let (mut s, now) = receiving_devices(3);
+        assert!(matches!(
+            s.handle_message(now, chunk(7, 6, 0, 4)),
+            Err(Error::DeviceState { .. })
+        ));
+    }
+
+    #[test]
+    fn barrier_before_all_device_state_fails() {
+        let (mut s, now) = receiving_devices(10);
+        s.handle_message(now, chunk(7, 10, 0, 4)).unwrap();
+        assert!(matches!(
+            s.handle_message(now, Message::BlockBarrier { epoch: 1 }),
+            Err(Error::DeviceState { .. })
+        ));
+        assert!(matches!(
+            s.handle_message(now, Message::BlockBarrier { epoch: 1 }),
+            Err(Error::AlreadyFailed(_))
+        ));
+    }
+
+    #[test]
+    fn deadlines_fire_only_when_due() {
+        let now = Instant::now();
+        let cfg = SessionConfig::default();
+        let mut p = PrimarySession::new(cfg, now);
+        assert_eq!(p.poll_timeout(), Some(now + cfg.peer_timeout));
+        p.handle_timeout(now + cfg.peer_timeout / 2).unwrap();
+        assert!(p.failure().is_none());
+        p.handle_message(now, Message::CheckpointReady).unwrap();
+        assert_eq!(p.poll_timeout(), None, "no deadline while the guests just run");
+        p.start_checkpoint(now).unwrap();
+        let due = p.poll_timeout().unwrap();
+        assert!(matches!(p.handle_timeout(due), Err(Error::Timeout { .. })));
+        assert!(matches!(p.failure(), Some(Error::Timeout { .. })));
+        assert_eq!(p.poll_timeout(), None);
+    }
+
+    #[test]
+    fn local_command_at_the_wrong_time_leaves_the_state() {
+        let now = Instant::now();
+        let mut p = PrimarySession::new(SessionConfig::default(), now);
+        assert!(matches!(p.ram_sent(now), Err(Error::BadCommand { .. })));
+        assert!(p.failure().is_none());
+        assert_eq!(p.state_name(), "waiting for checkpoint-ready");
+    }
+}
