@@ -1,0 +1,399 @@
+//! The secondary side's TCP sequence rewriter.
+//!
+//! Both VMs open the same TCP connections, but each guest picks its own initial sequence number (ISN). The
+//! client only ever talks to the PVM, so every number the client sends about the guest's byte stream (its
+//! acknowledgment number and SACK blocks) is in the PVM's sequence space, and every number the comparator
+//! and (after failover) the client expect from the guest is too. The rewriter sits between the SVM's NIC and
+//! everything else and keeps a per-connection offset `svm_isn - pvm_isn`:
+//!
+//! - [`Rewriter::client_input`] (client -> SVM, the mirrored input): `ack += offset` and every SACK block
+//!   edge `+= offset`, so the SVM sees acknowledgments of its own bytes.
+//! - [`Rewriter::secondary_output`] (SVM -> comparator, or -> client after failover): `seq -= offset`.
+//!   The SVM's acknowledgment numbers and SACK blocks describe the client's stream, which both VMs receive
+//!   unchanged, so they stay as they are.
+//!
+//! The TCP checksum is updated incrementally (RFC 1624). When the frame carries a virtio-net header with
+//! `NEEDS_CSUM`, the checksum field holds only the pseudo-header sum, which does not cover sequence numbers,
+//! so it is left alone.
+//!
+//! # Learning the offset
+//!
+//! The offset is known once the rewriter has seen the SVM's SYN (or SYN-ACK), which gives `svm_isn`, and the
+//! PVM's ISN. The PVM's ISN is learned from the first client segment with ACK after the SVM's SYN: that
+//! segment acknowledges the PVM's SYN, so `pvm_isn = ack - 1`. This covers both directions of opening:
+//! - *client-opened*: SVM's SYN-ACK gives `svm_isn`; the client's handshake ACK gives `pvm_isn`.
+//! - *guest-opened*: SVM's SYN gives `svm_isn`; the client's SYN-ACK (answering the PVM) gives `pvm_isn`,
+//!   and is itself rewritten so the SVM accepts it (QEMU leaves such connections untranslated).
+//!
+//! The seam for when the client's reply reaches the secondary *before* the SVM emitted its SYN (a lagging
+//! SVM): the primary's [`Comparator::primary_isn`](crate::Comparator::primary_isn) reports the PVM's ISN as
+//! soon as the PVM's SYN passes, and the VMM forwards it with [`Rewriter::set_primary_isn`]. A connection
+//! whose offset is never learned is passed through untranslated; the comparator then sees a sequence
+//! mismatch and requests a checkpoint, after which both VMs share the PVM's ISN.
+//!
+//! TCP timestamps are not rewritten. Before failover the SVM's TSval never reaches the client; the client's
+//! TSval reaches both guests unchanged. After failover the client sees the SVM's clock, which was the PVM's
+//! at the last checkpoint and has only drifted within one epoch.
+//!
+//! # Checkpoints and failover
+//!
+//! After a checkpoint the SVM is a copy of the PVM, so every connection's offset is zero:
+//! [`Rewriter::checkpoint`] forgets all connections. After failover ([`Rewriter::failover`]) the promoted
+//! SVM keeps translating the connections it has offsets for, for as long as they live, and does not track
+//! connections opened after failover (they have no PVM counterpart).
+
+use std::time::Duration;
+
+use crate::error::NetError;
+use crate::flow::{FlowKey, FxHashMap};
+use crate::packet::{PacketView, tcp_flags};
+use crate::tcp::{csum_replace32, opt, options};
+use crate::time::Time;
+
+/// Tunables of the [`Rewriter`].
+#[derive(Clone, Debug)]
+pub struct RewriterConfig {
+    /// Length of the virtio-net header in front of every frame.
+    pub vnet_hdr_len: usize,
+    /// Most connections tracked; the oldest closed (else oldest) one is forgotten to admit a new one.
+    pub max_connections: usize,
+    /// A connection closed by FIN in both directions or by RST is forgotten this long after.
+    pub closed_linger: Duration,
+}
+
+impl Default for RewriterConfig {
+    fn default() -> Self {
+        RewriterConfig {
+            vnet_hdr_len: 0,
+            max_connections: 65536,
+            closed_linger: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What the rewriter did with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rewrite {
+    /// Sequence numbers were translated.
+    Translated,
+    /// A tracked TCP connection whose offset is zero or not yet known: nothing changed.
+    Unchanged,
+    /// Not a TCP segment of a tracked connection: nothing changed.
+    Untracked,
+    /// The frame could not be parsed: nothing changed (it is the caller's to drop or forward).
+    Malformed,
+}
+
+/// Counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RewriterStats {
+    /// SVM output segments translated.
+    pub output_translated: u64,
+    /// Client input segments translated.
+    pub input_translated: u64,
+    /// Offsets learned.
+    pub offsets_learned: u64,
+    /// Connections forgotten to make room.
+    pub evictions: u64,
+    /// Frames that could not be parsed.
+    pub malformed: u64,
+    /// Connections tracked now (gauge).
+    pub connections: u64,
+}
+
+/// Operating mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Normal COLO operation: the SVM's output goes to the comparator.
+    Colo,
+    /// The SVM has been promoted: its output goes to the client.
+    Failover,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Conn {
+    s_isn: Option<u32>,
+    p_isn: Option<u32>,
+    /// `s_isn - p_isn`, once both are known.
+    offset: Option<u32>,
+    fin_out: bool,
+    fin_in: bool,
+    closed_at: Option<Time>,
+    last: Time,
+}
+
+/// Rewrites the SVM's TCP sequence numbers. See the [module docs](self).
+#[derive(Debug)]
+pub struct Rewriter {
+    cfg: RewriterConfig,
+    mode: Mode,
+    /// Keyed by the guest -> client direction.
+    conns: FxHashMap<FlowKey, Conn>,
+    stats: RewriterStats,
+}
+
+struct Seg {
+    key: FlowKey,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    header: usize,
+    header_len: usize,
+    csum_partial: bool,
+}
+
+fn segment(buf: &[u8], vnet: usize) -> Result<Option<Seg>, NetError> {
+    let v = PacketView::parse(buf, vnet)?;
+    let Some(t) = v.tcp() else { return Ok(None) };
+    Ok(Some(Seg {
+        key: FlowKey::of(&v),
+        seq: t.seq,
+        ack: t.ack,
+        flags: t.flags,
+        header: t.header,
+        header_len: t.header_len,
+        csum_partial: v.csum_partial(),
+    }))
+}
+
+fn get_u32(buf: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_be_bytes(buf.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// Replaces the 32-bit field at `at` with `f(old)` and fixes the checksum at `csum_at` unless partial.
+fn patch_u32(buf: &mut [u8], at: usize, csum_at: usize, partial: bool, f: impl Fn(u32) -> u32) {
+    let Some(old) = get_u32(buf, at) else { return };
+    let new = f(old);
+    if let Some(field) = buf.get_mut(at..at + 4) {
+        field.copy_from_slice(&new.to_be_bytes());
+    }
+    if partial {
+        return;
+    }
+    if let Some(c) = buf.get_mut(csum_at..csum_at + 2) {
+        let csum = u16::from_be_bytes([c[0], c[1]]);
+        c.copy_from_slice(&csum_replace32(csum, old, new).to_be_bytes());
+    }
+}
+
+impl Rewriter {
+    /// A rewriter in COLO mode.
+    pub fn new(cfg: RewriterConfig) -> Result<Self, NetError> {
+        if cfg.vnet_hdr_len > 64 {
+            return Err(NetError::Config {
+                field: "vnet_hdr_len",
+                value: cfg.vnet_hdr_len as u64,
+                why: "0..=64",
+            });
+        }
+        if !(1..=1 << 24).contains(&cfg.max_connections) {
+            return Err(NetError::Config {
+                field: "max_connections",
+                value: cfg.max_connections as u64,
+                why: "1..=16M",
+            });
+        }
+        Ok(Rewriter {
+            cfg,
+            mode: Mode::Colo,
+            conns: FxHashMap::default(),
+            stats: RewriterStats::default(),
+        })
+    }
+
+    /// The current mode.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> RewriterStats {
+        RewriterStats {
+            connections: self.conns.len() as u64,
+            ..self.stats
+        }
+    }
+
+    /// The learned offset (`svm_isn - pvm_isn`) of the connection whose guest -> client direction is `flow`.
+    pub fn offset(&self, flow: &FlowKey) -> Option<u32> {
+        self.conns.get(flow)?.offset
+    }
+
+    /// A checkpoint was loaded: the SVM is the PVM again, every offset is zero.
+    pub fn checkpoint(&mut self) {
+        self.conns.clear();
+    }
+
+    /// The SVM has been promoted: keep translating known connections, track no new ones.
+    pub fn failover(&mut self) {
+        self.mode = Mode::Failover;
+    }
+
+    /// Tells the rewriter the PVM's ISN of the connection whose guest -> client direction is `flow` (the
+    /// seam for [`Comparator::primary_isn`](crate::Comparator::primary_isn)).
+    pub fn set_primary_isn(&mut self, now: Time, flow: FlowKey, isn: u32) {
+        if self.mode == Mode::Failover && !self.conns.contains_key(&flow) {
+            return;
+        }
+        let Some(c) = self.entry(now, flow) else { return };
+        c.p_isn = Some(isn);
+        if let (Some(s), None) = (c.s_isn, c.offset) {
+            c.offset = Some(s.wrapping_sub(isn));
+            self.stats.offsets_learned += 1;
+        }
+    }
+
+    fn entry(&mut self, now: Time, key: FlowKey) -> Option<&mut Conn> {
+        if !self.conns.contains_key(&key) && self.conns.len() >= self.cfg.max_connections {
+            let victim = self
+                .conns
+                .iter()
+                .min_by_key(|(_, c)| (c.closed_at.is_none(), c.last))
+                .map(|(k, _)| *k);
+            if let Some(v) = victim {
+                self.conns.remove(&v);
+                self.stats.evictions += 1;
+            }
+        }
+        let c = self.conns.entry(key).or_insert(Conn {
+            s_isn: None,
+            p_isn: None,
+            offset: None,
+            fin_out: false,
+            fin_in: false,
+            closed_at: None,
+            last: now,
+        });
+        c.last = now;
+        Some(c)
+    }
+
+    /// Forgets connections closed longer than `closed_linger` ago. Call now and then (e.g. every second).
+    pub fn expire(&mut self, now: Time) {
+        let linger = self.cfg.closed_linger;
+        self.conns
+            .retain(|_, c| c.closed_at.is_none_or(|t| now.since(t) < linger));
+    }
+
+    /// A frame the SVM sent, translated in place into the PVM's sequence space.
+    pub fn secondary_output(&mut self, now: Time, frame: &mut [u8]) -> Rewrite {
+        let seg = match segment(frame, self.cfg.vnet_hdr_len) {
+            Ok(Some(s)) => s,
+            Ok(None) => return Rewrite::Untracked,
+            Err(_) => {
+                self.stats.malformed += 1;
+                return Rewrite::Malformed;
+            }
+        };
+        let has = |f: u8| seg.flags & f != 0;
+        if has(tcp_flags::SYN) {
+            // A new connection (or a retransmitted SYN): learn the SVM's ISN.
+            if self.mode == Mode::Failover && !self.conns.contains_key(&seg.key) {
+                return Rewrite::Untracked;
+            }
+            let Some(c) = self.entry(now, seg.key) else {
+                return Rewrite::Untracked;
+            };
+            if c.s_isn != Some(seg.seq) {
+                // A PVM ISN told before this SYN belongs to it; one from an earlier connection does not.
+                let p_isn = if c.s_isn.is_some() { None } else { c.p_isn };
+                *c = Conn {
+                    s_isn: Some(seg.seq),
+                    p_isn,
+                    offset: None,
+                    closed_at: None,
+                    fin_in: false,
+                    fin_out: false,
+                    last: now,
+                };
+                if let Some(p) = c.p_isn {
+                    c.offset = Some(seg.seq.wrapping_sub(p));
+                    self.stats.offsets_learned += 1;
+                }
+            }
+        }
+        let Some(c) = self.conns.get_mut(&seg.key) else {
+            return Rewrite::Untracked;
+        };
+        c.last = now;
+        if has(tcp_flags::FIN) {
+            c.fin_out = true;
+        }
+        if has(tcp_flags::RST) || (c.fin_out && c.fin_in) {
+            c.closed_at.get_or_insert(now);
+        }
+        let Some(off) = c.offset else {
+            return Rewrite::Unchanged;
+        };
+        if off == 0 {
+            return Rewrite::Unchanged;
+        }
+        patch_u32(frame, seg.header + 4, seg.header + 16, seg.csum_partial, |s| {
+            s.wrapping_sub(off)
+        });
+        self.stats.output_translated += 1;
+        Rewrite::Translated
+    }
+
+    /// A frame from the client on its way to the SVM, translated in place into the SVM's sequence space.
+    pub fn client_input(&mut self, now: Time, frame: &mut [u8]) -> Rewrite {
+        let seg = match segment(frame, self.cfg.vnet_hdr_len) {
+            Ok(Some(s)) => s,
+            Ok(None) => return Rewrite::Untracked,
+            Err(_) => {
+                self.stats.malformed += 1;
+                return Rewrite::Malformed;
+            }
+        };
+        let key = seg.key.reversed();
+        let Some(c) = self.conns.get_mut(&key) else {
+            return Rewrite::Untracked;
+        };
+        c.last = now;
+        let has = |f: u8| seg.flags & f != 0;
+        if has(tcp_flags::ACK) && c.offset.is_none() {
+            if let Some(s) = c.s_isn {
+                // The first acknowledgment after the SVM's SYN acknowledges the PVM's SYN.
+                let p = seg.ack.wrapping_sub(1);
+                c.p_isn = Some(p);
+                c.offset = Some(s.wrapping_sub(p));
+                self.stats.offsets_learned += 1;
+            }
+        }
+        if has(tcp_flags::FIN) {
+            c.fin_in = true;
+        }
+        if has(tcp_flags::RST) || (c.fin_out && c.fin_in) {
+            c.closed_at.get_or_insert(now);
+        }
+        let Some(off) = c.offset else {
+            return Rewrite::Unchanged;
+        };
+        if off == 0 || !has(tcp_flags::ACK) {
+            return Rewrite::Unchanged;
+        }
+        let (h, partial) = (seg.header, seg.csum_partial);
+        patch_u32(frame, h + 8, h + 16, partial, |a| a.wrapping_add(off));
+        // SACK blocks acknowledge the guest's bytes too.
+        let opts_end = (h + seg.header_len).min(frame.len());
+        let mut blocks = [0usize; 8];
+        let mut n = 0;
+        if let Some(opts) = frame.get(h + 20..opts_end) {
+            for (kind, at, len) in options(opts) {
+                if kind == opt::SACK {
+                    let mut e = at + 2;
+                    while e + 4 <= at + len && n < blocks.len() {
+                        blocks[n] = h + 20 + e;
+                        n += 1;
+                        e += 4;
+                    }
+                }
+            }
+        }
+        for &at in &blocks[..n] {
+            patch_u32(frame, at, h + 16, partial, |x| x.wrapping_add(off));
+        }
+        self.stats.input_translated += 1;
+        Rewrite::Translated
+    }
+}
