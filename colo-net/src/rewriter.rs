@@ -42,7 +42,10 @@
 //! SVM keeps translating the connections it has offsets for, for as long as they live, and does not track
 //! connections opened after failover (they have no PVM counterpart).
 
+use std::collections::VecDeque;
 use std::time::Duration;
+
+use bytes::BytesMut;
 
 use crate::error::NetError;
 use crate::flow::{FlowKey, FxHashMap};
@@ -59,6 +62,12 @@ pub struct RewriterConfig {
     pub max_connections: usize,
     /// A connection closed by FIN in both directions or by RST is forgotten this long after.
     pub closed_linger: Duration,
+    /// Most client frames held per connection while waiting for the SVM's SYN.
+    pub max_held_per_conn: usize,
+    /// Most client frames held over all connections.
+    pub max_held_total: usize,
+    /// A held client frame is passed on untranslated after this long.
+    pub hold_timeout: Duration,
 }
 
 impl Default for RewriterConfig {
@@ -67,6 +76,9 @@ impl Default for RewriterConfig {
             vnet_hdr_len: 0,
             max_connections: 65536,
             closed_linger: Duration::from_secs(60),
+            max_held_per_conn: 32,
+            max_held_total: 4096,
+            hold_timeout: Duration::from_millis(500),
         }
     }
 }
@@ -82,6 +94,8 @@ pub enum Rewrite {
     Untracked,
     /// The frame could not be parsed: nothing changed (it is the caller's to drop or forward).
     Malformed,
+    /// The frame waits for the SVM's SYN of its connection; [`Rewriter::poll_input`] hands it out later.
+    Held,
 }
 
 /// Counters.
@@ -97,6 +111,10 @@ pub struct RewriterStats {
     pub evictions: u64,
     /// Frames that could not be parsed.
     pub malformed: u64,
+    /// Client frames held until the SVM's SYN was seen.
+    pub held: u64,
+    /// Held client frames passed on untranslated (hold timeout, bound, or the SVM reset).
+    pub held_untranslated: u64,
     /// Connections tracked now (gauge).
     pub connections: u64,
 }
@@ -120,6 +138,8 @@ struct Conn {
     fin_in: bool,
     closed_at: Option<Time>,
     last: Time,
+    /// The client opened the connection and the SVM has not answered yet: hold the client's ACKs.
+    await_svm: bool,
 }
 
 /// Rewrites the SVM's TCP sequence numbers. See the [module docs](self).
@@ -129,6 +149,11 @@ pub struct Rewriter {
     mode: Mode,
     /// Keyed by the guest -> client direction.
     conns: FxHashMap<FlowKey, Conn>,
+    /// Client frames waiting for the SVM's SYN, per connection (guest -> client key), oldest first.
+    held: FxHashMap<FlowKey, VecDeque<(Time, BytesMut)>>,
+    held_total: usize,
+    /// Client frames ready for the SVM, in order.
+    ready: VecDeque<BytesMut>,
     stats: RewriterStats,
 }
 
@@ -197,6 +222,9 @@ impl Rewriter {
             cfg,
             mode: Mode::Colo,
             conns: FxHashMap::default(),
+            held: FxHashMap::default(),
+            held_total: 0,
+            ready: VecDeque::new(),
             stats: RewriterStats::default(),
         })
     }
@@ -219,9 +247,33 @@ impl Rewriter {
         self.conns.get(flow)?.offset
     }
 
-    /// A checkpoint was loaded: the SVM is the PVM again, every offset is zero.
+    /// A checkpoint was loaded: the SVM is the PVM again, every offset is zero. Held client frames are
+    /// handed out unchanged (the SVM now has the PVM's sequence numbers).
     pub fn checkpoint(&mut self) {
         self.conns.clear();
+        let keys: Vec<FlowKey> = self.held.keys().copied().collect();
+        for k in keys {
+            self.release_held(&k, false);
+        }
+    }
+
+    /// The next client frame to deliver to the SVM, in order.
+    pub fn poll_input(&mut self) -> Option<BytesMut> {
+        self.ready.pop_front()
+    }
+
+    /// Hands out the held frames of `key`, translated (`translate`) or as they are.
+    fn release_held(&mut self, key: &FlowKey, translate: bool) {
+        let Some(q) = self.held.remove(key) else { return };
+        self.held_total = self.held_total.saturating_sub(q.len());
+        for (at, mut f) in q {
+            if translate {
+                self.translate_input(at, &mut f);
+            } else {
+                self.stats.held_untranslated += 1;
+            }
+            self.ready.push_back(f);
+        }
     }
 
     /// The SVM has been promoted: keep translating known connections, track no new ones.
@@ -237,6 +289,10 @@ impl Rewriter {
         }
         let Some(c) = self.entry(now, flow) else { return };
         c.p_isn = Some(isn);
+        if c.s_isn.is_none() {
+            // The SVM's SYN is still to come: hold the client's answer until it does.
+            c.await_svm = true;
+        }
         if let (Some(s), None) = (c.s_isn, c.offset) {
             c.offset = Some(s.wrapping_sub(isn));
             self.stats.offsets_learned += 1;
@@ -263,16 +319,31 @@ impl Rewriter {
             fin_in: false,
             closed_at: None,
             last: now,
+            await_svm: false,
         });
         c.last = now;
         Some(c)
     }
 
-    /// Forgets connections closed longer than `closed_linger` ago. Call now and then (e.g. every second).
+    /// Forgets connections closed longer than `closed_linger` ago and passes on client frames held longer
+    /// than `hold_timeout`, untranslated. Call now and then (e.g. every 100 ms).
     pub fn expire(&mut self, now: Time) {
         let linger = self.cfg.closed_linger;
         self.conns
             .retain(|_, c| c.closed_at.is_none_or(|t| now.since(t) < linger));
+        let timeout = self.cfg.hold_timeout;
+        let late: Vec<FlowKey> = self
+            .held
+            .iter()
+            .filter(|(_, q)| q.front().is_some_and(|(at, _)| now.since(*at) >= timeout))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in late {
+            if let Some(c) = self.conns.get_mut(&k) {
+                c.await_svm = false;
+            }
+            self.release_held(&k, false);
+        }
     }
 
     /// A frame the SVM sent, translated in place into the PVM's sequence space.
@@ -297,6 +368,7 @@ impl Rewriter {
             if c.s_isn != Some(seg.seq) {
                 // A PVM ISN told before this SYN belongs to it; one from an earlier connection does not.
                 let p_isn = if c.s_isn.is_some() { None } else { c.p_isn };
+                let await_svm = c.await_svm;
                 *c = Conn {
                     s_isn: Some(seg.seq),
                     p_isn,
@@ -305,6 +377,7 @@ impl Rewriter {
                     fin_in: false,
                     fin_out: false,
                     last: now,
+                    await_svm,
                 };
                 if let Some(p) = c.p_isn {
                     c.offset = Some(seg.seq.wrapping_sub(p));
@@ -316,6 +389,14 @@ impl Rewriter {
             return Rewrite::Untracked;
         };
         c.last = now;
+        if c.await_svm && (has(tcp_flags::SYN) || has(tcp_flags::RST)) {
+            // The SVM answered (or refused): the client frames that waited for it can go.
+            c.await_svm = false;
+            self.release_held(&seg.key, has(tcp_flags::SYN));
+        }
+        let Some(c) = self.conns.get_mut(&seg.key) else {
+            return Rewrite::Untracked;
+        };
         if has(tcp_flags::FIN) {
             c.fin_out = true;
         }
@@ -335,8 +416,70 @@ impl Rewriter {
         Rewrite::Translated
     }
 
-    /// A frame from the client on its way to the SVM, translated in place into the SVM's sequence space.
-    pub fn client_input(&mut self, now: Time, frame: &mut [u8]) -> Rewrite {
+    /// A frame from the client on its way to the SVM. It is translated into the SVM's sequence space and
+    /// queued for [`poll_input`](Self::poll_input), or held there until the SVM's SYN of its connection
+    /// has been seen (when the mirrored input overtakes the SVM's answer, as it does when the client's
+    /// handshake ACK follows its SYN closely). Frames of one connection keep their order.
+    pub fn client_input(&mut self, now: Time, mut frame: BytesMut) -> Rewrite {
+        let seg = match segment(&frame, self.cfg.vnet_hdr_len) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                self.ready.push_back(frame);
+                return Rewrite::Untracked;
+            }
+            Err(_) => {
+                self.stats.malformed += 1;
+                self.ready.push_back(frame);
+                return Rewrite::Malformed;
+            }
+        };
+        let key = seg.key.reversed();
+        let syn_only = seg.flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
+        if syn_only && self.mode == Mode::Colo {
+            // A client opens a connection: hold its ACKs until the SVM's SYN-ACK is seen.
+            if let Some(c) = self.entry(now, key) {
+                if c.s_isn.is_none() || c.closed_at.is_some() {
+                    *c = Conn {
+                        s_isn: None,
+                        p_isn: None,
+                        offset: None,
+                        closed_at: None,
+                        fin_in: false,
+                        fin_out: false,
+                        last: now,
+                        await_svm: true,
+                    };
+                }
+            }
+        }
+        let waiting = self
+            .conns
+            .get(&key)
+            .is_some_and(|c| c.await_svm && c.s_isn.is_none());
+        if (waiting && !syn_only) || self.held.contains_key(&key) {
+            let q = self.held.entry(key).or_default();
+            if q.len() < self.cfg.max_held_per_conn && self.held_total < self.cfg.max_held_total {
+                q.push_back((now, frame));
+                self.held_total += 1;
+                self.stats.held += 1;
+                return Rewrite::Held;
+            }
+            // Over the bound: give up waiting for this connection.
+            if let Some(c) = self.conns.get_mut(&key) {
+                c.await_svm = false;
+            }
+            self.release_held(&key, false);
+            self.stats.held_untranslated += 1;
+            self.ready.push_back(frame);
+            return Rewrite::Unchanged;
+        }
+        let r = self.translate_input(now, &mut frame);
+        self.ready.push_back(frame);
+        r
+    }
+
+    /// Translates a client frame in place.
+    fn translate_input(&mut self, now: Time, frame: &mut [u8]) -> Rewrite {
         let seg = match segment(frame, self.cfg.vnet_hdr_len) {
             Ok(Some(s)) => s,
             Ok(None) => return Rewrite::Untracked,
