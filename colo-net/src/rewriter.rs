@@ -50,7 +50,7 @@ use bytes::BytesMut;
 use crate::error::NetError;
 use crate::flow::{FlowKey, FxHashMap};
 use crate::packet::{PacketView, tcp_flags};
-use crate::tcp::{csum_replace32, opt, options};
+use crate::tcp::{csum_replace32, opt, options, seq_lt, seq_max};
 use crate::time::Time;
 
 /// Tunables of the [`Rewriter`].
@@ -111,10 +111,14 @@ pub struct RewriterStats {
     pub evictions: u64,
     /// Frames that could not be parsed.
     pub malformed: u64,
+    /// Acknowledgments built for the SVM from the client's, for bytes the client acknowledged to the PVM
+    /// before the SVM had sent them.
+    pub synthetic_acks: u64,
     /// Client frames held until the SVM's SYN was seen.
     pub held: u64,
-    /// Held client frames passed on untranslated (hold timeout, bound, or the SVM reset).
-    pub held_untranslated: u64,
+    /// Held client frames passed on before what they waited for happened (hold timeout, bound, the SVM
+    /// reset, a checkpoint).
+    pub held_released_early: u64,
     /// Connections tracked now (gauge).
     pub connections: u64,
 }
@@ -140,6 +144,20 @@ struct Conn {
     last: Time,
     /// The client opened the connection and the SVM has not answered yet: hold the client's ACKs.
     await_svm: bool,
+    /// Next sequence number the SVM will send (its own space), from its output.
+    s_nxt: Option<u32>,
+    /// Highest acknowledgment the client sent, in the SVM's space.
+    client_ack: Option<u32>,
+    /// Highest acknowledgment delivered to the SVM.
+    svm_acked: Option<u32>,
+}
+
+/// The headers of the latest client segment of a connection, to build acknowledgments from.
+#[derive(Debug, Default)]
+struct Template {
+    bytes: Vec<u8>,
+    /// The client's next sequence number after that segment.
+    next_seq: u32,
 }
 
 /// Rewrites the SVM's TCP sequence numbers. See the [module docs](self).
@@ -154,12 +172,16 @@ pub struct Rewriter {
     held_total: usize,
     /// Client frames ready for the SVM, in order.
     ready: VecDeque<BytesMut>,
+    /// Latest client headers per connection (guest -> client key).
+    templates: FxHashMap<FlowKey, Template>,
     stats: RewriterStats,
 }
 
 struct Seg {
     key: FlowKey,
     seq: u32,
+    /// Sequence space the segment occupies (payload, SYN, FIN).
+    len: u32,
     ack: u32,
     flags: u8,
     header: usize,
@@ -173,6 +195,7 @@ fn segment(buf: &[u8], vnet: usize) -> Result<Option<Seg>, NetError> {
     Ok(Some(Seg {
         key: FlowKey::of(&v),
         seq: t.seq,
+        len: t.seq_len(),
         ack: t.ack,
         flags: t.flags,
         header: t.header,
@@ -183,6 +206,11 @@ fn segment(buf: &[u8], vnet: usize) -> Result<Option<Seg>, NetError> {
 
 fn get_u32(buf: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_be_bytes(buf.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// A client segment must wait while the client opened the connection and the SVM has not answered yet.
+fn must_wait(c: &Conn, _seg: &Seg) -> bool {
+    c.await_svm && c.s_isn.is_none()
 }
 
 /// Replaces the 32-bit field at `at` with `f(old)` and fixes the checksum at `csum_at` unless partial.
@@ -225,6 +253,7 @@ impl Rewriter {
             held: FxHashMap::default(),
             held_total: 0,
             ready: VecDeque::new(),
+            templates: FxHashMap::default(),
             stats: RewriterStats::default(),
         })
     }
@@ -251,9 +280,10 @@ impl Rewriter {
     /// handed out unchanged (the SVM now has the PVM's sequence numbers).
     pub fn checkpoint(&mut self) {
         self.conns.clear();
+        self.templates.clear();
         let keys: Vec<FlowKey> = self.held.keys().copied().collect();
         for k in keys {
-            self.release_held(&k, false);
+            self.release_held(&k);
         }
     }
 
@@ -262,16 +292,35 @@ impl Rewriter {
         self.ready.pop_front()
     }
 
-    /// Hands out the held frames of `key`, translated (`translate`) or as they are.
-    fn release_held(&mut self, key: &FlowKey, translate: bool) {
+    /// Hands out every held frame of `key`, translated as far as the offset is known.
+    fn release_held(&mut self, key: &FlowKey) {
         let Some(q) = self.held.remove(key) else { return };
         self.held_total = self.held_total.saturating_sub(q.len());
         for (at, mut f) in q {
-            if translate {
-                self.translate_input(at, &mut f);
-            } else {
-                self.stats.held_untranslated += 1;
+            self.stats.held_released_early += 1;
+            self.translate_input(at, &mut f);
+            self.ready.push_back(f);
+        }
+    }
+
+    /// Hands out the held frames of `key` that need not wait any more, in order.
+    fn pump_held(&mut self, key: &FlowKey) {
+        loop {
+            let Some(q) = self.held.get_mut(key) else { return };
+            let Some((at, front)) = q.front() else {
+                self.held.remove(key);
+                return;
+            };
+            let (at, wait) = match (segment(front, self.cfg.vnet_hdr_len), self.conns.get(key)) {
+                (Ok(Some(seg)), Some(c)) => (*at, must_wait(c, &seg)),
+                _ => (*at, false),
+            };
+            if wait {
+                return;
             }
+            let Some((_, mut f)) = q.pop_front() else { return };
+            self.held_total = self.held_total.saturating_sub(1);
+            self.translate_input(at, &mut f);
             self.ready.push_back(f);
         }
     }
@@ -320,6 +369,9 @@ impl Rewriter {
             closed_at: None,
             last: now,
             await_svm: false,
+            s_nxt: None,
+            client_ack: None,
+            svm_acked: None,
         });
         c.last = now;
         Some(c)
@@ -331,6 +383,8 @@ impl Rewriter {
         let linger = self.cfg.closed_linger;
         self.conns
             .retain(|_, c| c.closed_at.is_none_or(|t| now.since(t) < linger));
+        let conns = &self.conns;
+        self.templates.retain(|k, _| conns.contains_key(k));
         let timeout = self.cfg.hold_timeout;
         let late: Vec<FlowKey> = self
             .held
@@ -342,7 +396,7 @@ impl Rewriter {
             if let Some(c) = self.conns.get_mut(&k) {
                 c.await_svm = false;
             }
-            self.release_held(&k, false);
+            self.release_held(&k);
         }
     }
 
@@ -378,6 +432,9 @@ impl Rewriter {
                     fin_out: false,
                     last: now,
                     await_svm,
+                    s_nxt: None,
+                    client_ack: None,
+                    svm_acked: None,
                 };
                 if let Some(p) = c.p_isn {
                     c.offset = Some(seg.seq.wrapping_sub(p));
@@ -389,10 +446,31 @@ impl Rewriter {
             return Rewrite::Untracked;
         };
         c.last = now;
+        let end = seg.seq.wrapping_add(seg.len);
+        c.s_nxt = Some(c.s_nxt.map_or(end, |n| seq_max(n, end)));
         if c.await_svm && (has(tcp_flags::SYN) || has(tcp_flags::RST)) {
             // The SVM answered (or refused): the client frames that waited for it can go.
             c.await_svm = false;
-            self.release_held(&seg.key, has(tcp_flags::SYN));
+        }
+        if has(tcp_flags::RST) {
+            self.release_held(&seg.key);
+        } else if self.held.contains_key(&seg.key) {
+            self.pump_held(&seg.key);
+        }
+        // The client has acknowledged bytes (of the PVM) that the SVM only now sent: tell the SVM.
+        if let Some(c) = self.conns.get(&seg.key) {
+            if let (Some(want), Some(given), Some(nxt)) = (c.client_ack, c.svm_acked, c.s_nxt) {
+                if seq_lt(given, want) && seq_lt(given, nxt) && !has(tcp_flags::RST) {
+                    let ack = if seq_lt(nxt, want) { nxt } else { want };
+                    if let Some(f) = self.synthetic_ack(&seg.key, ack) {
+                        self.ready.push_back(f);
+                        self.stats.synthetic_acks += 1;
+                        if let Some(c) = self.conns.get_mut(&seg.key) {
+                            c.svm_acked = Some(ack);
+                        }
+                    }
+                }
+            }
         }
         let Some(c) = self.conns.get_mut(&seg.key) else {
             return Rewrite::Untracked;
@@ -448,14 +526,14 @@ impl Rewriter {
                         fin_out: false,
                         last: now,
                         await_svm: true,
+                        s_nxt: None,
+                        client_ack: None,
+                        svm_acked: None,
                     };
                 }
             }
         }
-        let waiting = self
-            .conns
-            .get(&key)
-            .is_some_and(|c| c.await_svm && c.s_isn.is_none());
+        let waiting = self.conns.get(&key).is_some_and(|c| must_wait(c, &seg));
         if (waiting && !syn_only) || self.held.contains_key(&key) {
             let q = self.held.entry(key).or_default();
             if q.len() < self.cfg.max_held_per_conn && self.held_total < self.cfg.max_held_total {
@@ -468,10 +546,11 @@ impl Rewriter {
             if let Some(c) = self.conns.get_mut(&key) {
                 c.await_svm = false;
             }
-            self.release_held(&key, false);
-            self.stats.held_untranslated += 1;
+            self.release_held(&key);
+            self.stats.held_released_early += 1;
+            let r = self.translate_input(now, &mut frame);
             self.ready.push_back(frame);
-            return Rewrite::Unchanged;
+            return r;
         }
         let r = self.translate_input(now, &mut frame);
         self.ready.push_back(frame);
@@ -512,11 +591,25 @@ impl Rewriter {
         let Some(off) = c.offset else {
             return Rewrite::Unchanged;
         };
-        if off == 0 || !has(tcp_flags::ACK) {
+        if !has(tcp_flags::ACK) {
             return Rewrite::Unchanged;
         }
+        // An acknowledgment of SVM bytes the SVM has not sent yet (it lags the PVM) would be dropped by the
+        // SVM as "ack of unsent data"; acknowledge what it has sent, and the rest when it sends it
+        // (see `secondary_output`).
+        let want = seg.ack.wrapping_add(off);
+        let give = match c.s_nxt {
+            Some(n) if seq_lt(n, want) => n,
+            _ => want,
+        };
+        c.client_ack = Some(c.client_ack.map_or(want, |a| seq_max(a, want)));
+        c.svm_acked = Some(c.svm_acked.map_or(give, |a| seq_max(a, give)));
         let (h, partial) = (seg.header, seg.csum_partial);
-        patch_u32(frame, h + 8, h + 16, partial, |a| a.wrapping_add(off));
+        if give == seg.ack && off == 0 {
+            self.keep_template(key, frame, &seg);
+            return Rewrite::Unchanged;
+        }
+        patch_u32(frame, h + 8, h + 16, partial, |_| give);
         // SACK blocks acknowledge the guest's bytes too.
         let opts_end = (h + seg.header_len).min(frame.len());
         let mut blocks = [0usize; 8];
@@ -536,7 +629,39 @@ impl Rewriter {
         for &at in &blocks[..n] {
             patch_u32(frame, at, h + 16, partial, |x| x.wrapping_add(off));
         }
+        self.keep_template(key, frame, &seg);
         self.stats.input_translated += 1;
         Rewrite::Translated
+    }
+
+    /// Remembers the headers of the client's latest segment (without payload).
+    fn keep_template(&mut self, key: FlowKey, frame: &[u8], seg: &Seg) {
+        let end = (seg.header + seg.header_len).min(frame.len());
+        let t = self.templates.entry(key).or_default();
+        t.bytes.clear();
+        t.bytes.extend_from_slice(&frame[..end]);
+        t.next_seq = seg.seq.wrapping_add(seg.len);
+    }
+
+    /// Builds a pure ACK from the client's latest headers, acknowledging `ack` (SVM space).
+    fn synthetic_ack(&self, key: &FlowKey, ack: u32) -> Option<BytesMut> {
+        let t = self.templates.get(key)?;
+        let vnet = self.cfg.vnet_hdr_len;
+        let mut f = BytesMut::from(&t.bytes[..]);
+        let (l3, h, v6) = {
+            let v = PacketView::parse(&f, vnet).ok()?;
+            (v.l3, v.tcp()?.header, v.version == crate::packet::IpVersion::V6)
+        };
+        let ip_len = u16::try_from(f.len() - l3).ok()?;
+        if v6 {
+            f[l3 + 4..l3 + 6].copy_from_slice(&(ip_len.checked_sub(40)?).to_be_bytes());
+        } else {
+            f[l3 + 2..l3 + 4].copy_from_slice(&ip_len.to_be_bytes());
+        }
+        f[h + 4..h + 8].copy_from_slice(&t.next_seq.to_be_bytes());
+        f[h + 8..h + 12].copy_from_slice(&ack.to_be_bytes());
+        f[h + 13] = tcp_flags::ACK;
+        f[..vnet].fill(0);
+        crate::tcp::fill_checksums(&mut f, vnet).then_some(f)
     }
 }

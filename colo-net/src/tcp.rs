@@ -103,6 +103,54 @@ pub fn csum_replace32(csum: u16, old: u32, new: u32) -> u16 {
     csum_replace16(c, old as u16, new as u16)
 }
 
+/// One's-complement sum of `data` (big-endian 16-bit words, odd byte padded) added to `sum`, unfolded.
+pub fn ones_sum(data: &[u8], mut sum: u32) -> u32 {
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        sum = sum.wrapping_add(u32::from(u16::from_be_bytes([c[0], c[1]])));
+    }
+    if let [b] = chunks.remainder() {
+        sum = sum.wrapping_add(u32::from(*b) << 8);
+    }
+    sum
+}
+
+/// Folds a sum from [`ones_sum`] into the 16-bit checksum value.
+pub fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Recomputes the IPv4 header checksum (if IPv4) and the full TCP checksum of a parsed TCP frame.
+/// Returns false (leaving the frame alone) if it is not a TCP frame whose offsets fit.
+pub fn fill_checksums(frame: &mut [u8], vnet_hdr_len: usize) -> bool {
+    let Ok(v) = crate::packet::PacketView::parse(frame, vnet_hdr_len) else {
+        return false;
+    };
+    let Some(t) = v.tcp().copied() else { return false };
+    let (l3, l4, end, version) = (v.l3, t.header, v.ip_end, v.version);
+    let tcp_len = end - l4;
+    let mut sum = u32::from(crate::packet::ip_proto::TCP) + tcp_len as u32;
+    match version {
+        crate::packet::IpVersion::V4 => {
+            let ihl = l4 - l3;
+            frame[l3 + 10] = 0;
+            frame[l3 + 11] = 0;
+            let c = fold(ones_sum(&frame[l3..l3 + ihl.min(60)], 0));
+            frame[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+            sum = ones_sum(&frame[l3 + 12..l3 + 20], sum);
+        }
+        crate::packet::IpVersion::V6 => sum = ones_sum(&frame[l3 + 8..l3 + 40], sum),
+    }
+    frame[l4 + 16] = 0;
+    frame[l4 + 17] = 0;
+    let c = fold(ones_sum(&frame[l4..end], sum));
+    frame[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -118,7 +118,7 @@ fn client_frames_that_overtake_the_svms_syn_ack_are_held_then_translated() {
     assert!(r.poll_input().is_none());
     r.expire(Time::from_millis(1000));
     assert_eq!(r.poll_input().map(|f| seq_of(&f)), Some((C_ISN + 1, P_ISN + 1)));
-    assert_eq!(r.stats().held_untranslated, 1);
+    assert_eq!(r.stats().held_released_early, 1);
 }
 
 #[test]
