@@ -123,3 +123,43 @@ fn fix_ipv4_checksum(h: &mut [u8]) {
     }
     h[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
 }
+
+/// The guest side used by [`tcp_segments`] and [`udp_pair`].
+pub const BENCH_GUEST: Endpoint = Endpoint {
+    mac: [2, 0, 0, 0, 0, 2],
+    ip: [10, 0, 0, 2],
+    port: 80,
+};
+/// The client side used by [`tcp_segments`] and [`udp_pair`].
+pub const BENCH_CLIENT: Endpoint = Endpoint {
+    mac: [2, 0, 0, 0, 0, 1],
+    ip: [10, 0, 0, 1],
+    port: 40000,
+};
+
+/// A byte stream from the guest's port `port` cut into `seg`-byte ACK segments starting at `isn + 1`,
+/// with IP ids starting at `ip_id` (so two calls give the differences two guests have).
+pub fn tcp_segments(port: u16, isn: u32, ip_id: u16, data: &[u8], seg: usize) -> Vec<bytes::Bytes> {
+    let mut g = BENCH_GUEST;
+    g.port = port;
+    data.chunks(seg.max(1))
+        .enumerate()
+        .map(|(i, c)| {
+            let mut s = TcpSpec::data(g, BENCH_CLIENT, isn.wrapping_add(1 + (i * seg) as u32), 1, c);
+            s.ip_id = ip_id.wrapping_add(i as u16);
+            bytes::Bytes::from(tcp(&s))
+        })
+        .collect()
+}
+
+/// A pair of equal 64-byte UDP frames (22 payload bytes) from the guest's port `port`, differing only in
+/// the IP id, TTL-independent fields and checksums as two guests' would.
+pub fn udp_pair(port: u16) -> (bytes::Bytes, bytes::Bytes) {
+    let mut g = BENCH_GUEST;
+    g.port = port;
+    let payload = [0x5a; 22];
+    (
+        bytes::Bytes::from(udp(g, BENCH_CLIENT, 1, &payload)),
+        bytes::Bytes::from(udp(g, BENCH_CLIENT, 2, &payload)),
+    )
+}

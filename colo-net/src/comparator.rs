@@ -390,11 +390,66 @@ struct Outcome {
 pub struct Comparator {
     cfg: Config,
     conns: FxHashMap<FlowKey, Conn>,
+    out: Out,
+    next_scan: Time,
+}
+
+/// Everything the comparison of one flow writes besides the flow itself (borrowed next to a `&mut Conn`).
+#[derive(Debug)]
+struct Out {
     actions: VecDeque<Action>,
     queued: usize,
-    next_scan: Time,
     requested: bool,
     stats: Stats,
+}
+
+impl Out {
+    fn request(&mut self, reason: CheckpointReason) {
+        if self.requested {
+            self.stats.checkpoint_requests_suppressed += 1;
+        } else {
+            self.requested = true;
+            self.stats.checkpoint_requests += 1;
+            self.actions.push_back(Action::RequestCheckpoint(reason));
+        }
+    }
+
+    fn drop_secondary(&mut self, frame: Bytes) {
+        self.stats.secondary_dropped += 1;
+        self.actions.push_back(Action::DropSecondary(frame));
+    }
+}
+
+/// Finds or makes room for `key`'s flow (one hash lookup when the table has room). `None` when the table
+/// is full of busy flows.
+fn slot<'a>(
+    conns: &'a mut FxHashMap<FlowKey, Conn>,
+    out: &mut Out,
+    max: usize,
+    key: &FlowKey,
+    tcp: bool,
+    now: Time,
+) -> Option<&'a mut Conn> {
+    if conns.len() >= max && !conns.contains_key(key) {
+        // Oldest idle flow, preferring closed ones.
+        let victim = conns
+            .iter()
+            .filter(|(_, c)| c.idle())
+            .min_by_key(|(_, c)| (!matches!(&c.kind, Kind::Tcp(t) if t.closed), c.last_active))
+            .map(|(k, _)| *k);
+        match victim {
+            Some(v) => {
+                conns.remove(&v);
+                out.stats.evictions += 1;
+                out.request(CheckpointReason::TableFull { evicted: Some(v) });
+            }
+            None => {
+                out.request(CheckpointReason::TableFull { evicted: None });
+                return None;
+            }
+        }
+    }
+    Some(conns.entry(*key).or_insert_with(|| Conn::new(tcp, now)))
 }
 
 impl Comparator {
@@ -405,11 +460,13 @@ impl Comparator {
         Ok(Comparator {
             conns: FxHashMap::with_capacity_and_hasher(cfg.max_connections.min(4096), Default::default()),
             cfg,
-            actions: VecDeque::with_capacity(64),
-            queued: 0,
+            out: Out {
+                actions: VecDeque::with_capacity(64),
+                queued: 0,
+                requested: false,
+                stats: Stats::default(),
+            },
             next_scan,
-            requested: false,
-            stats: Stats::default(),
         })
     }
 
@@ -420,9 +477,9 @@ impl Comparator {
 
     /// Counters.
     pub fn stats(&self) -> Stats {
-        let mut s = self.stats;
+        let mut s = self.out.stats;
         s.connections = self.conns.len() as u64;
-        s.queued = self.queued as u64;
+        s.queued = self.out.queued as u64;
         s
     }
 
@@ -455,7 +512,7 @@ impl Comparator {
 
     /// The next action, if any.
     pub fn poll_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+        self.out.actions.pop_front()
     }
 
     /// When [`handle_tick`](Self::handle_tick) should next be called.
@@ -463,109 +520,42 @@ impl Comparator {
         self.next_scan
     }
 
-    fn request(&mut self, reason: CheckpointReason) {
-        if self.requested {
-            self.stats.checkpoint_requests_suppressed += 1;
-        } else {
-            self.requested = true;
-            self.stats.checkpoint_requests += 1;
-            self.actions.push_back(Action::RequestCheckpoint(reason));
-        }
-    }
-
-    fn drop_secondary(&mut self, frame: Bytes) {
-        self.stats.secondary_dropped += 1;
-        self.actions.push_back(Action::DropSecondary(frame));
-    }
-
-    /// Finds or makes room for `key`'s flow. `Err` when the table is full of busy flows.
-    fn slot(&mut self, key: &FlowKey, tcp: bool, now: Time) -> Result<(), ()> {
-        if self.conns.contains_key(key) {
-            return Ok(());
-        }
-        if self.conns.len() >= self.cfg.max_connections {
-            // Oldest idle flow, preferring closed ones.
-            let victim = self
-                .conns
-                .iter()
-                .filter(|(_, c)| c.idle())
-                .min_by_key(|(_, c)| (!matches!(&c.kind, Kind::Tcp(t) if t.closed), c.last_active))
-                .map(|(k, _)| *k);
-            match victim {
-                Some(v) => {
-                    self.conns.remove(&v);
-                    self.stats.evictions += 1;
-                    self.request(CheckpointReason::TableFull { evicted: Some(v) });
-                }
-                None => {
-                    self.request(CheckpointReason::TableFull { evicted: None });
-                    return Err(());
-                }
-            }
-        }
-        self.conns.insert(*key, Conn::new(tcp, now));
-        Ok(())
-    }
-
-    fn meta_of(view: &PacketView<'_>, opts: &[u8]) -> Meta {
-        match view.transport {
-            Transport::Tcp(t) => {
-                let syn = t.has(tcp_flags::SYN);
-                Meta::Tcp {
-                    seq: t.seq.wrapping_add(u32::from(syn)),
-                    ack: t.ack,
-                    len: t.payload_len as u32,
-                    off: t.payload as u32,
-                    flags: t.flags,
-                    option_kinds: if syn {
-                        SynShape::new(t.flags, opts).option_kinds
-                    } else {
-                        0
-                    },
-                }
-            }
-            _ => Meta::Datagram(view.layout()),
-        }
-    }
-
     /// A frame the PVM sent. Returns the frame back if it cannot be queued (see [`Backpressure`]).
     pub fn handle_primary(&mut self, now: Time, frame: Bytes) -> Result<(), Backpressure> {
-        self.stats.primary_frames += 1;
+        let out = &mut self.out;
+        out.stats.primary_frames += 1;
         if frame.len() > self.cfg.max_frame_len {
-            self.stats.primary_malformed += 1;
-            self.actions.push_back(Action::Release(frame));
+            out.stats.primary_malformed += 1;
+            out.actions.push_back(Action::Release(frame));
             return Ok(());
         }
         let view = match PacketView::parse(&frame, self.cfg.vnet_hdr_len) {
             Ok(v) => v,
             Err(NetError::Unsupported { what, .. }) => {
-                self.stats.primary_unsupported += 1;
-                self.actions.push_back(Action::Release(frame));
+                out.stats.primary_unsupported += 1;
+                out.actions.push_back(Action::Release(frame));
                 if self.cfg.checkpoint_on_unsupported {
-                    self.request(CheckpointReason::Unsupported { what });
+                    out.request(CheckpointReason::Unsupported { what });
                 }
                 return Ok(());
             }
             Err(_) => {
-                self.stats.primary_malformed += 1;
-                self.actions.push_back(Action::Release(frame));
+                out.stats.primary_malformed += 1;
+                out.actions.push_back(Action::Release(frame));
                 return Ok(());
             }
         };
         let key = FlowKey::of(&view);
         let tcp = view.tcp().is_some();
-        let meta = Self::meta_of(&view, view.tcp_options());
-        if self.slot(&key, tcp, now).is_err() {
-            self.stats.primary_refused += 1;
-            return Err(Backpressure(frame));
-        }
-        let total_full = self.queued >= self.cfg.max_queued_total;
-        let Some(conn) = self.conns.get_mut(&key) else {
+        let meta = meta_of(&view);
+        let total_full = out.queued >= self.cfg.max_queued_total;
+        let Some(conn) = slot(&mut self.conns, out, self.cfg.max_connections, &key, tcp, now) else {
+            out.stats.primary_refused += 1;
             return Err(Backpressure(frame));
         };
         if total_full || conn.pq.len() >= self.cfg.max_queued_per_flow {
-            self.stats.primary_refused += 1;
-            self.request(CheckpointReason::QueueFull {
+            out.stats.primary_refused += 1;
+            out.request(CheckpointReason::QueueFull {
                 flow: key,
                 side: Side::Primary,
             });
@@ -583,138 +573,91 @@ impl Comparator {
             matched: false,
             meta,
         });
-        self.queued += 1;
-        self.progress(&key);
+        out.queued += 1;
+        progress(conn, &key, out, self.cfg.datagram_window);
         Ok(())
     }
 
     /// A frame the SVM sent (already translated by the rewriter).
     pub fn handle_secondary(&mut self, now: Time, frame: Bytes) {
-        self.stats.secondary_frames += 1;
+        let out = &mut self.out;
+        out.stats.secondary_frames += 1;
         if frame.len() > self.cfg.max_frame_len {
-            self.stats.secondary_malformed += 1;
-            return self.drop_secondary(frame);
+            out.stats.secondary_malformed += 1;
+            return out.drop_secondary(frame);
         }
         let view = match PacketView::parse(&frame, self.cfg.vnet_hdr_len) {
             Ok(v) => v,
             Err(NetError::Unsupported { .. }) => {
-                self.stats.secondary_unsupported += 1;
-                return self.drop_secondary(frame);
+                out.stats.secondary_unsupported += 1;
+                return out.drop_secondary(frame);
             }
             Err(_) => {
-                self.stats.secondary_malformed += 1;
-                return self.drop_secondary(frame);
+                out.stats.secondary_malformed += 1;
+                return out.drop_secondary(frame);
             }
         };
         let key = FlowKey::of(&view);
-        let meta = Self::meta_of(&view, view.tcp_options());
-        // Secondary-only facts of TCP segments that need no queueing.
-        if let Meta::Tcp {
-            ack,
-            len,
-            flags,
-            option_kinds,
-            ..
-        } = meta
-        {
-            let pure = len == 0 && flags & (tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST) == 0;
-            let shape_only = len == 0 && flags & (tcp_flags::SYN | tcp_flags::RST) != 0;
-            if pure || shape_only {
-                if let Some(conn) = self.conns.get_mut(&key) {
-                    conn.last_active = now;
-                    if let Kind::Tcp(t) = &mut conn.kind {
-                        if flags & tcp_flags::ACK != 0 {
-                            t.s_max_ack = Some(t.s_max_ack.map_or(ack, |m| seq_max(m, ack)));
-                        }
-                        if flags & tcp_flags::RST != 0 {
-                            t.s_rst = t.s_rst.saturating_add(1);
-                        } else if flags & tcp_flags::SYN != 0
-                            && t.s_syn.is_none()
-                            && (!t.syn_matched || t.closed)
-                        {
-                            t.s_syn = Some(SynShape {
-                                flags: flags & 0x17,
-                                option_kinds,
-                            });
-                        } else if flags & tcp_flags::SYN != 0 {
-                            self.stats.retransmissions += 1;
-                        }
-                    }
-                    self.drop_secondary(frame);
-                    self.progress(&key);
-                    return;
-                }
-                if pure {
-                    // Nothing to pair with and nothing to remember.
-                    return self.drop_secondary(frame);
-                }
-                // A SYN or RST on a new flow: remember it in a new flow entry.
-                if self.slot(&key, true, now).is_err() {
-                    self.stats.secondary_overflow += 1;
-                    return self.drop_secondary(frame);
-                }
-                if let Some(Conn {
-                    kind: Kind::Tcp(t), ..
-                }) = self.conns.get_mut(&key)
-                {
-                    if flags & tcp_flags::ACK != 0 {
-                        t.s_max_ack = Some(ack);
-                    }
-                    if flags & tcp_flags::RST != 0 {
-                        t.s_rst = 1;
-                    } else {
-                        t.s_syn = Some(SynShape {
-                            flags: flags & 0x17,
-                            option_kinds,
-                        });
-                    }
-                }
-                return self.drop_secondary(frame);
+        let meta = meta_of(&view);
+        let total_full = out.queued >= self.cfg.max_queued_total;
+        let tcp = matches!(meta, Meta::Tcp { .. });
+        if let Meta::Tcp { len: 0, flags, .. } = meta {
+            if flags & (tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST) == 0
+                && !self.conns.contains_key(&key)
+            {
+                // A pure ACK of a flow with nothing to pair: nothing to remember.
+                return out.drop_secondary(frame);
             }
         }
-        if self.slot(&key, matches!(meta, Meta::Tcp { .. }), now).is_err() {
-            self.stats.secondary_overflow += 1;
-            return self.drop_secondary(frame);
-        }
-        let total_full = self.queued >= self.cfg.max_queued_total;
-        let per_flow = self.cfg.max_queued_per_flow;
-        let Some(conn) = self.conns.get_mut(&key) else {
-            return self.drop_secondary(frame);
+        let Some(conn) = slot(&mut self.conns, out, self.cfg.max_connections, &key, tcp, now) else {
+            out.stats.secondary_overflow += 1;
+            return out.drop_secondary(frame);
         };
         conn.last_active = now;
-        if conn.diverged {
-            return self.drop_secondary(frame);
-        }
         if let (
             Kind::Tcp(t),
             Meta::Tcp {
                 ack,
+                len,
                 flags,
                 option_kinds,
                 ..
             },
         ) = (&mut conn.kind, meta)
         {
+            // Facts of a secondary segment that need no queueing.
             if flags & tcp_flags::ACK != 0 {
                 t.s_max_ack = Some(t.s_max_ack.map_or(ack, |m| seq_max(m, ack)));
             }
             if flags & tcp_flags::RST != 0 {
                 t.s_rst = t.s_rst.saturating_add(1);
+            } else if flags & tcp_flags::SYN != 0 {
+                if t.s_syn.is_none() && (!t.syn_matched || t.closed) {
+                    t.s_syn = Some(SynShape {
+                        flags: flags & 0x17,
+                        option_kinds,
+                    });
+                } else {
+                    out.stats.retransmissions += 1;
+                }
             }
-            if flags & tcp_flags::SYN != 0 && t.s_syn.is_none() && (!t.syn_matched || t.closed) {
-                t.s_syn = Some(SynShape {
-                    flags: flags & 0x17,
-                    option_kinds,
-                });
+            if len == 0 && flags & tcp_flags::FIN == 0 {
+                // Pure ACK, SYN or RST: remembered above; the frame itself is done with.
+                out.drop_secondary(frame);
+                progress(conn, &key, out, self.cfg.datagram_window);
+                return;
             }
         }
-        if total_full || conn.sq.len() >= per_flow {
-            self.stats.secondary_overflow += 1;
-            self.request(CheckpointReason::QueueFull {
+        if conn.diverged {
+            return out.drop_secondary(frame);
+        }
+        if total_full || conn.sq.len() >= self.cfg.max_queued_per_flow {
+            out.stats.secondary_overflow += 1;
+            out.request(CheckpointReason::QueueFull {
                 flow: key,
                 side: Side::Secondary,
             });
-            return self.drop_secondary(frame);
+            return out.drop_secondary(frame);
         }
         conn.sq.push_back(Held {
             frame,
@@ -722,83 +665,8 @@ impl Comparator {
             matched: false,
             meta,
         });
-        self.queued += 1;
-        self.progress(&key);
-    }
-
-    /// Runs the comparison of one flow as far as it goes and emits its actions.
-    fn progress(&mut self, key: &FlowKey) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        if conn.diverged {
-            return;
-        }
-        let mut out = Outcome::default();
-        let before = conn.pq.len() + conn.sq.len();
-        match &mut conn.kind {
-            Kind::Tcp(t) => tcp_compare(
-                t,
-                &mut conn.pq,
-                &mut conn.sq,
-                &mut conn.cursor,
-                &mut out,
-                &mut self.stats,
-                &mut self.actions,
-            ),
-            Kind::Datagram => datagram_compare(
-                &mut conn.pq,
-                &mut conn.sq,
-                &mut conn.cursor,
-                self.cfg.datagram_window,
-                &mut out,
-                &mut self.stats,
-                &mut self.actions,
-            ),
-        }
-        // Release matched primary frames from the front, in order.
-        let s_ack = match &conn.kind {
-            Kind::Tcp(t) => Some(t.s_max_ack),
-            Kind::Datagram => None,
-        };
-        while let Some(h) = conn.pq.front() {
-            if !h.matched {
-                break;
-            }
-            if let (Some(s_ack), Meta::Tcp { ack, flags, .. }) = (s_ack, h.meta) {
-                if flags & tcp_flags::ACK != 0 && !s_ack.is_some_and(|s| seq_le(ack, s)) {
-                    break;
-                }
-            }
-            if let Some(h) = conn.pq.pop_front() {
-                conn.cursor = conn.cursor.saturating_sub(1);
-                if let (Kind::Tcp(t), Meta::Tcp { ack, flags, .. }) = (&mut conn.kind, h.meta) {
-                    if flags & tcp_flags::ACK != 0 {
-                        t.p_max_ack = Some(t.p_max_ack.map_or(ack, |m| seq_max(m, ack)));
-                    }
-                }
-                self.stats.released_compared += 1;
-                self.actions.push_back(Action::Release(h.frame));
-            }
-        }
-        let after = conn.pq.len() + conn.sq.len();
-        self.queued = self.queued.saturating_sub(before.saturating_sub(after));
-        if let Some((offset, kind)) = out.mismatch {
-            conn.diverged = true;
-            // A diverged flow's secondary frames are of no further use.
-            let n = conn.sq.len();
-            for h in conn.sq.drain(..) {
-                self.stats.secondary_dropped += 1;
-                self.actions.push_back(Action::DropSecondary(h.frame));
-            }
-            self.queued = self.queued.saturating_sub(n);
-            self.stats.mismatches += 1;
-            self.request(CheckpointReason::Mismatch {
-                flow: *key,
-                offset,
-                kind,
-            });
-        }
+        out.queued += 1;
+        progress(conn, &key, out, self.cfg.datagram_window);
     }
 
     /// Looks for stale frames if the scan interval has passed.
@@ -820,8 +688,8 @@ impl Comparator {
             }
         }
         if let Some((age, flow, side)) = oldest {
-            self.stats.stale += 1;
-            self.request(CheckpointReason::Stale { flow, age, side });
+            self.out.stats.stale += 1;
+            self.out.request(CheckpointReason::Stale { flow, age, side });
         }
     }
 
@@ -830,8 +698,8 @@ impl Comparator {
     ///
     /// A primary that loses its secondary (failover) calls this too, and then stops feeding the comparator.
     pub fn checkpoint(&mut self, now: Time) {
-        self.stats.checkpoints += 1;
-        self.requested = false;
+        self.out.stats.checkpoints += 1;
+        self.out.requested = false;
         for conn in self.conns.values_mut() {
             for h in conn.pq.drain(..) {
                 if let (
@@ -859,12 +727,12 @@ impl Comparator {
                         t.closed = true;
                     }
                 }
-                self.stats.released_at_checkpoint += 1;
-                self.actions.push_back(Action::Release(h.frame));
+                self.out.stats.released_at_checkpoint += 1;
+                self.out.actions.push_back(Action::Release(h.frame));
             }
             for h in conn.sq.drain(..) {
-                self.stats.secondary_dropped += 1;
-                self.actions.push_back(Action::DropSecondary(h.frame));
+                self.out.stats.secondary_dropped += 1;
+                self.out.actions.push_back(Action::DropSecondary(h.frame));
             }
             conn.cursor = 0;
             conn.diverged = false;
@@ -876,9 +744,101 @@ impl Comparator {
                 t.s_syn = None;
             }
         }
-        self.queued = 0;
+        self.out.queued = 0;
         let idle = self.cfg.idle_timeout;
         self.conns.retain(|_, c| now.since(c.last_active) < idle);
+    }
+}
+
+fn meta_of(view: &PacketView<'_>) -> Meta {
+    match view.transport {
+        Transport::Tcp(t) => {
+            let syn = t.has(tcp_flags::SYN);
+            Meta::Tcp {
+                seq: t.seq.wrapping_add(u32::from(syn)),
+                ack: t.ack,
+                len: t.payload_len as u32,
+                off: t.payload as u32,
+                flags: t.flags,
+                option_kinds: if syn {
+                    SynShape::new(t.flags, view.tcp_options()).option_kinds
+                } else {
+                    0
+                },
+            }
+        }
+        _ => Meta::Datagram(view.layout()),
+    }
+}
+
+/// Runs the comparison of one flow as far as it goes and emits its actions.
+fn progress(conn: &mut Conn, key: &FlowKey, out: &mut Out, window: usize) {
+    if conn.diverged {
+        return;
+    }
+    let mut res = Outcome::default();
+    let before = conn.pq.len() + conn.sq.len();
+    match &mut conn.kind {
+        Kind::Tcp(t) => tcp_compare(
+            t,
+            &mut conn.pq,
+            &mut conn.sq,
+            &mut conn.cursor,
+            &mut res,
+            &mut out.stats,
+            &mut out.actions,
+        ),
+        Kind::Datagram => datagram_compare(
+            &mut conn.pq,
+            &mut conn.sq,
+            &mut conn.cursor,
+            window,
+            &mut res,
+            &mut out.stats,
+            &mut out.actions,
+        ),
+    }
+    // Release matched primary frames from the front, in order.
+    let s_ack = match &conn.kind {
+        Kind::Tcp(t) => Some(t.s_max_ack),
+        Kind::Datagram => None,
+    };
+    while let Some(h) = conn.pq.front() {
+        if !h.matched {
+            break;
+        }
+        if let (Some(s_ack), Meta::Tcp { ack, flags, .. }) = (s_ack, h.meta) {
+            if flags & tcp_flags::ACK != 0 && !s_ack.is_some_and(|s| seq_le(ack, s)) {
+                break;
+            }
+        }
+        if let Some(h) = conn.pq.pop_front() {
+            conn.cursor = conn.cursor.saturating_sub(1);
+            if let (Kind::Tcp(t), Meta::Tcp { ack, flags, .. }) = (&mut conn.kind, h.meta) {
+                if flags & tcp_flags::ACK != 0 {
+                    t.p_max_ack = Some(t.p_max_ack.map_or(ack, |m| seq_max(m, ack)));
+                }
+            }
+            out.stats.released_compared += 1;
+            out.actions.push_back(Action::Release(h.frame));
+        }
+    }
+    let after = conn.pq.len() + conn.sq.len();
+    out.queued = out.queued.saturating_sub(before.saturating_sub(after));
+    if let Some((offset, kind)) = res.mismatch {
+        conn.diverged = true;
+        // A diverged flow's secondary frames are of no further use.
+        let n = conn.sq.len();
+        for h in conn.sq.drain(..) {
+            out.drop_secondary(h.frame);
+        }
+        out.queued = out.queued.saturating_sub(n);
+        out.stats.mismatches += 1;
+        out.request(CheckpointReason::Mismatch {
+            flow: *key,
+            offset,
+            kind,
+        });
     }
 }
 

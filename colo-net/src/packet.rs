@@ -112,7 +112,7 @@ pub enum Transport {
 }
 
 /// A checked view of one frame. All offsets are inside the buffer it was parsed from.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PacketView<'a> {
     buf: &'a [u8],
     /// Offset of the Ethernet header (the virtio-net header length).
@@ -148,7 +148,87 @@ fn offset_in(base: &[u8], part: &[u8]) -> usize {
 
 impl<'a> PacketView<'a> {
     /// Slices `buf`, which starts with a virtio-net header of `vnet_hdr_len` bytes (0 for none).
+    ///
+    /// The common case (untagged Ethernet II, IPv4 without options, unfragmented TCP or UDP) takes a
+    /// short fast path; everything else, including every frame the fast path has the least doubt about,
+    /// goes through etherparse ([`PacketView::parse_general`]). Both give the same view (a property test
+    /// holds them to it).
+    #[inline]
     pub fn parse(buf: &'a [u8], vnet_hdr_len: usize) -> Result<Self, NetError> {
+        match Self::parse_fast(buf, vnet_hdr_len) {
+            Some(v) => Ok(v),
+            None => Self::parse_general(buf, vnet_hdr_len),
+        }
+    }
+
+    #[inline]
+    fn parse_fast(buf: &'a [u8], vnet: usize) -> Option<Self> {
+        let l3 = vnet.checked_add(14)?;
+        let ip = buf.get(l3..l3 + 20)?;
+        if buf.get(vnet + 12..vnet + 14)? != [0x08, 0x00] || ip[0] != 0x45 {
+            return None;
+        }
+        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+        let frag = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff;
+        let ip_end = l3 + total;
+        if total < 20 || ip_end > buf.len() || frag != 0 {
+            return None;
+        }
+        let l4 = l3 + 20;
+        let proto = ip[9];
+        let word = |a: usize| u32::from_be_bytes([buf[a], buf[a + 1], buf[a + 2], buf[a + 3]]);
+        let (transport, l4_csum) = match proto {
+            ip_proto::TCP => {
+                if total < 40 {
+                    return None;
+                }
+                let header_len = usize::from(buf[l4 + 12] >> 4) * 4;
+                if header_len < 20 || 20 + header_len > total {
+                    return None;
+                }
+                let t = TcpMeta {
+                    src_port: u16::from_be_bytes([buf[l4], buf[l4 + 1]]),
+                    dst_port: u16::from_be_bytes([buf[l4 + 2], buf[l4 + 3]]),
+                    seq: word(l4 + 4),
+                    ack: word(l4 + 8),
+                    flags: buf[l4 + 13],
+                    window: u16::from_be_bytes([buf[l4 + 14], buf[l4 + 15]]),
+                    header: l4,
+                    header_len,
+                    payload: l4 + header_len,
+                    payload_len: total - 20 - header_len,
+                };
+                (Transport::Tcp(t), Some(l4 + 16))
+            }
+            ip_proto::UDP => {
+                if total < 28 || usize::from(u16::from_be_bytes([buf[l4 + 4], buf[l4 + 5]])) != total - 20 {
+                    return None;
+                }
+                let src_port = u16::from_be_bytes([buf[l4], buf[l4 + 1]]);
+                let dst_port = u16::from_be_bytes([buf[l4 + 2], buf[l4 + 3]]);
+                (Transport::Udp { src_port, dst_port }, Some(l4 + 6))
+            }
+            _ => return None,
+        };
+        Some(PacketView {
+            buf,
+            l2: vnet,
+            l3,
+            l4,
+            ip_end,
+            version: IpVersion::V4,
+            src: u128::from(word(l3 + 12)),
+            dst: u128::from(word(l3 + 16)),
+            proto,
+            fragment: false,
+            vlan: 0,
+            l4_csum,
+            transport,
+        })
+    }
+
+    /// Slices `buf` with etherparse; handles every supported layout (see the module docs).
+    pub fn parse_general(buf: &'a [u8], vnet_hdr_len: usize) -> Result<Self, NetError> {
         let len = buf.len();
         let Some(eth) = buf.get(vnet_hdr_len..) else {
             return Err(NetError::Malformed {
