@@ -456,7 +456,7 @@ impl Comparator {
     /// A comparator with `cfg`, which must validate.
     pub fn new(cfg: Config, now: Time) -> Result<Self, NetError> {
         cfg.validate()?;
-        let next_scan = now.add(cfg.scan_interval);
+        let next_scan = now.saturating_add(cfg.scan_interval);
         Ok(Comparator {
             conns: FxHashMap::with_capacity_and_hasher(cfg.max_connections.min(4096), Default::default()),
             cfg,
@@ -562,10 +562,10 @@ impl Comparator {
             return Err(Backpressure(frame));
         }
         conn.last_active = now;
-        if let (Kind::Tcp(t), Meta::Tcp { seq, flags, .. }) = (&mut conn.kind, meta) {
-            if flags & tcp_flags::SYN != 0 {
-                t.p_isn_seen = Some(seq.wrapping_sub(1));
-            }
+        if let (Kind::Tcp(t), Meta::Tcp { seq, flags, .. }) = (&mut conn.kind, meta)
+            && flags & tcp_flags::SYN != 0
+        {
+            t.p_isn_seen = Some(seq.wrapping_sub(1));
         }
         conn.pq.push_back(Held {
             frame,
@@ -601,13 +601,12 @@ impl Comparator {
         let meta = meta_of(&view);
         let total_full = out.queued >= self.cfg.max_queued_total;
         let tcp = matches!(meta, Meta::Tcp { .. });
-        if let Meta::Tcp { len: 0, flags, .. } = meta {
-            if flags & (tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST) == 0
-                && !self.conns.contains_key(&key)
-            {
-                // A pure ACK of a flow with nothing to pair: nothing to remember.
-                return out.drop_secondary(frame);
-            }
+        if let Meta::Tcp { len: 0, flags, .. } = meta
+            && flags & (tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST) == 0
+            && !self.conns.contains_key(&key)
+        {
+            // A pure ACK of a flow with nothing to pair: nothing to remember.
+            return out.drop_secondary(frame);
         }
         let Some(conn) = slot(&mut self.conns, out, self.cfg.max_connections, &key, tcp, now) else {
             out.stats.secondary_overflow += 1;
@@ -674,7 +673,7 @@ impl Comparator {
         if now < self.next_scan {
             return;
         }
-        self.next_scan = now.add(self.cfg.scan_interval);
+        self.next_scan = now.saturating_add(self.cfg.scan_interval);
         let timeout = self.cfg.compare_timeout;
         let mut oldest: Option<(Duration, FlowKey, Side)> = None;
         for (k, c) in &self.conns {
@@ -807,17 +806,18 @@ fn progress(conn: &mut Conn, key: &FlowKey, out: &mut Out, window: usize) {
         if !h.matched {
             break;
         }
-        if let (Some(s_ack), Meta::Tcp { ack, flags, .. }) = (s_ack, h.meta) {
-            if flags & tcp_flags::ACK != 0 && !s_ack.is_some_and(|s| seq_le(ack, s)) {
-                break;
-            }
+        if let (Some(s_ack), Meta::Tcp { ack, flags, .. }) = (s_ack, h.meta)
+            && flags & tcp_flags::ACK != 0
+            && !s_ack.is_some_and(|s| seq_le(ack, s))
+        {
+            break;
         }
         if let Some(h) = conn.pq.pop_front() {
             conn.cursor = conn.cursor.saturating_sub(1);
-            if let (Kind::Tcp(t), Meta::Tcp { ack, flags, .. }) = (&mut conn.kind, h.meta) {
-                if flags & tcp_flags::ACK != 0 {
-                    t.p_max_ack = Some(t.p_max_ack.map_or(ack, |m| seq_max(m, ack)));
-                }
+            if let (Kind::Tcp(t), Meta::Tcp { ack, flags, .. }) = (&mut conn.kind, h.meta)
+                && flags & tcp_flags::ACK != 0
+            {
+                t.p_max_ack = Some(t.p_max_ack.map_or(ack, |m| seq_max(m, ack)));
             }
             out.stats.released_compared += 1;
             out.actions.push_back(Action::Release(h.frame));
@@ -999,13 +999,13 @@ fn tcp_compare(
             }
             stats.tcp_bytes_compared += n as u64;
             cs = cs.wrapping_add(n as u32);
-            if cs == spend {
-                if let Some(h) = sq.pop_front() {
-                    if sfin {
-                        t.s_fin_at = Some(cs);
-                    }
-                    drop_s(h, stats, actions);
+            if cs == spend
+                && let Some(h) = sq.pop_front()
+            {
+                if sfin {
+                    t.s_fin_at = Some(cs);
                 }
+                drop_s(h, stats, actions);
             }
         }
         t.cmp_seq = Some(cs);

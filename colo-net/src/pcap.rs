@@ -194,7 +194,8 @@ mod tests {
         assert_eq!(cap.records, recs);
         // A big-endian microsecond file.
         let mut be = Vec::new();
-        for w in [0xa1b2_c3d4u32] {
+        {
+            let w = 0xa1b2_c3d4u32;
             be.extend_from_slice(&w.to_be_bytes());
         }
         be.extend_from_slice(&[0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 1]);

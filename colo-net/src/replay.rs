@@ -225,10 +225,10 @@ pub fn replay(
                     // After a checkpoint every queue is empty, so this cannot be refused again.
                     let _ = cmp.handle_primary(now, back.0);
                 }
-                if let Some(flow) = syn {
-                    if let Some(isn) = cmp.primary_isn(&flow) {
-                        rw.set_primary_isn(now, flow, isn);
-                    }
+                if let Some(flow) = syn
+                    && let Some(isn) = cmp.primary_isn(&flow)
+                {
+                    rw.set_primary_isn(now, flow, isn);
                 }
             }
             (true, false) => {
@@ -248,8 +248,8 @@ pub fn replay(
     }
     if cfg.final_tick {
         let now = last
-            .add(cfg.comparator.compare_timeout)
-            .add(cfg.comparator.scan_interval);
+            .saturating_add(cfg.comparator.compare_timeout)
+            .saturating_add(cfg.comparator.scan_interval);
         cmp.handle_tick(now);
         drain(&mut cmp, now, &mut decisions, &mut sum);
     }

@@ -458,17 +458,18 @@ impl Rewriter {
             self.pump_held(&seg.key);
         }
         // The client has acknowledged bytes (of the PVM) that the SVM only now sent: tell the SVM.
-        if let Some(c) = self.conns.get(&seg.key) {
-            if let (Some(want), Some(given), Some(nxt)) = (c.client_ack, c.svm_acked, c.s_nxt) {
-                if seq_lt(given, want) && seq_lt(given, nxt) && !has(tcp_flags::RST) {
-                    let ack = if seq_lt(nxt, want) { nxt } else { want };
-                    if let Some(f) = self.synthetic_ack(&seg.key, ack) {
-                        self.ready.push_back(f);
-                        self.stats.synthetic_acks += 1;
-                        if let Some(c) = self.conns.get_mut(&seg.key) {
-                            c.svm_acked = Some(ack);
-                        }
-                    }
+        if let Some(c) = self.conns.get(&seg.key)
+            && let (Some(want), Some(given), Some(nxt)) = (c.client_ack, c.svm_acked, c.s_nxt)
+            && seq_lt(given, want)
+            && seq_lt(given, nxt)
+            && !has(tcp_flags::RST)
+        {
+            let ack = if seq_lt(nxt, want) { nxt } else { want };
+            if let Some(f) = self.synthetic_ack(&seg.key, ack) {
+                self.ready.push_back(f);
+                self.stats.synthetic_acks += 1;
+                if let Some(c) = self.conns.get_mut(&seg.key) {
+                    c.svm_acked = Some(ack);
                 }
             }
         }
@@ -515,22 +516,22 @@ impl Rewriter {
         let syn_only = seg.flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
         if syn_only && self.mode == Mode::Colo {
             // A client opens a connection: hold its ACKs until the SVM's SYN-ACK is seen.
-            if let Some(c) = self.entry(now, key) {
-                if c.s_isn.is_none() || c.closed_at.is_some() {
-                    *c = Conn {
-                        s_isn: None,
-                        p_isn: None,
-                        offset: None,
-                        closed_at: None,
-                        fin_in: false,
-                        fin_out: false,
-                        last: now,
-                        await_svm: true,
-                        s_nxt: None,
-                        client_ack: None,
-                        svm_acked: None,
-                    };
-                }
+            if let Some(c) = self.entry(now, key)
+                && (c.s_isn.is_none() || c.closed_at.is_some())
+            {
+                *c = Conn {
+                    s_isn: None,
+                    p_isn: None,
+                    offset: None,
+                    closed_at: None,
+                    fin_in: false,
+                    fin_out: false,
+                    last: now,
+                    await_svm: true,
+                    s_nxt: None,
+                    client_ack: None,
+                    svm_acked: None,
+                };
             }
         }
         let waiting = self.conns.get(&key).is_some_and(|c| must_wait(c, &seg));
@@ -573,14 +574,15 @@ impl Rewriter {
         };
         c.last = now;
         let has = |f: u8| seg.flags & f != 0;
-        if has(tcp_flags::ACK) && c.offset.is_none() {
-            if let Some(s) = c.s_isn {
-                // The first acknowledgment after the SVM's SYN acknowledges the PVM's SYN.
-                let p = seg.ack.wrapping_sub(1);
-                c.p_isn = Some(p);
-                c.offset = Some(s.wrapping_sub(p));
-                self.stats.offsets_learned += 1;
-            }
+        if has(tcp_flags::ACK)
+            && c.offset.is_none()
+            && let Some(s) = c.s_isn
+        {
+            // The first acknowledgment after the SVM's SYN acknowledges the PVM's SYN.
+            let p = seg.ack.wrapping_sub(1);
+            c.p_isn = Some(p);
+            c.offset = Some(s.wrapping_sub(p));
+            self.stats.offsets_learned += 1;
         }
         if has(tcp_flags::FIN) {
             c.fin_in = true;

@@ -32,7 +32,7 @@ impl Time {
     }
 
     /// `d` later (saturating).
-    pub fn add(self, d: Duration) -> Time {
+    pub fn saturating_add(self, d: Duration) -> Time {
         Time(
             self.0
                 .saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
