@@ -17,7 +17,7 @@
 //! - *payload*: the SVM produced the same bytes at the same sequence numbers, whatever the segmentation on
 //!   either side (a 64 KiB TSO frame matches 45 wire-sized segments). Bytes are compared with memcmp.
 //! - *SYN*: the SVM sent a SYN with the same SYN/ACK/FIN/RST flags and the same set of option kinds
-//!   ([`SynShape`](crate::tcp::SynShape)). Option values (MSS, window scale, timestamps) and the ISN are
+//!   ([`SynShape`]). Option values (MSS, window scale, timestamps) and the ISN are
 //!   not compared; the primary's SYN sets where the stream starts.
 //! - *FIN*: the SVM's FIN sits at the same sequence number; data where the other side has its FIN is a
 //!   mismatch.
@@ -38,7 +38,8 @@
 //! the whole IP packet, except IPv4 identification, TTL and header checksum, IPv6 flow label and hop limit,
 //! and the transport checksum. A primary frame pairs with an equal secondary frame among the first
 //! `datagram_window` queued ones and vice versa, so small reorderings by multi-threaded guests do not
-//! checkpoint; when the heads of both queues match nothing, that is a mismatch.
+//! checkpoint; when nothing pairs and either side has `datagram_window` unpaired frames (at once with a
+//! window of 1), that is a mismatch.
 //!
 //! **Other IP protocols** are compared the same way without any transport checksum skipped (the whole
 //! frame except the IP fields above, which two identical guests legitimately choose differently).

@@ -205,6 +205,8 @@ pub fn replay(
         last = now;
         if now >= cmp.poll_timeout() {
             cmp.handle_tick(now);
+            rw.expire(now);
+            while rw.poll_input().is_some() {}
             drain(&mut cmp, now, &mut decisions, &mut sum);
         }
         let rec = if is_secondary { &secondary[i] } else { &primary[i] };

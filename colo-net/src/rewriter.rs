@@ -7,7 +7,8 @@
 //! everything else and keeps a per-connection offset `svm_isn - pvm_isn`:
 //!
 //! - [`Rewriter::client_input`] (client -> SVM, the mirrored input): `ack += offset` and every SACK block
-//!   edge `+= offset`, so the SVM sees acknowledgments of its own bytes.
+//!   edge `+= offset`, so the SVM sees acknowledgments of its own bytes. The translated frames come out of
+//!   [`Rewriter::poll_input`], in order per connection.
 //! - [`Rewriter::secondary_output`] (SVM -> comparator, or -> client after failover): `seq -= offset`.
 //!   The SVM's acknowledgment numbers and SACK blocks describe the client's stream, which both VMs receive
 //!   unchanged, so they stay as they are.
@@ -30,6 +31,23 @@
 //! soon as the PVM's SYN passes, and the VMM forwards it with [`Rewriter::set_primary_isn`]. A connection
 //! whose offset is never learned is passed through untranslated; the comparator then sees a sequence
 //! mismatch and requests a checkpoint, after which both VMs share the PVM's ISN.
+//!
+//! # When the SVM lags the PVM
+//!
+//! The mirrored input reaches the SVM whatever its progress, so two races are handled here rather than
+//! left to end in a reset connection and a checkpoint:
+//! - *Input overtakes the SVM's SYN-ACK.* After a client's SYN the rewriter holds that connection's further
+//!   client segments (bounded per connection and in total, at most `hold_timeout`) until the SVM's SYN-ACK
+//!   has been seen, then translates and hands them out in order ([`Rewriter::poll_input`]). With the
+//!   [`set_primary_isn`](Rewriter::set_primary_isn) seam the same holds for a guest-opened connection whose
+//!   client SYN-ACK arrives before the SVM's SYN.
+//! - *The client acknowledges bytes the SVM has not sent yet* (the PVM was faster). Linux drops such an
+//!   ACK ("ack of unsent data"), and a SVM that missed the client's last ACKs stalls until a checkpoint.
+//!   The rewriter therefore caps a translated acknowledgment at what the SVM has sent so far, remembers
+//!   the client's real one, and when the SVM later sends those bytes it hands the SVM a pure ACK built
+//!   from the client's latest headers (window, timestamps) acknowledging them. This acknowledges to the
+//!   SVM only bytes the client really acknowledged to the PVM; whether they are the same bytes is exactly
+//!   what the comparator checks.
 //!
 //! TCP timestamps are not rewritten. Before failover the SVM's TSval never reaches the client; the client's
 //! TSval reaches both guests unchanged. After failover the client sees the SVM's clock, which was the PVM's

@@ -205,3 +205,57 @@ fn end_to_end_different_isns_and_segmentation_match() {
     assert_eq!(released, 1 + body.len().div_ceil(1448));
     assert_eq!(c.queued(), (0, 0));
 }
+
+/// The client acknowledges PVM bytes the lagging SVM has not sent: the SVM is told only what it sent,
+/// and the rest once it sends it (a pure ACK built from the client's headers).
+#[test]
+fn acks_of_bytes_the_svm_has_not_sent_are_capped_then_completed() {
+    let mut r = rw();
+    let mut syn = seg(S_ISN, 0, SYN, b"").to_vec();
+    r.secondary_output(now(), &mut syn);
+    let mut synack = client_seg(C_ISN, P_ISN + 1, SYN | ACK, &[1, 1, 8, 10, 0, 0, 0, 9, 0, 0, 0, 3], b"");
+    input(&mut r, &mut synack);
+    // The SVM has sent 100 bytes; the client has already acknowledged 300 of the PVM's.
+    let mut d = seg(S_ISN + 1, C_ISN + 1, DATA, &[1; 100]).to_vec();
+    r.secondary_output(now(), &mut d);
+    let mut ack = client_seg(C_ISN + 1, P_ISN + 301, ACK, &[1, 1, 8, 10, 0, 0, 0, 10, 0, 0, 0, 4], b"");
+    assert_eq!(input(&mut r, &mut ack), Rewrite::Translated);
+    assert_eq!(seq_of(&ack), (C_ISN + 1, S_ISN + 101));
+    assert!(tcp_checksum_ok(&ack));
+    // The SVM sends 150 more: it gets an ACK for them, with the client's sequence number and options.
+    let mut d = seg(S_ISN + 101, C_ISN + 1, DATA, &[1; 150]).to_vec();
+    r.secondary_output(now(), &mut d);
+    let synth = r.poll_input().expect("an acknowledgment for the SVM");
+    assert_eq!(seq_of(&synth), (C_ISN + 1, S_ISN + 251));
+    assert!(tcp_checksum_ok(&synth));
+    let v = PacketView::parse(&synth, 0).unwrap();
+    assert_eq!(v.tcp().unwrap().flags, ACK);
+    assert!(v.tcp_payload().is_empty());
+    assert_eq!(v.tcp_options(), &[1, 1, 8, 10, 0, 0, 0, 10, 0, 0, 0, 4]);
+    // And the rest when it sends it; nothing beyond what the client acknowledged.
+    let mut d = seg(S_ISN + 251, C_ISN + 1, DATA, &[1; 100]).to_vec();
+    r.secondary_output(now(), &mut d);
+    assert_eq!(r.poll_input().map(|f| seq_of(&f)), Some((C_ISN + 1, S_ISN + 301)));
+    assert!(r.poll_input().is_none());
+    assert_eq!(r.stats().synthetic_acks, 2);
+}
+
+#[test]
+fn partial_checksums_are_left_alone() {
+    let cfg = RewriterConfig { vnet_hdr_len: 10, ..RewriterConfig::default() };
+    let mut r = Rewriter::new(cfg).unwrap();
+    let with_hdr = |f: &[u8]| {
+        let mut v = vec![colo_net::packet::VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        v.extend_from_slice(f);
+        v
+    };
+    let mut syn = with_hdr(&seg(S_ISN, 0, SYN, b""));
+    r.secondary_output(now(), &mut syn);
+    let synack = with_hdr(&client_seg(C_ISN, P_ISN + 1, SYN | ACK, &[], b""));
+    r.client_input(now(), bytes::BytesMut::from(&synack[..]));
+    let out = r.poll_input().unwrap();
+    let csum = |f: &[u8]| u16::from_be_bytes([f[10 + 14 + 20 + 16], f[10 + 14 + 20 + 17]]);
+    assert_eq!(csum(&out), csum(&synack), "a partial checksum does not cover the ack field");
+    let v = PacketView::parse(&out, 10).unwrap();
+    assert_eq!(v.tcp().unwrap().ack, S_ISN + 1);
+}
