@@ -26,7 +26,8 @@
 //! - *ACK*: the acknowledgment number of a primary segment must not exceed the highest one the SVM has sent
 //!   on the flow: the client must never hear that data was received which the SVM has not received too.
 //!
-//! Never compared: window, checksum, urgent pointer, timestamps and the other option values, IP id/TTL.
+//! Never compared: window, checksum, urgent pointer, the PSH/URG/ECE/CWR flags, timestamps and the other
+//! option values, IP id/TTL.
 //! Pure ACKs (no payload, no SYN/FIN/RST) are not compared: a primary pure ACK waits only for the ACK rule
 //! and its turn; a secondary pure ACK updates the SVM's acknowledgment and is dropped at once.
 //! A segment that lies entirely below the compared position is a *retransmission*: a primary one is

@@ -9,7 +9,8 @@
 //! - [`Rewriter::client_input`] (client -> SVM, the mirrored input): `ack += offset` and every SACK block
 //!   edge `+= offset`, so the SVM sees acknowledgments of its own bytes. The translated frames come out of
 //!   [`Rewriter::poll_input`], in order per connection.
-//! - [`Rewriter::secondary_output`] (SVM -> comparator, or -> client after failover): `seq -= offset`.
+//! - [`Rewriter::secondary_output`] (SVM -> comparator, or -> client after failover): `seq -= offset`
+//!   (and TSval, see below).
 //!   The SVM's acknowledgment numbers and SACK blocks describe the client's stream, which both VMs receive
 //!   unchanged, so they stay as they are.
 //!
@@ -49,9 +50,15 @@
 //!   SVM only bytes the client really acknowledged to the PVM; whether they are the same bytes is exactly
 //!   what the comparator checks.
 //!
-//! TCP timestamps are not rewritten. Before failover the SVM's TSval never reaches the client; the client's
-//! TSval reaches both guests unchanged. After failover the client sees the SVM's clock, which was the PVM's
-//! at the last checkpoint and has only drifted within one epoch.
+//! # Timestamps
+//!
+//! TCP timestamps are translated like sequence numbers. The client's TSval reaches both guests unchanged,
+//! but its TSecr echoes the PVM's clock; a Linux SVM refuses a handshake ACK echoing a time it has not sent
+//! (counted as `TSEcrRejected`), which a real-stack test here hit on one connection in twenty. The offset
+//! `svm_tsval - pvm_tsval` is learned from the same client segment as the sequence offset (its TSecr echoes
+//! the PVM's SYN timestamp; the SVM's SYN carried its own). Client -> SVM: TSecr `+= offset`, capped at the
+//! SVM's latest TSval (an echo of 0 stays 0). SVM -> out: TSval `-= offset`, so after failover the client's
+//! PAWS check sees one continuous clock. The comparator never compares timestamps.
 //!
 //! # Checkpoints and failover
 //!
@@ -168,6 +175,12 @@ struct Conn {
     client_ack: Option<u32>,
     /// Highest acknowledgment delivered to the SVM.
     svm_acked: Option<u32>,
+    /// TSval of the SVM's SYN (or SYN-ACK).
+    s_syn_tsval: Option<u32>,
+    /// Highest TSval the SVM has sent.
+    s_tsval_max: Option<u32>,
+    /// `svm_tsval - pvm_tsval`, learned with the sequence offset.
+    ts_off: Option<u32>,
 }
 
 /// The headers of the latest client segment of a connection, to build acknowledgments from.
@@ -200,6 +213,8 @@ struct Seg {
     seq: u32,
     /// Sequence space the segment occupies (payload, SYN, FIN).
     len: u32,
+    /// Offset of the timestamp option's TSval (TSecr follows at +4), if present.
+    ts: Option<usize>,
     ack: u32,
     flags: u8,
     header: usize,
@@ -214,6 +229,9 @@ fn segment(buf: &[u8], vnet: usize) -> Result<Option<Seg>, NetError> {
         key: FlowKey::of(&v),
         seq: t.seq,
         len: t.seq_len(),
+        ts: crate::tcp::options(v.tcp_options())
+            .find(|&(kind, _, len)| kind == opt::TIMESTAMP && len == 10)
+            .map(|(_, at, _)| t.header + 20 + at + 2),
         ack: t.ack,
         flags: t.flags,
         header: t.header,
@@ -390,6 +408,9 @@ impl Rewriter {
             s_nxt: None,
             client_ack: None,
             svm_acked: None,
+            s_syn_tsval: None,
+            s_tsval_max: None,
+            ts_off: None,
         });
         c.last = now;
         Some(c)
@@ -453,6 +474,9 @@ impl Rewriter {
                     s_nxt: None,
                     client_ack: None,
                     svm_acked: None,
+                    s_syn_tsval: seg.ts.and_then(|at| get_u32(frame, at)),
+                    s_tsval_max: None,
+                    ts_off: None,
                 };
                 if let Some(p) = c.p_isn {
                     c.offset = Some(seg.seq.wrapping_sub(p));
@@ -466,6 +490,9 @@ impl Rewriter {
         c.last = now;
         let end = seg.seq.wrapping_add(seg.len);
         c.s_nxt = Some(c.s_nxt.map_or(end, |n| seq_max(n, end)));
+        if let Some(v) = seg.ts.and_then(|at| get_u32(frame, at)) {
+            c.s_tsval_max = Some(c.s_tsval_max.map_or(v, |m| seq_max(m, v)));
+        }
         if c.await_svm && (has(tcp_flags::SYN) || has(tcp_flags::RST)) {
             // The SVM answered (or refused): the client frames that waited for it can go.
             c.await_svm = false;
@@ -500,15 +527,21 @@ impl Rewriter {
         if has(tcp_flags::RST) || (c.fin_out && c.fin_in) {
             c.closed_at.get_or_insert(now);
         }
-        let Some(off) = c.offset else {
-            return Rewrite::Unchanged;
-        };
-        if off == 0 {
+        let (off, ts_off) = (c.offset.unwrap_or(0), c.ts_off.unwrap_or(0));
+        if off == 0 && ts_off == 0 {
             return Rewrite::Unchanged;
         }
-        patch_u32(frame, seg.header + 4, seg.header + 16, seg.csum_partial, |s| {
-            s.wrapping_sub(off)
-        });
+        if off != 0 {
+            patch_u32(frame, seg.header + 4, seg.header + 16, seg.csum_partial, |s| {
+                s.wrapping_sub(off)
+            });
+        }
+        if let (Some(at), true) = (seg.ts, ts_off != 0) {
+            // TSval into the PVM's timeline, so the client's PAWS sees one clock after failover.
+            patch_u32(frame, at, seg.header + 16, seg.csum_partial, |v| {
+                v.wrapping_sub(ts_off)
+            });
+        }
         self.stats.output_translated += 1;
         Rewrite::Translated
     }
@@ -549,6 +582,9 @@ impl Rewriter {
                     s_nxt: None,
                     client_ack: None,
                     svm_acked: None,
+                    s_syn_tsval: None,
+                    s_tsval_max: None,
+                    ts_off: None,
                 };
             }
         }
@@ -602,6 +638,13 @@ impl Rewriter {
             c.offset = Some(s.wrapping_sub(p));
             self.stats.offsets_learned += 1;
         }
+        if has(tcp_flags::ACK)
+            && c.ts_off.is_none()
+            && let (Some(s_ts), Some(tsecr)) = (c.s_syn_tsval, seg.ts.and_then(|at| get_u32(frame, at + 4)))
+        {
+            // Its TSecr echoes the PVM's SYN timestamp, as the SVM's SYN carried its own.
+            c.ts_off = Some(s_ts.wrapping_sub(tsecr));
+        }
         if has(tcp_flags::FIN) {
             c.fin_in = true;
         }
@@ -625,6 +668,19 @@ impl Rewriter {
         c.client_ack = Some(c.client_ack.map_or(want, |a| seq_max(a, want)));
         c.svm_acked = Some(c.svm_acked.map_or(give, |a| seq_max(a, give)));
         let (h, partial) = (seg.header, seg.csum_partial);
+        // TSecr echoes the PVM's clock; the SVM (Linux counts it as TSEcrRejected) refuses an echo of a
+        // time it has not sent yet. Move it to the SVM's clock, capped at the SVM's latest TSval.
+        let (ts_off, s_tsval_max) = (c.ts_off, c.s_tsval_max);
+        if let (Some(at), Some(ts_off)) = (seg.ts, ts_off) {
+            patch_u32(frame, at + 4, h + 16, partial, |e| {
+                let v = e.wrapping_add(ts_off);
+                match s_tsval_max {
+                    Some(m) if e != 0 && seq_lt(m, v) => m,
+                    _ if e == 0 => 0,
+                    _ => v,
+                }
+            });
+        }
         if give == seg.ack && off == 0 {
             self.keep_template(key, frame, &seg);
             return Rewrite::Unchanged;

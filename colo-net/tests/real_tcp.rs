@@ -397,6 +397,8 @@ fn mirror(rw: &mut Rewriter, m0: &OwnedFd, count: &mut u64) {
         let sent = unsafe { libc::send(m0.as_raw_fd(), m.as_ptr().cast(), m.len(), 0) };
         if sent == m.len() as isize {
             *count += 1;
+        } else {
+            eprintln!("mirror send failed: {}", std::io::Error::last_os_error());
         }
     }
 }
@@ -639,6 +641,20 @@ fn run_scenario(tag: &str, guest_opened: bool) -> Result<Run, String> {
                 eprintln!("{n}: {}", String::from_utf8_lossy(&o.stdout));
             }
             if let Ok(o) = Command::new("ip")
+                .args(["netns", "exec", n, "cat", "/proc/net/netstat"])
+                .output()
+            {
+                let text = String::from_utf8_lossy(&o.stdout);
+                let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt")).collect();
+                if let [names, values] = rows[..] {
+                    for (k, v) in names.split(' ').zip(values.split(' ')) {
+                        if v != "0" {
+                            eprintln!("{n}: {k} = {v}");
+                        }
+                    }
+                }
+            }
+            if let Ok(o) = Command::new("ip")
                 .args(["netns", "exec", n, "cat", "/proc/net/snmp"])
                 .output()
             {
@@ -658,7 +674,9 @@ fn run_scenario(tag: &str, guest_opened: bool) -> Result<Run, String> {
 /// Prints a capture as one line per TCP segment (for diagnosing a failed exchange).
 fn dump(name: &str, recs: &[Record]) {
     eprintln!("--- {name} capture ({} frames)", recs.len());
+    let t0 = recs.first().map_or(0, |r| r.time_ns);
     for r in recs.iter().take(60) {
+        eprint!("{:>10.3} ms ", (r.time_ns.saturating_sub(t0)) as f64 / 1e6);
         match PacketView::parse(&r.data, 0) {
             Ok(v) => match v.tcp() {
                 Some(t) => eprintln!(

@@ -213,12 +213,24 @@ fn acks_of_bytes_the_svm_has_not_sent_are_capped_then_completed() {
     let mut r = rw();
     let mut syn = seg(S_ISN, 0, SYN, b"").to_vec();
     r.secondary_output(now(), &mut syn);
-    let mut synack = client_seg(C_ISN, P_ISN + 1, SYN | ACK, &[1, 1, 8, 10, 0, 0, 0, 9, 0, 0, 0, 3], b"");
+    let mut synack = client_seg(
+        C_ISN,
+        P_ISN + 1,
+        SYN | ACK,
+        &[1, 1, 8, 10, 0, 0, 0, 9, 0, 0, 0, 3],
+        b"",
+    );
     input(&mut r, &mut synack);
     // The SVM has sent 100 bytes; the client has already acknowledged 300 of the PVM's.
     let mut d = seg(S_ISN + 1, C_ISN + 1, DATA, &[1; 100]).to_vec();
     r.secondary_output(now(), &mut d);
-    let mut ack = client_seg(C_ISN + 1, P_ISN + 301, ACK, &[1, 1, 8, 10, 0, 0, 0, 10, 0, 0, 0, 4], b"");
+    let mut ack = client_seg(
+        C_ISN + 1,
+        P_ISN + 301,
+        ACK,
+        &[1, 1, 8, 10, 0, 0, 0, 10, 0, 0, 0, 4],
+        b"",
+    );
     assert_eq!(input(&mut r, &mut ack), Rewrite::Translated);
     assert_eq!(seq_of(&ack), (C_ISN + 1, S_ISN + 101));
     assert!(tcp_checksum_ok(&ack));
@@ -242,10 +254,24 @@ fn acks_of_bytes_the_svm_has_not_sent_are_capped_then_completed() {
 
 #[test]
 fn partial_checksums_are_left_alone() {
-    let cfg = RewriterConfig { vnet_hdr_len: 10, ..RewriterConfig::default() };
+    let cfg = RewriterConfig {
+        vnet_hdr_len: 10,
+        ..RewriterConfig::default()
+    };
     let mut r = Rewriter::new(cfg).unwrap();
     let with_hdr = |f: &[u8]| {
-        let mut v = vec![colo_net::packet::VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mut v = vec![
+            colo_net::packet::VIRTIO_NET_HDR_F_NEEDS_CSUM,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
         v.extend_from_slice(f);
         v
     };
@@ -255,7 +281,62 @@ fn partial_checksums_are_left_alone() {
     r.client_input(now(), bytes::BytesMut::from(&synack[..]));
     let out = r.poll_input().unwrap();
     let csum = |f: &[u8]| u16::from_be_bytes([f[10 + 14 + 20 + 16], f[10 + 14 + 20 + 17]]);
-    assert_eq!(csum(&out), csum(&synack), "a partial checksum does not cover the ack field");
+    assert_eq!(
+        csum(&out),
+        csum(&synack),
+        "a partial checksum does not cover the ack field"
+    );
     let v = PacketView::parse(&out, 10).unwrap();
     assert_eq!(v.tcp().unwrap().ack, S_ISN + 1);
+}
+
+fn ts_opt(val: u32, ecr: u32) -> [u8; 12] {
+    let mut o = [1, 1, 8, 10, 0, 0, 0, 0, 0, 0, 0, 0];
+    o[4..8].copy_from_slice(&val.to_be_bytes());
+    o[8..12].copy_from_slice(&ecr.to_be_bytes());
+    o
+}
+
+fn ts_of(f: &[u8]) -> (u32, u32) {
+    let v = PacketView::parse(f, 0).unwrap();
+    let o = v.tcp_options();
+    (
+        u32::from_be_bytes(o[4..8].try_into().unwrap()),
+        u32::from_be_bytes(o[8..12].try_into().unwrap()),
+    )
+}
+
+/// The client echoes the PVM's timestamps; the SVM gets them on its own clock (capped at what it sent),
+/// and the SVM's timestamps go out on the PVM's clock.
+#[test]
+fn timestamps_are_translated_between_the_two_clocks() {
+    let mut r = rw();
+    let (p_ts, s_ts, c_ts) = (1_000_000u32, 5_000u32, 777u32);
+    let mut syn = client_seg(C_ISN, 0, SYN, &ts_opt(c_ts, 0), b"");
+    input(&mut r, &mut syn);
+    assert_eq!(ts_of(&syn), (c_ts, 0), "a zero echo stays zero");
+    let mut synack = seg_ext(S_ISN, C_ISN + 1, SYN | ACK, 0, 100, &ts_opt(s_ts, c_ts), b"").to_vec();
+    r.secondary_output(now(), &mut synack);
+    let mut ack = client_seg(C_ISN + 1, P_ISN + 1, ACK, &ts_opt(c_ts + 1, p_ts), b"");
+    input(&mut r, &mut ack);
+    assert_eq!(ts_of(&ack), (c_ts + 1, s_ts));
+    assert!(tcp_checksum_ok(&ack));
+    // SVM output: TSval onto the PVM's clock.
+    let mut d = seg_ext(
+        S_ISN + 1,
+        C_ISN + 1,
+        DATA,
+        0,
+        100,
+        &ts_opt(s_ts + 10, c_ts + 1),
+        b"data",
+    )
+    .to_vec();
+    assert_eq!(r.secondary_output(now(), &mut d), Rewrite::Translated);
+    assert_eq!(ts_of(&d), (p_ts + 10, c_ts + 1));
+    assert!(tcp_checksum_ok(&d));
+    // An echo of a PVM time the SVM has not reached yet is capped at the SVM's latest TSval.
+    let mut late = client_seg(C_ISN + 1, P_ISN + 5, ACK, &ts_opt(c_ts + 2, p_ts + 50), b"");
+    input(&mut r, &mut late);
+    assert_eq!(ts_of(&late), (c_ts + 2, s_ts + 10));
 }
