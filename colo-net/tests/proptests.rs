@@ -157,6 +157,7 @@ proptest! {
         let mut fate: HashMap<usize, (bool, u32)> = HashMap::new();
         let mut keep = Vec::new();
         let mut outstanding_request = false;
+        let mut flows = std::collections::HashSet::new();
         let account = |c: &mut Comparator, fate: &mut HashMap<usize, (bool, u32)>, outstanding: &mut bool| -> Result<(), TestCaseError> {
             while let Some(a) = c.poll_action() {
                 match a {
@@ -184,6 +185,9 @@ proptest! {
             match o {
                 Op::Primary { flow, kind, len } => {
                     let f = frame(flow, kind, len, &mut seqs, false);
+                    if let Ok(v) = colo_net::PacketView::parse(&f, 0) {
+                        flows.insert(colo_net::FlowKey::of(&v));
+                    }
                     fate.insert(f.as_ptr() as usize, (true, 0));
                     keep.push(f.clone());
                     if let Err(back) = c.handle_primary(t, f) {
@@ -193,6 +197,9 @@ proptest! {
                 }
                 Op::Secondary { flow, kind, len } => {
                     let f = frame(flow, kind, len, &mut seqs, true);
+                    if let Ok(v) = colo_net::PacketView::parse(&f, 0) {
+                        flows.insert(colo_net::FlowKey::of(&v));
+                    }
                     fate.insert(f.as_ptr() as usize, (false, 0));
                     keep.push(f.clone());
                     c.handle_secondary(t, f);
@@ -210,6 +217,11 @@ proptest! {
             let (p, s) = c.queued();
             prop_assert!(p + s <= 12, "total queue {} over bound", p + s);
             prop_assert!(c.connections() <= 4);
+            for f in &flows {
+                if let Some((p, s)) = c.flow_queued(f) {
+                    prop_assert!(p <= 5 && s <= 5, "flow queue ({}, {}) over bound", p, s);
+                }
+            }
             prop_assert_eq!(c.stats().queued as usize, p + s);
         }
         c.checkpoint(Time::from_millis(now + 1));
