@@ -71,27 +71,19 @@ fn setup(tag: &str) -> Result<Netns, String> {
     for n in &ns.names {
         ip(&["netns", "add", n])?;
         ip(&["-n", n, "link", "set", "lo", "up"])?;
-        // No IPv6 chatter (router solicitations, DAD) in the captures.
-        let _ = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                n,
-                "sysctl",
-                "-qw",
-                "net.ipv6.conf.all.disable_ipv6=1",
-            ])
-            .status();
-        let _ = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                n,
-                "sysctl",
-                "-qw",
-                "net.ipv6.conf.default.disable_ipv6=1",
-            ])
-            .status();
+        // No IPv6 chatter (router solicitations, DAD) in the captures: set the namespace's sysctls from
+        // a thread inside it (/proc/sys/net follows the opener's namespace; no sysctl binary needed).
+        let name = n.clone();
+        thread::spawn(move || -> Result<(), String> {
+            enter(&name)?;
+            for conf in ["all", "default"] {
+                std::fs::write(format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6"), "1")
+                    .map_err(|e| format!("disable IPv6 in {name}: {e}"))?;
+            }
+            Ok(())
+        })
+        .join()
+        .map_err(|_| "sysctl thread panicked".to_string())??;
     }
     ip(&[
         "link",
