@@ -245,7 +245,7 @@ fn get_u32(buf: &[u8], at: usize) -> Option<u32> {
 }
 
 /// A client segment must wait while the client opened the connection and the SVM has not answered yet.
-fn must_wait(c: &Conn, _seg: &Seg) -> bool {
+fn must_wait(c: &Conn) -> bool {
     c.await_svm && c.s_isn.is_none()
 }
 
@@ -343,15 +343,11 @@ impl Rewriter {
     fn pump_held(&mut self, key: &FlowKey) {
         loop {
             let Some(q) = self.held.get_mut(key) else { return };
-            let Some((at, front)) = q.front() else {
+            let Some(&(at, _)) = q.front() else {
                 self.held.remove(key);
                 return;
             };
-            let (at, wait) = match (segment(front, self.cfg.vnet_hdr_len), self.conns.get(key)) {
-                (Ok(Some(seg)), Some(c)) => (*at, must_wait(c, &seg)),
-                _ => (*at, false),
-            };
-            if wait {
+            if self.conns.get(key).is_some_and(must_wait) {
                 return;
             }
             let Some((_, mut f)) = q.pop_front() else { return };
@@ -588,7 +584,7 @@ impl Rewriter {
                 };
             }
         }
-        let waiting = self.conns.get(&key).is_some_and(|c| must_wait(c, &seg));
+        let waiting = self.conns.get(&key).is_some_and(must_wait);
         if (waiting && !syn_only) || self.held.contains_key(&key) {
             let q = self.held.entry(key).or_default();
             if q.len() < self.cfg.max_held_per_conn && self.held_total < self.cfg.max_held_total {
