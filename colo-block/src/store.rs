@@ -278,6 +278,9 @@ pub const JOURNAL_HEADER_BYTES: u64 = 4096;
 const SLOT_HEADER: usize = SECTOR_SIZE as usize;
 const STATE_OPEN: u32 = 0;
 const STATE_COMMITTING: u32 = 1;
+/// Largest superblock sequence number a journal accepts. Each `clear` uses one, so a real journal never gets
+/// near it; a damaged or crafted superblock beyond it would make the next sequence number overflow.
+const MAX_SEQ: u64 = u64::MAX / 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Superblock {
@@ -413,7 +416,10 @@ impl<B: BlockBackend> JournalStore<B> {
         let capacity = Self::capacity_for(backend.len(), block_size)?;
         // Continue the sequence of any journal the device held before, so none of its records can
         // match the new generation; a fresh id guards against records whose superblocks are gone.
-        let previous = read_superblock(&backend).ok().flatten();
+        let previous = read_superblock(&backend)
+            .ok()
+            .flatten()
+            .filter(|(sb, _)| sb.seq <= MAX_SEQ);
         let seq = previous.map_or(0, |(sb, _)| sb.seq) + 1;
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -455,6 +461,18 @@ impl<B: BlockBackend> JournalStore<B> {
             reason: "bad block size in superblock",
             slot: None,
         })?;
+        if sb.state != STATE_OPEN && sb.state != STATE_COMMITTING {
+            return Err(Error::CorruptJournal {
+                reason: "unknown state in superblock",
+                slot: None,
+            });
+        }
+        if sb.seq > MAX_SEQ {
+            return Err(Error::CorruptJournal {
+                reason: "superblock sequence number out of range",
+                slot: None,
+            });
+        }
         let capacity = Self::capacity_for(backend.len(), block_size)?;
         let mut store = JournalStore {
             backend,
