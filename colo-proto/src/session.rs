@@ -209,6 +209,13 @@ impl Event {
     }
 }
 
+/// `now + wait`, or a deadline a century away when `wait` is too long to add (`Duration::MAX` as "never").
+fn after(now: Instant, wait: Duration) -> Instant {
+    now.checked_add(wait)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+        .unwrap_or(now)
+}
+
 fn check_epoch(msg: &Message, expected: u64) -> Result<()> {
     match msg.epoch() {
         Some(found) if found != expected => Err(Error::Epoch {
@@ -248,7 +255,7 @@ impl PrimarySession {
         PrimarySession {
             config,
             state: PState::WaitingReady {
-                deadline: now + config.peer_timeout,
+                deadline: after(now, config.peer_timeout),
             },
             committed: 0,
             actions: VecDeque::new(),
@@ -393,7 +400,7 @@ impl PrimarySession {
                 (
                     PState::AwaitingReply {
                         epoch,
-                        deadline: now + peer,
+                        deadline: after(now, peer),
                     },
                     Ok(()),
                 )
@@ -433,7 +440,7 @@ impl PrimarySession {
                     PState::AwaitingReceived {
                         epoch,
                         paused_at,
-                        deadline: now + peer,
+                        deadline: after(now, peer),
                     },
                     Ok(()),
                 )
@@ -448,7 +455,7 @@ impl PrimarySession {
             ) => match check_epoch(&m, epoch) {
                 Ok(()) => {
                     self.actions.push_back(A::ReleaseOutput { epoch });
-                    let deadline = now + self.config.load_timeout;
+                    let deadline = after(now, self.config.load_timeout);
                     (
                         PState::AwaitingLoaded {
                             epoch,
@@ -687,7 +694,7 @@ impl SecondarySession {
 
     fn transition(&mut self, now: Instant, event: Event) -> Result<()> {
         use SecondaryAction as A;
-        let deadline = now + self.config.peer_timeout;
+        let deadline = after(now, self.config.peer_timeout);
         let state = std::mem::replace(&mut self.state, SState::Closed);
         let (next, result) = match (state, event) {
             (SState::Failed(e), _) => (SState::Failed(e.clone()), Err(Error::AlreadyFailed(Box::new(e)))),
@@ -965,6 +972,24 @@ mod tests {
             s.handle_message(now, m).unwrap();
         }
         (s, now)
+    }
+
+    #[test]
+    fn endless_timeouts_do_not_overflow_the_clock() {
+        let now = Instant::now();
+        let cfg = SessionConfig {
+            peer_timeout: Duration::MAX,
+            load_timeout: Duration::MAX,
+            ..SessionConfig::default()
+        };
+        let mut p = PrimarySession::new(cfg, now);
+        assert!(p.poll_timeout().is_some_and(|d| d > now));
+        p.handle_message(now, Message::CheckpointReady).unwrap();
+        p.start_checkpoint(now).unwrap();
+        let mut s = SecondarySession::new(cfg, now);
+        s.handle_message(now, Message::CheckpointRequest { epoch: 1 })
+            .unwrap();
+        assert!(s.poll_timeout().is_some_and(|d| d > now));
     }
 
     #[test]
