@@ -246,7 +246,7 @@ impl<S: Read + Write> Channel<S> {
     pub fn send_vmstate(&mut self, epoch: u64, devices: &[(u32, &[u8])], chunk: usize) -> Result<()> {
         let size = devices.iter().map(|(_, d)| d.len() as u64).sum();
         self.send(&Message::VmstateSize { epoch, size })?;
-        let chunk = chunk.clamp(1, self.max_body as usize / 2);
+        let chunk = chunk.clamp(1, (self.max_body as usize / 2).max(1));
         for &(device_id, blob) in devices {
             let total = blob.len() as u64;
             let mut offset = 0usize;
