@@ -176,6 +176,22 @@ impl<'m> GuestRam<'m> {
         &self.layout
     }
 
+    /// Whether any region of `self` shares host memory with any region of `other` (two views of one
+    /// mapping, for instance of a cloned `GuestMemoryMmap`).
+    pub(crate) fn shares_memory_with(&self, other: &GuestRam<'_>) -> bool {
+        let span = |r: &HostRegion| {
+            let start = r.host as usize;
+            start..start.saturating_add(r.layout.len as usize)
+        };
+        self.regions.iter().any(|a| {
+            let a = span(a);
+            other.regions.iter().any(|b| {
+                let b = span(b);
+                a.start < b.end && b.start < a.end
+            })
+        })
+    }
+
     /// Host pointer to page `page` of region `region`, checked against the layout.
     pub(crate) fn page_ptr(&self, region: usize, page: usize, pages: usize) -> Result<*mut u8, RamError> {
         let r = self
