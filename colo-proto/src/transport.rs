@@ -353,7 +353,9 @@ impl<S: Read + Write> Channel<S> {
                 Ok(negotiated)
             }
             Err(refusal) => {
-                self.version = hello.min_version.clamp(MIN_PROTOCOL_VERSION, local.max_version);
+                self.version = hello
+                    .min_version
+                    .clamp(MIN_PROTOCOL_VERSION, local.max_version.max(MIN_PROTOCOL_VERSION));
                 // Best effort: the peer learns why; our caller gets the typed reason either way.
                 let _ = self.send(&handshake::refusal_message(&refusal));
                 Err(Error::Refused(refusal))
