@@ -903,6 +903,7 @@ fn accept_chunk(
         });
     }
     let len = chunk.data.len() as u64;
+    let before = got;
     let got = match got.checked_add(len).filter(|&g| g <= size) {
         Some(g) => g,
         None => {
@@ -926,6 +927,15 @@ fn accept_chunk(
                 return bad(format!(
                     "device {} starts at offset {}",
                     chunk.device_id, chunk.offset
+                ));
+            }
+            // The announced size bounds every device's total, so a VMM may size its buffer by `total`.
+            if chunk.total > size - before {
+                return bad(format!(
+                    "device {} announces {} bytes, only {} of the checkpoint's {size} are left",
+                    chunk.device_id,
+                    chunk.total,
+                    size - before
                 ));
             }
             DeviceProgress {
@@ -972,6 +982,25 @@ mod tests {
             s.handle_message(now, m).unwrap();
         }
         (s, now)
+    }
+
+    #[test]
+    fn a_device_total_beyond_the_announced_size_is_refused() {
+        // 10 bytes announced; a device claiming 2^60 bytes in a 4-byte chunk must not get through, so the
+        // VMM can size its buffer by `total`.
+        let (mut s, now) = receiving_devices(10);
+        assert!(matches!(
+            s.handle_message(now, chunk(7, 1 << 60, 0, 4)),
+            Err(Error::DeviceState { .. })
+        ));
+        assert!(s.failure().is_some());
+        // The second device may claim only what the first left over.
+        let (mut s, now) = receiving_devices(10);
+        s.handle_message(now, chunk(7, 6, 0, 6)).unwrap();
+        assert!(s.handle_message(now, chunk(8, 5, 0, 4)).is_err());
+        let (mut s, now) = receiving_devices(10);
+        s.handle_message(now, chunk(7, 6, 0, 6)).unwrap();
+        s.handle_message(now, chunk(8, 4, 0, 4)).unwrap();
     }
 
     #[test]
