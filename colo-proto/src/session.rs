@@ -216,6 +216,21 @@ fn after(now: Instant, wait: Duration) -> Instant {
         .unwrap_or(now)
 }
 
+/// The error for an input that has no transition in `state`: an unexpected message, or a local command
+/// given at the wrong time.
+fn refuse(state: &'static str, ev: Event) -> Error {
+    match ev {
+        Event::Msg(m) => Error::Unexpected {
+            state,
+            kind: m.kind(),
+        },
+        other => Error::BadCommand {
+            state,
+            command: other.command(),
+        },
+    }
+}
+
 fn check_epoch(msg: &Message, expected: u64) -> Result<()> {
     match msg.epoch() {
         Some(found) if found != expected => Err(Error::Epoch {
@@ -361,19 +376,7 @@ impl PrimarySession {
         let state = std::mem::replace(&mut self.state, PState::Closed);
         let (next, result) = match (state, event) {
             (PState::Failed(e), _) => (PState::Failed(e.clone()), Err(Error::AlreadyFailed(Box::new(e)))),
-            (s @ PState::Closed, ev) => {
-                let r = match ev {
-                    Event::Msg(m) => Err(Error::Unexpected {
-                        state: "closed",
-                        kind: m.kind(),
-                    }),
-                    other => Err(Error::BadCommand {
-                        state: "closed",
-                        command: other.command(),
-                    }),
-                };
-                (s, r)
-            }
+            (s @ PState::Closed, ev) => (s, Err(refuse("closed", ev))),
             (_, Event::Msg(Message::Error { code, text })) => {
                 (PState::Closed, Err(Error::Peer { code, text }))
             }
@@ -498,25 +501,9 @@ impl PrimarySession {
                     Err(e),
                 ),
             },
-            (s, Event::Msg(m)) => {
-                let name = s.name();
-                (
-                    s,
-                    Err(Error::Unexpected {
-                        state: name,
-                        kind: m.kind(),
-                    }),
-                )
-            }
             (s, ev) => {
-                let name = s.name();
-                (
-                    s,
-                    Err(Error::BadCommand {
-                        state: name,
-                        command: ev.command(),
-                    }),
-                )
+                let e = refuse(s.name(), ev);
+                (s, Err(e))
             }
         };
         self.state = next;
@@ -698,19 +685,7 @@ impl SecondarySession {
         let state = std::mem::replace(&mut self.state, SState::Closed);
         let (next, result) = match (state, event) {
             (SState::Failed(e), _) => (SState::Failed(e.clone()), Err(Error::AlreadyFailed(Box::new(e)))),
-            (s @ SState::Closed, ev) => {
-                let r = match ev {
-                    Event::Msg(m) => Err(Error::Unexpected {
-                        state: "closed",
-                        kind: m.kind(),
-                    }),
-                    other => Err(Error::BadCommand {
-                        state: "closed",
-                        command: other.command(),
-                    }),
-                };
-                (s, r)
-            }
+            (s @ SState::Closed, ev) => (s, Err(refuse("closed", ev))),
             (_, Event::Msg(Message::Error { code, text })) => {
                 (SState::Closed, Err(Error::Peer { code, text }))
             }
@@ -860,25 +835,9 @@ impl SecondarySession {
                 self.actions.push_back(A::CheckpointDone { epoch });
                 (SState::Running { epoch }, Ok(()))
             }
-            (s, Event::Msg(m)) => {
-                let name = s.name();
-                (
-                    s,
-                    Err(Error::Unexpected {
-                        state: name,
-                        kind: m.kind(),
-                    }),
-                )
-            }
             (s, ev) => {
-                let name = s.name();
-                (
-                    s,
-                    Err(Error::BadCommand {
-                        state: name,
-                        command: ev.command(),
-                    }),
-                )
+                let e = refuse(s.name(), ev);
+                (s, Err(e))
             }
         };
         self.state = next;
