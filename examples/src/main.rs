@@ -1,0 +1,2 @@
+//! colo-vmm command line.
+fn main() {}
