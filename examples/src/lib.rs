@@ -14,7 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod abi;
-// pub mod client;
+pub mod client;
 // pub mod control;
 pub mod devices;
 pub mod error;
