@@ -88,3 +88,89 @@ fn kv_service_answers_over_tcp_through_the_switch_and_survives_reboot() {
     assert_eq!(c.request("GET k3", t).unwrap(), "NONE");
     m.quit();
 }
+
+/// Copy all of `from`'s RAM into `to`.
+fn copy_ram(from: &colo_vmm::Machine, to: &colo_vmm::Machine) {
+    use vm_memory::{Bytes, GuestAddress};
+    let size = colo_vmm::memory::ram_size(from.ram());
+    let mut buf = vec![0u8; 1 << 20];
+    for off in (0..size).step_by(buf.len()) {
+        from.ram().read_slice(&mut buf, GuestAddress(off)).unwrap();
+        to.ram().write_slice(&buf, GuestAddress(off)).unwrap();
+    }
+}
+
+#[test]
+fn vcpu_and_device_state_move_to_a_second_vm_and_the_tcp_connection_survives() {
+    if !kvm_or_skip("vcpu_and_device_state_move_to_a_second_vm_and_the_tcp_connection_survives") {
+        return;
+    }
+    use colo_vmm::client::{ClientConfig, KvClient};
+    use colo_vmm::switch::Switch;
+    use colo_vmm::{Machine, MachineConfig, MachineState};
+    let dir = tempfile::tempdir().unwrap();
+    let disk = disk(dir.path(), "disk.img", 4);
+    let sw = Switch::spawn(&dir.path().join("switch")).unwrap();
+    let t = Duration::from_secs(10);
+    let net = |n: &str| NetConfig::Switch {
+        switch: sw.path().to_path_buf(),
+        local: dir.path().join(n),
+    };
+    let (mut a, console) = boot(&disk, net("vm-a"), 32);
+    console.wait_for("log replayed", t);
+    let mut c = KvClient::connect(sw.path(), &dir.path().join("c"), &ClientConfig::default(), t).unwrap();
+    for i in 0..50 {
+        assert_eq!(
+            c.request(&format!("SET a{i} {i}"), t).unwrap(),
+            format!("OK {}", i + 1)
+        );
+    }
+
+    a.pause().unwrap();
+    let saved = a.save_state().unwrap();
+    // The state survives its encoding, and garbage or a truncated copy is refused.
+    let bytes = saved.to_bytes().unwrap();
+    assert_eq!(MachineState::from_bytes(&bytes).unwrap(), saved);
+    assert!(MachineState::from_bytes(&bytes[..bytes.len() - 3]).is_err());
+    assert!(MachineState::from_bytes(&[0xff; 64]).is_err());
+    // Saving twice without running gives the same state (apart from the running TSC).
+    let mut again = a.save_state().unwrap();
+    let tsc = |s: &MachineState| s.vcpu.msrs.iter().find(|m| m.0 == 0x10).unwrap().1;
+    assert!(tsc(&again) >= tsc(&saved));
+    again.vcpu.msrs = saved.vcpu.msrs.clone();
+    assert_eq!(again, saved);
+
+    let mut cfg = MachineConfig::new(disk.clone(), net("vm-b"));
+    cfg.ram_size = 32 << 20;
+    let mut b = Machine::new(cfg).unwrap();
+    let console_b = Console::attach(&b);
+    b.prepare_incoming().unwrap();
+    copy_ram(&a, &b);
+    // A state loads any number of times.
+    for _ in 0..3 {
+        b.restore_state(&saved).unwrap();
+    }
+    let mut loaded = b.save_state().unwrap();
+    assert!(tsc(&loaded) >= tsc(&saved), "guest time must not go backwards");
+    loaded.vcpu.msrs = saved.vcpu.msrs.clone();
+    assert_eq!(loaded.vcpu.regs, saved.vcpu.regs);
+    assert_eq!(loaded.vcpu.sregs, saved.vcpu.sregs);
+    assert_eq!(
+        loaded.vcpu.xsave[..160],
+        saved.vcpu.xsave[..160],
+        "x87/SSE state (incl. MXCSR)"
+    );
+    assert_eq!(loaded.devices, saved.devices);
+    a.quit();
+    drop(a);
+
+    b.start(false).unwrap();
+    b.announce().unwrap();
+    // Same TCP connection, now served by the second VM.
+    for i in 0..50 {
+        assert_eq!(c.request(&format!("GET a{i}"), t).unwrap(), format!("VAL {i}"));
+    }
+    assert_eq!(c.request("SET after 1", t).unwrap(), "OK 51");
+    assert!(console_b.0.lock().unwrap().is_empty(), "the guest did not reboot");
+    b.quit();
+}
