@@ -15,7 +15,7 @@
 
 pub mod abi;
 pub mod client;
-// pub mod control;
+pub mod control;
 pub mod devices;
 pub mod error;
 pub mod memory;

@@ -25,7 +25,7 @@ pub const PAGE_SIZE: u64 = 4096;
 /// Allocate `size` bytes of guest RAM. With `memfd`, the memory is a shared mapping of a memfd (returned so
 /// another process can map it).
 pub fn create_ram(size: u64, memfd: bool) -> Result<(GuestRam, Option<File>)> {
-    if !(MIN_RAM..=MAX_RAM).contains(&size) || size % (2 << 20) != 0 {
+    if !(MIN_RAM..=MAX_RAM).contains(&size) || !size.is_multiple_of(2 << 20) {
         return Err(Error::Memory {
             gpa: 0,
             detail: format!("RAM size {size} must be a multiple of 2 MiB in {MIN_RAM}..={MAX_RAM}"),
@@ -65,7 +65,7 @@ pub fn create_ram(size: u64, memfd: bool) -> Result<(GuestRam, Option<File>)> {
 
 /// RAM size in bytes.
 pub fn ram_size(ram: &GuestRam) -> u64 {
-    ram.iter().map(|r| vm_memory::GuestMemoryRegion::len(r)).sum()
+    ram.iter().map(vm_memory::GuestMemoryRegion::len).sum()
 }
 
 fn write_u64s(ram: &GuestRam, gpa: u64, vals: &[u64]) -> Result<()> {

@@ -194,8 +194,8 @@ pub struct Machine {
     serial: Arc<Mutex<Serial>>,
     devices: Arc<Mutex<Devices>>,
     shared: Arc<Shared>,
-    threads: Vec<JoinHandle<()>>,
-    started: bool,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    started: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Machine {
@@ -285,8 +285,8 @@ impl Machine {
                 backend,
             })),
             shared,
-            threads: Vec::new(),
-            started: false,
+            threads: Mutex::new(Vec::new()),
+            started: std::sync::atomic::AtomicBool::new(false),
             config,
         })
     }
@@ -295,7 +295,7 @@ impl Machine {
 impl Machine {
     /// Load the guest image and set up a fresh boot: boot tables, boot info, CPL3 long-mode vCPU.
     pub fn boot(&mut self, elf: &[u8]) -> Result<()> {
-        if self.started {
+        if self.started.load(Ordering::SeqCst) {
             return Err(Error::WrongState {
                 state: "started",
                 op: "boot",
@@ -354,14 +354,13 @@ impl Machine {
     }
 
     /// Start the vCPU and device threads (paused if `paused`).
-    pub fn start(&mut self, paused: bool) -> Result<()> {
-        if self.started {
+    pub fn start(&self, paused: bool) -> Result<()> {
+        if self.started.swap(true, Ordering::SeqCst) {
             return Err(Error::WrongState {
                 state: "started",
                 op: "start",
             });
         }
-        self.started = true;
         self.shared
             .want
             .store(if paused { WANT_PAUSE } else { WANT_RUN }, Ordering::SeqCst);
@@ -380,13 +379,13 @@ impl Machine {
             .name("vcpu0".into())
             .spawn(move || vcpu_thread(&shared, &vcpu, &serial, &ram))
             .map_err(Error::io("spawning the vCPU thread"))?;
-        self.threads.push(t);
+        lock(&self.threads).push(t);
         let (shared, devices, ram) = (self.shared.clone(), self.devices.clone(), self.ram.clone());
         let t = std::thread::Builder::new()
             .name("devices".into())
             .spawn(move || device_thread(&shared, &devices, &ram))
             .map_err(Error::io("spawning the device thread"))?;
-        self.threads.push(t);
+        lock(&self.threads).push(t);
         Ok(())
     }
 
@@ -395,7 +394,7 @@ impl Machine {
         let p = lock(&self.shared.phases);
         if p.vcpu_exited {
             RunState::Stopped
-        } else if !self.started {
+        } else if !self.started.load(Ordering::SeqCst) {
             RunState::Created
         } else if p.vcpu_paused && p.dev_paused {
             RunState::Paused
@@ -413,7 +412,7 @@ impl Machine {
     /// has finished every request it started. Returns how long it took.
     pub fn pause(&self) -> Result<Duration> {
         let t0 = Instant::now();
-        if !self.started {
+        if !self.started.load(Ordering::SeqCst) {
             return Ok(Duration::ZERO);
         }
         self.shared.want.store(WANT_PAUSE, Ordering::SeqCst);
@@ -436,7 +435,7 @@ impl Machine {
     fn poke_threads(&self) {
         let _ = self.shared.kick.write(1);
         self.shared.wake_vcpu();
-        if let Some(t) = self.threads.first() {
+        if let Some(t) = lock(&self.threads).first() {
             // SAFETY: the thread is alive (joined only in Drop) and SIGRTMIN has a no-op handler; the signal
             // only makes KVM_RUN return EINTR.
             unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
@@ -445,7 +444,7 @@ impl Machine {
 
     /// Let a paused machine run.
     pub fn resume(&self) -> Result<()> {
-        if !self.started {
+        if !self.started.load(Ordering::SeqCst) {
             return Err(Error::WrongState {
                 state: "created",
                 op: "resume",
@@ -463,14 +462,15 @@ impl Machine {
     }
 
     /// Stop the threads for good.
-    pub fn quit(&mut self) {
+    pub fn quit(&self) {
         self.shared.want.store(WANT_QUIT, Ordering::SeqCst);
         self.shared.changed.notify_all();
-        while self.threads.iter().any(|t| !t.is_finished()) {
+        while lock(&self.threads).iter().any(|t| !t.is_finished()) {
             self.poke_threads();
             std::thread::sleep(Duration::from_millis(1));
         }
-        for t in self.threads.drain(..) {
+        let threads: Vec<_> = lock(&self.threads).drain(..).collect();
+        for t in threads {
             let _ = t.join();
         }
         let mut p = lock(&self.shared.phases);
@@ -583,7 +583,7 @@ impl Machine {
 
 impl Drop for Machine {
     fn drop(&mut self) {
-        if !self.threads.is_empty() {
+        if !lock(&self.threads).is_empty() {
             self.quit();
         }
     }

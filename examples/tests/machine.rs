@@ -14,7 +14,7 @@ fn guest_boots_replays_empty_log_and_idles() {
     }
     let dir = tempfile::tempdir().unwrap();
     let disk = disk(dir.path(), "disk.img", 4);
-    let (mut m, console) = boot(&disk, NetConfig::None, 32);
+    let (m, console) = boot(&disk, NetConfig::None, 32);
     console.wait_for("colo-guest: up", Duration::from_secs(10));
     let l = console.wait_for("log replayed", Duration::from_secs(10));
     assert!(l.contains("0 records"), "{l}");
@@ -47,7 +47,7 @@ fn kv_service_answers_over_tcp_through_the_switch_and_survives_reboot() {
     let t = Duration::from_secs(10);
     let mut model = Model::default();
     {
-        let (mut m, console) = boot(&disk, net(), 32);
+        let (m, console) = boot(&disk, net(), 32);
         console.wait_for("log replayed", t);
         let mut c =
             KvClient::connect(sw.path(), &dir.path().join("c0"), &ClientConfig::default(), t).unwrap();
@@ -78,7 +78,7 @@ fn kv_service_answers_over_tcp_through_the_switch_and_survives_reboot() {
         m.quit();
     }
     // A fresh boot on the same disk replays the log: the store is intact.
-    let (mut m, console) = boot(&disk, net(), 32);
+    let (m, console) = boot(&disk, net(), 32);
     let l = console.wait_for("log replayed", t);
     assert!(l.contains("201 records"), "{l}");
     let mut c = KvClient::connect(sw.path(), &dir.path().join("c1"), &ClientConfig::default(), t).unwrap();
@@ -116,7 +116,7 @@ fn vcpu_and_device_state_move_to_a_second_vm_and_the_tcp_connection_survives() {
         switch: sw.path().to_path_buf(),
         local: dir.path().join(n),
     };
-    let (mut a, console) = boot(&disk, net("vm-a"), 32);
+    let (a, console) = boot(&disk, net("vm-a"), 32);
     console.wait_for("log replayed", t);
     let mut c = KvClient::connect(sw.path(), &dir.path().join("c"), &ClientConfig::default(), t).unwrap();
     for i in 0..50 {

@@ -206,3 +206,112 @@ impl Block {
         Ok(b)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::create_ram;
+
+    fn submit(ram: &GuestRam, idx: u32, op: u32, sector: u64, count: u32, buf: u64) -> u64 {
+        let desc = BLK_GPA + BLK_DESC_OFF + u64::from(idx % BLK_SLOTS) * BLK_DESC_SIZE;
+        ram.write_obj(op, GuestAddress(desc)).unwrap();
+        ram.write_obj(BLK_ST_PENDING, GuestAddress(desc + 4)).unwrap();
+        ram.write_obj(sector, GuestAddress(desc + 8)).unwrap();
+        ram.write_obj(count, GuestAddress(desc + 16)).unwrap();
+        ram.write_obj(buf, GuestAddress(desc + 24)).unwrap();
+        ram.store(idx + 1, GuestAddress(BLK_GPA + BLK_REQ_PROD), Ordering::Release)
+            .unwrap();
+        desc
+    }
+
+    fn status(ram: &GuestRam, desc: u64) -> u32 {
+        ram.read_obj(GuestAddress(desc + 4)).unwrap()
+    }
+
+    #[test]
+    fn reads_writes_flushes_and_refuses_bad_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("d.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(64 * SECTOR_SIZE)
+            .unwrap();
+        let (ram, _) = create_ram(MIN_RAM, false).unwrap();
+        let mut b = Block::open(&img).unwrap();
+        ram.write_slice(&[0xab; 1024], GuestAddress(0x100000)).unwrap();
+        let d = submit(&ram, 0, BLK_OP_WRITE, 3, 2, 0x100000);
+        assert_eq!(b.poll(&ram).unwrap(), 1);
+        assert_eq!(status(&ram, d), BLK_ST_OK);
+        let d = submit(&ram, 1, BLK_OP_FLUSH, 0, 0, 0);
+        b.poll(&ram).unwrap();
+        assert_eq!(status(&ram, d), BLK_ST_OK);
+        let d = submit(&ram, 2, BLK_OP_READ, 3, 2, 0x200000);
+        b.poll(&ram).unwrap();
+        assert_eq!(status(&ram, d), BLK_ST_OK);
+        let mut back = [0u8; 1024];
+        ram.read_slice(&mut back, GuestAddress(0x200000)).unwrap();
+        assert_eq!(back, [0xab; 1024]);
+        let on_disk = std::fs::read(&img).unwrap();
+        assert_eq!(&on_disk[3 * 512..5 * 512], &[0xab; 1024][..]);
+        // Past the end of the disk, past the end of RAM, an unknown op, too large: BADREQ, nothing written.
+        for (i, (op, sector, count, buf)) in [
+            (BLK_OP_WRITE, 63, 2, 0x100000),
+            (BLK_OP_READ, 0, 1, MIN_RAM - 256),
+            (9, 0, 1, 0x100000),
+            (BLK_OP_WRITE, 0, BLK_MAX_SECTORS + 1, 0x100000),
+            (BLK_OP_WRITE, u64::MAX, 1, 0x100000),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let d = submit(&ram, 3 + i as u32, op, sector, count, buf);
+            b.poll(&ram).unwrap();
+            assert_eq!(status(&ram, d), BLK_ST_BADREQ, "request {i}");
+        }
+        assert_eq!(b.state().errors, 5);
+        assert_eq!(std::fs::read(&img).unwrap(), on_disk);
+        // A producer index too far ahead stops the device.
+        ram.store(1000u32, GuestAddress(BLK_GPA + BLK_REQ_PROD), Ordering::Release)
+            .unwrap();
+        assert!(b.poll(&ram).is_err());
+        assert!(b.state().broken);
+    }
+
+    #[test]
+    fn state_round_trips_and_is_checked_against_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("d.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(64 * SECTOR_SIZE)
+            .unwrap();
+        let small = dir.path().join("s.img");
+        std::fs::File::create(&small)
+            .unwrap()
+            .set_len(8 * SECTOR_SIZE)
+            .unwrap();
+        let (ram, _) = create_ram(MIN_RAM, false).unwrap();
+        let mut b = Block::open(&img).unwrap();
+        submit(&ram, 0, BLK_OP_FLUSH, 0, 0, 0);
+        b.poll(&ram).unwrap();
+        let st = b.state();
+        let bytes = crate::devices::encode("block", &st).unwrap();
+        for _ in 0..3 {
+            let decoded: BlockState = crate::devices::decode("block", &bytes).unwrap();
+            assert_eq!(Block::from_state(&img, &decoded).unwrap().state(), st);
+            b.restore(&decoded).unwrap();
+        }
+        assert!(
+            Block::from_state(&small, &st).is_err(),
+            "a state for another disk size is refused"
+        );
+        // The restored device completes the next request in the right slot.
+        let d = submit(&ram, 1, BLK_OP_FLUSH, 0, 0, 0);
+        let mut fresh = Block::from_state(&img, &st).unwrap();
+        assert_eq!(fresh.poll(&ram).unwrap(), 1);
+        assert_eq!(status(&ram, d), BLK_ST_OK);
+        let unaligned = dir.path().join("u.img");
+        std::fs::File::create(&unaligned).unwrap().set_len(1000).unwrap();
+        assert!(Block::open(&unaligned).is_err());
+    }
+}

@@ -216,3 +216,116 @@ pub fn announce_frame(mac: [u8; 6]) -> Vec<u8> {
     f.resize(60, 0);
     f
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::backend::NetBackend;
+    use crate::memory::create_ram;
+    use std::collections::VecDeque;
+
+    #[derive(Default)]
+    struct Loop {
+        sent: Vec<Vec<u8>>,
+        inbox: VecDeque<Vec<u8>>,
+    }
+
+    impl NetBackend for Loop {
+        fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+            self.sent.push(frame.to_vec());
+            Ok(())
+        }
+        fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+            Ok(self.inbox.pop_front().map(|f| {
+                buf[..f.len()].copy_from_slice(&f);
+                f.len()
+            }))
+        }
+        fn poll_fd(&self) -> std::os::fd::RawFd {
+            -1
+        }
+    }
+
+    fn guest_send(ram: &GuestRam, idx: u32, frame: &[u8]) {
+        let slot = NIC_TX_SLOTS_GPA + u64::from(idx % NIC_SLOTS) * NIC_SLOT_SIZE;
+        ram.write_slice(frame, GuestAddress(slot + NIC_SLOT_DATA))
+            .unwrap();
+        ram.write_obj(frame.len() as u16, GuestAddress(slot)).unwrap();
+        store(ram, NIC_GPA + NIC_TX_PROD, idx + 1).unwrap();
+    }
+
+    #[test]
+    fn frames_flow_both_ways_and_a_full_rx_ring_leaves_frames_in_the_backend() {
+        let (ram, _) = create_ram(MIN_RAM, false).unwrap();
+        let mut nic = Nic::new([2, 0, 0, 0, 0, 1]);
+        let mut be = Loop::default();
+        guest_send(&ram, 0, b"hello");
+        for i in 0..NIC_SLOTS + 5 {
+            be.inbox.push_back(vec![i as u8; 60]);
+        }
+        let w = nic.poll(&ram, &mut be).unwrap();
+        assert_eq!(
+            w,
+            NicWork {
+                tx: 1,
+                rx: NIC_SLOTS as usize
+            }
+        );
+        assert_eq!(be.sent, [b"hello".to_vec()]);
+        assert_eq!(be.inbox.len(), 5, "no frame is dropped when the ring is full");
+        assert_eq!(load(&ram, NIC_GPA + NIC_RX_PROD).unwrap(), NIC_SLOTS);
+        // The guest consumes two; two more arrive.
+        store(&ram, NIC_GPA + NIC_RX_CONS, 2).unwrap();
+        assert_eq!(nic.poll(&ram, &mut be).unwrap().rx, 2);
+    }
+
+    #[test]
+    fn a_guest_that_breaks_the_ring_gets_an_error_and_a_stopped_device() {
+        let (ram, _) = create_ram(MIN_RAM, false).unwrap();
+        let mut nic = Nic::new([2, 0, 0, 0, 0, 1]);
+        let mut be = Loop::default();
+        store(&ram, NIC_GPA + NIC_TX_PROD, NIC_SLOTS + 1).unwrap();
+        assert!(matches!(
+            nic.poll(&ram, &mut be),
+            Err(Error::GuestProtocol { .. })
+        ));
+        assert!(nic.state().broken);
+        assert_eq!(nic.poll(&ram, &mut be).unwrap(), NicWork::default());
+        // An oversized length is refused too.
+        let mut nic = Nic::new([2, 0, 0, 0, 0, 1]);
+        store(&ram, NIC_GPA + NIC_TX_PROD, 1).unwrap();
+        ram.write_obj(u16::MAX, GuestAddress(NIC_TX_SLOTS_GPA)).unwrap();
+        assert!(nic.poll(&ram, &mut be).is_err());
+        assert!(be.sent.is_empty());
+    }
+
+    #[test]
+    fn state_loads_any_number_of_times_into_fresh_and_running_nics() {
+        let (ram, _) = create_ram(MIN_RAM, false).unwrap();
+        let mut nic = Nic::new([2, 0, 0, 0, 0, 1]);
+        let mut be = Loop::default();
+        guest_send(&ram, 0, b"one");
+        nic.poll(&ram, &mut be).unwrap();
+        let st = nic.state();
+        let bytes = crate::devices::encode("nic", &st).unwrap();
+        for _ in 0..3 {
+            let decoded: NicState = crate::devices::decode("nic", &bytes).unwrap();
+            let fresh = Nic::from_state(&decoded).unwrap();
+            assert_eq!(fresh.state(), st);
+            nic.restore(&decoded).unwrap();
+            assert_eq!(nic.state(), st);
+        }
+        // The restored NIC continues where the saved one stood.
+        guest_send(&ram, 1, b"two");
+        assert_eq!(nic.poll(&ram, &mut be).unwrap().tx, 1);
+        assert_eq!(be.sent.len(), 2);
+        assert!(
+            Nic::from_state(&NicState {
+                mac: [1, 0, 0, 0, 0, 0],
+                ..st
+            })
+            .is_err()
+        );
+        assert!(crate::devices::decode::<NicState>("nic", &bytes[..bytes.len() - 1]).is_err());
+    }
+}

@@ -19,10 +19,13 @@ pub struct SerialState {
     pub lines: u64,
 }
 
+/// Receives each complete console line.
+pub type ConsoleSink = Box<dyn FnMut(&str) + Send>;
+
 /// The serial console device.
 pub struct Serial {
     state: SerialState,
-    sink: Option<Box<dyn FnMut(&str) + Send>>,
+    sink: Option<ConsoleSink>,
 }
 
 impl std::fmt::Debug for Serial {
@@ -49,7 +52,7 @@ impl Serial {
     }
 
     /// Also hand every complete line to `sink`.
-    pub fn set_sink(&mut self, sink: Box<dyn FnMut(&str) + Send>) {
+    pub fn set_sink(&mut self, sink: ConsoleSink) {
         self.sink = Some(sink);
     }
 

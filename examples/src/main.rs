@@ -1,2 +1,0 @@
-//! colo-vmm command line.
-fn main() {}
