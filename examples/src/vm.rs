@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::abi::*;
 use crate::devices::backend::{NetBackend, NoopBackend, TapBackend, UnixDgramBackend};
-use crate::devices::block::Block;
+use crate::devices::block::{Block, DiskBackend};
 use crate::devices::nic::{Nic, announce_frame};
 use crate::devices::serial::Serial;
 use crate::devices::{self, DevicesState};
@@ -219,6 +219,16 @@ pub const RAM_SLOT: u32 = 0;
 impl Machine {
     /// Create the VM, its RAM and devices, with the guest not yet loaded.
     pub fn new(config: MachineConfig) -> Result<Self> {
+        Self::with_backends(config, None, None)
+    }
+
+    /// Like [`Machine::new`], but with the NIC's frames going to `net` and the disk's I/O going to `disk`
+    /// instead of what `config` names (a COLO VMM interposes its comparator and block replication here).
+    pub fn with_backends(
+        config: MachineConfig,
+        net: Option<Box<dyn NetBackend>>,
+        disk: Option<Box<dyn DiskBackend>>,
+    ) -> Result<Self> {
         static SIGNAL: Once = Once::new();
         SIGNAL.call_once(|| {
             if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick_signal) {
@@ -247,16 +257,20 @@ impl Machine {
         unsafe { vm.set_user_memory_region(slot) }.map_err(Error::kvm("set_user_memory_region"))?;
         let vcpu = vm.create_vcpu(0).map_err(Error::kvm("create_vcpu"))?;
 
-        let block = Block::open(&config.disk)?;
-        let backend: Box<dyn NetBackend> = match &config.net {
-            NetConfig::Switch { switch, local } => Box::new(
+        let block = match disk {
+            Some(d) => Block::with_backend(d)?,
+            None => Block::open(&config.disk)?,
+        };
+        let backend: Box<dyn NetBackend> = match (net, &config.net) {
+            (Some(b), _) => b,
+            (None, NetConfig::Switch { switch, local }) => Box::new(
                 UnixDgramBackend::connect(local, switch)
                     .map_err(Error::io(format!("attaching to switch {}", switch.display())))?,
             ),
-            NetConfig::Tap(name) => {
+            (None, NetConfig::Tap(name)) => {
                 Box::new(TapBackend::open(name).map_err(Error::io(format!("opening tap {name}")))?)
             }
-            NetConfig::None => Box::new(NoopBackend::new().map_err(Error::io("eventfd"))?),
+            (None, NetConfig::None) => Box::new(NoopBackend::new().map_err(Error::io("eventfd"))?),
         };
         let shared = Arc::new(Shared {
             want: AtomicU8::new(WANT_PAUSE),

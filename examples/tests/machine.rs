@@ -86,6 +86,9 @@ fn kv_service_answers_over_tcp_through_the_switch_and_survives_reboot() {
         assert_eq!(c.request(&format!("GET {k}"), t).unwrap(), format!("VAL {v}"));
     }
     assert_eq!(c.request("GET k3", t).unwrap(), "NONE");
+    // The guest powers off on request, after its answer went out.
+    assert_eq!(c.request("POWEROFF", t).unwrap(), "BYE");
+    assert_eq!(m.wait_exit(t), Some(colo_vmm::vm::GuestExit::PowerOff(0)));
     m.quit();
 }
 

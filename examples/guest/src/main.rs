@@ -3,7 +3,8 @@
 //!
 //! Protocol: one command per line, one answer line each, in order:
 //! `SET key value` -> `OK seq`; `GET key` -> `VAL value` or `NONE`; `DEL key` -> `OK seq` or `NONE`;
-//! `STAT` -> `STAT keys=.. seq=.. tsc=..`; `PING` -> `PONG`. Changes are answered only after their log
+//! `STAT` -> `STAT keys=.. seq=.. tsc=..`; `PING` -> `PONG`; `POWEROFF` -> `BYE`, then the guest powers
+//! off once every answer has been acknowledged. Changes are answered only after their log
 //! records are written and flushed (group commit: all answers of one loop iteration wait for one flush).
 
 #![no_std]
@@ -114,7 +115,7 @@ fn split_word(s: &[u8]) -> (&[u8], &[u8]) {
 }
 
 /// Execute one command line; the answer goes to `conn.out`. The caller checked that the log batch has room.
-fn execute(line: &[u8], conn: &mut Conn, table: &mut kv::Table, wal: &mut kv::Wal) {
+fn execute(line: &[u8], conn: &mut Conn, table: &mut kv::Table, wal: &mut kv::Wal, poweroff: &mut bool) {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let (cmd, rest) = split_word(line);
     let mut w = OutWriter(conn);
@@ -155,13 +156,23 @@ fn execute(line: &[u8], conn: &mut Conn, table: &mut kv::Table, wal: &mut kv::Wa
         },
         b"STAT" => writeln!(w, "STAT keys={} seq={} tsc={}", table.len(), wal.seq, rt::rdtsc()),
         b"PING" => writeln!(w, "PONG"),
+        b"POWEROFF" => {
+            *poweroff = true;
+            writeln!(w, "BYE")
+        }
         b"" => Ok(()),
         _ => writeln!(w, "ERR unknown command"),
     };
 }
 
 /// Read what fits from the socket and execute complete lines, leaving room for their answers.
-fn serve(sock: &mut tcp::Socket<'_>, conn: &mut Conn, table: &mut kv::Table, wal: &mut kv::Wal) -> bool {
+fn serve(
+    sock: &mut tcp::Socket<'_>,
+    conn: &mut Conn,
+    table: &mut kv::Table,
+    wal: &mut kv::Wal,
+    poweroff: &mut bool,
+) -> bool {
     let mut progress = false;
     while sock.can_recv() && conn.out_room() >= 512 && wal.has_room() {
         let mut byte = [0u8; 1];
@@ -178,7 +189,7 @@ fn serve(sock: &mut tcp::Socket<'_>, conn: &mut Conn, table: &mut kv::Table, wal
                 let n = conn.line_len;
                 line[..n].copy_from_slice(&conn.line[..n]);
                 conn.line_len = 0;
-                execute(&line[..n], conn, table, wal);
+                execute(&line[..n], conn, table, wal, poweroff);
             }
         } else if conn.line_len < LINE {
             conn.line[conn.line_len] = b;
@@ -222,7 +233,7 @@ pub extern "C" fn _start() -> ! {
     match wal.replay(table) {
         Ok(n) => println!("colo-guest: log replayed, {n} records, {} keys", table.len()),
         Err(e) => {
-            println!("colo-guest: log read failed: {e:?}");
+            println!("colo-guest: log read failed: status {}", e.0);
             rt::poweroff(3);
         }
     }
@@ -249,6 +260,7 @@ pub extern "C" fn _start() -> ! {
         handles[i] = Some(sockets.add(sock));
     }
     let mut conns = [const { Conn::new() }; CONNS];
+    let mut poweroff = false;
 
     loop {
         let now = clock.now();
@@ -269,12 +281,12 @@ pub extern "C" fn _start() -> ! {
                 progress = true;
                 continue;
             }
-            progress |= serve(sock, conn, table, &mut wal);
+            progress |= serve(sock, conn, table, &mut wal, &mut poweroff);
         }
 
         if wal.staged() > 0 {
             if let Err(e) = wal.commit() {
-                println!("colo-guest: log write failed: {e:?}; stopping");
+                println!("colo-guest: log write failed: status {}; stopping", e.0);
                 rt::poweroff(3);
             }
         }
@@ -291,6 +303,17 @@ pub extern "C" fn _start() -> ! {
                     progress = true;
                 }
             }
+        }
+
+        if poweroff
+            && conns.iter().all(|c| c.out_len == 0)
+            && handles
+                .iter()
+                .flatten()
+                .all(|h| sockets.get::<tcp::Socket<'_>>(*h).send_queue() == 0)
+        {
+            println!("colo-guest: powering off");
+            rt::poweroff(0);
         }
 
         if !progress && !nic.rx_pending() {

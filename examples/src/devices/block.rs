@@ -3,6 +3,7 @@
 //! into guest memory.
 
 use std::fs::{File, OpenOptions};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -33,12 +34,51 @@ pub struct BlockState {
     pub broken: bool,
 }
 
-/// The block device model.
+/// Storage behind the block device. A COLO VMM puts its replication layer here (forwarding the primary's
+/// writes, the secondary's overlay); [`RawFile`] is a plain image.
+pub trait DiskBackend: Send {
+    /// Size in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Read `buf.len()` bytes at `offset`.
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Write `buf` at `offset`.
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Make completed writes durable.
+    fn flush(&mut self) -> io::Result<()>;
+}
+
+/// A raw image file.
 #[derive(Debug)]
+pub struct RawFile(pub File);
+
+impl DiskBackend for RawFile {
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_exact_at(buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_all_at(buf, offset)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+}
+
+/// The block device model.
 pub struct Block {
     state: BlockState,
-    file: File,
+    disk: Box<dyn DiskBackend>,
     buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
 }
 
 fn mem(gpa: u64) -> impl FnOnce(vm_memory::GuestMemoryError) -> Error {
@@ -56,7 +96,12 @@ impl Block {
             .write(true)
             .open(path)
             .map_err(Error::io(format!("opening {}", path.display())))?;
-        let len = file.metadata().map_err(Error::io("disk image metadata"))?.len();
+        Self::with_backend(Box::new(RawFile(file)))
+    }
+
+    /// A block device over any storage (its size must be a whole number of sectors).
+    pub fn with_backend(disk: Box<dyn DiskBackend>) -> Result<Self> {
+        let len = disk.len().map_err(Error::io("disk size"))?;
         if len % SECTOR_SIZE != 0 || len == 0 {
             return Err(Error::state(
                 "block",
@@ -68,7 +113,7 @@ impl Block {
                 sectors: len / SECTOR_SIZE,
                 ..Default::default()
             },
-            file,
+            disk,
             buf: Vec::new(),
         })
     }
@@ -139,7 +184,7 @@ impl Block {
         let count: u32 = ram.read_obj(GuestAddress(desc + 16)).map_err(|_| BLK_ST_BADREQ)?;
         let buf: u64 = ram.read_obj(GuestAddress(desc + 24)).map_err(|_| BLK_ST_BADREQ)?;
         if op == BLK_OP_FLUSH {
-            self.file.sync_data().map_err(|e| {
+            self.disk.flush().map_err(|e| {
                 tracing::warn!("block: flush failed: {e}");
                 BLK_ST_IOERR
             })?;
@@ -158,9 +203,7 @@ impl Block {
         let off = sector * SECTOR_SIZE;
         match op {
             BLK_OP_READ => {
-                self.file
-                    .read_exact_at(&mut self.buf, off)
-                    .map_err(|_| BLK_ST_IOERR)?;
+                self.disk.read_at(&mut self.buf, off).map_err(|_| BLK_ST_IOERR)?;
                 ram.write_slice(&self.buf, GuestAddress(buf))
                     .map_err(|_| BLK_ST_BADREQ)?;
                 self.state.reads += 1;
@@ -168,7 +211,7 @@ impl Block {
             BLK_OP_WRITE => {
                 ram.read_slice(&mut self.buf, GuestAddress(buf))
                     .map_err(|_| BLK_ST_BADREQ)?;
-                self.file.write_all_at(&self.buf, off).map_err(|_| BLK_ST_IOERR)?;
+                self.disk.write_at(&self.buf, off).map_err(|_| BLK_ST_IOERR)?;
                 self.state.writes += 1;
             }
             _ => return Err(BLK_ST_BADREQ),
@@ -183,12 +226,7 @@ impl Block {
 
     /// Replace the state; it must describe a disk of this image's size.
     pub fn restore(&mut self, state: &BlockState) -> Result<()> {
-        let sectors = self
-            .file
-            .metadata()
-            .map_err(Error::io("disk image metadata"))?
-            .len()
-            / SECTOR_SIZE;
+        let sectors = self.disk.len().map_err(Error::io("disk size"))? / SECTOR_SIZE;
         if state.sectors != sectors {
             return Err(Error::state(
                 "block",
