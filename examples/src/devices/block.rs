@@ -38,7 +38,7 @@ pub struct BlockState {
 /// writes, the secondary's overlay); [`RawFile`] is a plain image.
 pub trait DiskBackend: Send {
     /// Size in bytes.
-    fn len(&self) -> io::Result<u64>;
+    fn size(&self) -> io::Result<u64>;
     /// Read `buf.len()` bytes at `offset`.
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Write `buf` at `offset`.
@@ -52,7 +52,7 @@ pub trait DiskBackend: Send {
 pub struct RawFile(pub File);
 
 impl DiskBackend for RawFile {
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.len())
     }
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -101,7 +101,7 @@ impl Block {
 
     /// A block device over any storage (its size must be a whole number of sectors).
     pub fn with_backend(disk: Box<dyn DiskBackend>) -> Result<Self> {
-        let len = disk.len().map_err(Error::io("disk size"))?;
+        let len = disk.size().map_err(Error::io("disk size"))?;
         if len % SECTOR_SIZE != 0 || len == 0 {
             return Err(Error::state(
                 "block",
@@ -226,7 +226,7 @@ impl Block {
 
     /// Replace the state; it must describe a disk of this image's size.
     pub fn restore(&mut self, state: &BlockState) -> Result<()> {
-        let sectors = self.disk.len().map_err(Error::io("disk size"))? / SECTOR_SIZE;
+        let sectors = self.disk.size().map_err(Error::io("disk size"))? / SECTOR_SIZE;
         if state.sectors != sectors {
             return Err(Error::state(
                 "block",
