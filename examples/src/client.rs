@@ -153,7 +153,10 @@ impl KvClient {
         );
         tcp.set_nagle_enabled(false);
         tcp.set_ack_delay(None);
-        let local_port = 40000 + (std::process::id() % 20000) as u16;
+        // A fresh ephemeral port per connection, so a reconnect is never mistaken for the old connection.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let local_port = 40000 + ((std::process::id().wrapping_mul(7919).wrapping_add(n)) % 20000) as u16;
         tcp.connect(
             iface.context(),
             (IpAddress::Ipv4(Ipv4Address::from(cfg.server)), cfg.port),
