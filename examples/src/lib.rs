@@ -10,6 +10,29 @@
 //! - [`switch`]: a learning L2 switch over Unix datagram sockets, and [`client`]: a host-side TCP client
 //!   (smoltcp) that talks to the guest through the switch;
 //! - [`control`]: the JSON-lines control socket.
+//!
+//! ```
+//! use colo_vmm::{Machine, MachineConfig, NetConfig};
+//! # if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+//! #     eprintln!("SKIPPED: doc example: /dev/kvm is not available");
+//! #     return Ok(());
+//! # }
+//! let dir = tempfile::tempdir()?;
+//! let disk = dir.path().join("disk.img");
+//! std::fs::File::create(&disk)?.set_len(4 << 20)?;
+//! let mut cfg = MachineConfig::new(disk, NetConfig::None);
+//! cfg.ram_size = 32 << 20;
+//! let mut vm = Machine::new(cfg)?;
+//! vm.boot(colo_vmm::GUEST_ELF)?;
+//! vm.start(false)?;
+//! vm.pause()?; // vCPU out of KVM_RUN, device thread quiet
+//! let state = vm.save_state()?; // vCPU + devices
+//! let wire = state.to_bytes()?;
+//! vm.restore_state(&colo_vmm::MachineState::from_bytes(&wire)?)?; // loads any number of times
+//! vm.resume()?;
+//! vm.quit();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 #![warn(missing_docs)]
 
