@@ -54,6 +54,10 @@ fn kv_service_over_a_tap_in_a_private_network_namespace() {
     if !kvm_or_skip("kv_service_over_a_tap_in_a_private_network_namespace") {
         return;
     }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("SKIPPED: kv_service_over_a_tap_in_a_private_network_namespace: /dev/net/tun is missing");
+        return;
+    }
     let name = format!("colovmm{}", std::process::id());
     let Some(ns) = Netns::create(&name) else {
         eprintln!(
