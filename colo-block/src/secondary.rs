@@ -1,0 +1,838 @@
+//! The secondary side: [`SecondaryDisk`] keeps the SVM's view (checkpoint image plus its own writes) while
+//! the secondary disk follows the primary.
+//!
+//! # Layers
+//!
+//! ```text
+//!   SVM read:  active overlay  ->  hidden store  ->  secondary disk
+//!   SVM write: active overlay (whole blocks; a partial block is read-modify-written from the SVM view)
+//!   PVM write: old block -> hidden store (first overwrite per epoch), then the data -> secondary disk
+//! ```
+//!
+//! The primary's writes reach the secondary disk **as they arrive** (as in QEMU), not at the checkpoint:
+//! a checkpoint then costs no data movement, only dropping two indexes. The hidden store keeps, for every
+//! block the primary overwrote in the current epoch, its content at the last checkpoint; the SVM's reads
+//! of such a block come from there. The hidden store is thereby also an undo log: disk minus hidden store
+//! is always the last checkpoint image.
+//!
+//! * [`SecondaryDisk::checkpoint`] (the barrier of the epoch has arrived, so the disk holds every write of
+//!   it): flush the disk, drop the hidden store, drop the active overlay. The SVM adopts the PVM's disk.
+//! * [`SecondaryDisk::failover`]: the SVM becomes the only copy. The disk must become *checkpoint image plus
+//!   SVM writes*: roll back the hidden blocks (the primary's writes of an unfinished epoch), then write the
+//!   active overlay into the disk.
+//!
+//! # Crash semantics
+//!
+//! With both overlays in [`JournalStore`](crate::JournalStore)s on durable media, the secondary disk
+//! recovered by [`recover`] after a crash of the secondary host at any point is exactly one of two images:
+//!
+//! | crash during | image after [`recover`] |
+//! |---|---|
+//! | an epoch (primary writes arriving) | checkpoint image N (hidden records are flushed before the disk write they protect, and rolled back) |
+//! | `checkpoint` of epoch N | image N (old) before the hidden store's generation switch is durable, image N+1 (new) after |
+//! | `failover` | image N (old) before the active overlay's `committing` mark is durable, image N + SVM writes (new) after: recovery redoes the rollback and the active write-back, both idempotent |
+//!
+//! The commit points are single-sector superblock writes, each followed by a flush, in the journal's A/B
+//! superblock scheme (a torn superblock leaves the previous one valid). With [`MemStore`](crate::MemStore)
+//! overlays a crash loses the overlays; the secondary disk is then a mix of image N and part of epoch N, and
+//! must be brought back with an initial sync (as it must anyway, since the primary went on without it).
+//!
+//! The primary's side of the contract is in [`primary`](crate::primary): it completes no write that is not
+//! on its own disk.
+//!
+//! # Acknowledgements
+//!
+//! [`SecondaryDisk::last_applied`] is the id to acknowledge after `apply`/`apply_batch` returns: the write
+//! is on the secondary disk (in its cache; durable at the next checkpoint's flush) and protected by the
+//! hidden store. That is what protocol C's completion means here.
+
+use crate::backend::{BlockBackend, check_request};
+use crate::error::{Error, Result};
+use crate::primary::{DiscardRecord, WriteId, WriteRecord};
+
+/// A replicated request from the primary: a write or a discard.
+trait Replicated {
+    fn id(&self) -> WriteId;
+    fn epoch(&self) -> u64;
+    fn offset(&self) -> u64;
+    fn len(&self) -> u64;
+    fn apply_to<D: BlockBackend>(&self, disk: &mut D) -> Result<()>;
+}
+
+impl Replicated for WriteRecord {
+    fn id(&self) -> WriteId {
+        self.id
+    }
+    fn epoch(&self) -> u64 {
+        self.epoch
+    }
+    fn offset(&self) -> u64 {
+        self.offset
+    }
+    fn len(&self) -> u64 {
+        self.data.len() as u64
+    }
+    fn apply_to<D: BlockBackend>(&self, disk: &mut D) -> Result<()> {
+        disk.write_at(self.offset, &self.data)
+    }
+}
+
+impl Replicated for DiscardRecord {
+    fn id(&self) -> WriteId {
+        self.id
+    }
+    fn epoch(&self) -> u64 {
+        self.epoch
+    }
+    fn offset(&self) -> u64 {
+        self.offset
+    }
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn apply_to<D: BlockBackend>(&self, disk: &mut D) -> Result<()> {
+        disk.discard(self.offset, self.len)
+    }
+}
+use crate::store::OverlayStore;
+
+/// Where a [`SecondaryDisk`] stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecondaryState {
+    /// Receiving the initial sync; no SVM runs.
+    Syncing,
+    /// Following the primary; the SVM runs on the overlays.
+    Replicating,
+    /// A failover commit started and failed; SVM reads still work, `failover` may be retried.
+    FailoverIncomplete,
+    /// Failed over: the disk is the SVM's own, reads and writes go straight to it.
+    FailedOver,
+}
+
+impl SecondaryState {
+    fn name(self) -> &'static str {
+        match self {
+            SecondaryState::Syncing => "syncing",
+            SecondaryState::Replicating => "replicating",
+            SecondaryState::FailoverIncomplete => "failover-incomplete",
+            SecondaryState::FailedOver => "failed-over",
+        }
+    }
+}
+
+/// What [`recover`] found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// Nothing to do: the disk is a checkpoint image.
+    Clean,
+    /// An epoch or a checkpoint was interrupted: the primary's writes of the unfinished epoch were rolled
+    /// back; the disk is the last checkpoint image.
+    RolledBack {
+        /// Blocks restored from the hidden store.
+        blocks: usize,
+    },
+    /// A failover commit was interrupted after its commit point and has been completed: the disk is the
+    /// last checkpoint image plus the SVM's writes.
+    FailoverCompleted {
+        /// Blocks of the active overlay written.
+        blocks: usize,
+    },
+}
+
+/// The secondary's disk with its hidden store and active overlay (see the module docs).
+#[derive(Debug)]
+pub struct SecondaryDisk<D, H, A> {
+    disk: D,
+    hidden: H,
+    active: A,
+    block_size: u64,
+    state: SecondaryState,
+    epoch: u64,
+    barrier_seen: bool,
+    last_applied: Option<WriteId>,
+    scratch: Vec<u8>,
+    /// Buffer for coalesced reads of old blocks (grows up to `MAX_READ_RUN`).
+    run_buf: Vec<u8>,
+}
+
+/// Largest single read when saving old blocks into the hidden store.
+const MAX_READ_RUN: usize = 1 << 20;
+
+fn check_geometry<D: BlockBackend, H: OverlayStore, A: OverlayStore>(
+    disk: &D,
+    hidden: &H,
+    active: &A,
+) -> Result<u64> {
+    let bs = hidden.block_size() as u64;
+    if active.block_size() as u64 != bs {
+        return Err(Error::Mismatch {
+            what: "overlay block size",
+            expected: bs,
+            found: active.block_size() as u64,
+        });
+    }
+    if !disk.len().is_multiple_of(bs) {
+        return Err(Error::Mismatch {
+            what: "disk length modulo block size",
+            expected: 0,
+            found: disk.len() % bs,
+        });
+    }
+    Ok(bs)
+}
+
+/// Copies every block of `store` (except those `skip` holds) into `disk`, checking indexes.
+fn write_back<D: BlockBackend, S: OverlayStore>(
+    disk: &mut D,
+    store: &S,
+    skip: Option<&dyn Fn(u64) -> bool>,
+    scratch: &mut [u8],
+) -> Result<usize> {
+    let bs = scratch.len() as u64;
+    let blocks = disk.len() / bs;
+    let mut n = 0;
+    for b in store.blocks() {
+        if skip.is_some_and(|s| s(b)) {
+            continue;
+        }
+        if b >= blocks {
+            return Err(Error::CorruptJournal {
+                reason: "block index beyond the disk",
+                slot: None,
+            });
+        }
+        if store.read(b, 0, scratch)? {
+            disk.write_at(b * bs, scratch)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Failover commit from its commit point on (the active overlay is durably marked committing): roll back
+/// the hidden blocks, drop the hidden store, write back the active overlay, drop it. Idempotent.
+fn finish_failover<D: BlockBackend, H: OverlayStore, A: OverlayStore>(
+    disk: &mut D,
+    hidden: &mut H,
+    active: &mut A,
+    scratch: &mut [u8],
+) -> Result<usize> {
+    let in_active = |b| active.contains(b);
+    write_back(disk, hidden, Some(&in_active), scratch)?;
+    disk.flush()?;
+    hidden.clear()?;
+    hidden.sync()?;
+    let n = write_back(disk, active, None, scratch)?;
+    disk.flush()?;
+    // Durable before the disk is used directly: a later recovery must not write these blocks again.
+    active.clear()?;
+    active.sync()?;
+    Ok(n)
+}
+
+/// Crash recovery of a secondary disk and its (journal) overlays, to run on open before anything else.
+///
+/// Afterwards both overlays are empty and the disk is a complete image (see the module docs for which).
+pub fn recover<D: BlockBackend, H: OverlayStore, A: OverlayStore>(
+    disk: &mut D,
+    hidden: &mut H,
+    active: &mut A,
+) -> Result<Recovery> {
+    let bs = check_geometry(disk, hidden, active)?;
+    let mut scratch = vec![0u8; bs as usize];
+    if active.is_committing() {
+        let blocks = finish_failover(disk, hidden, active, &mut scratch)?;
+        return Ok(Recovery::FailoverCompleted { blocks });
+    }
+    let mut result = Recovery::Clean;
+    if !hidden.is_empty() {
+        let blocks = write_back(disk, hidden, None, &mut scratch)?;
+        disk.flush()?;
+        hidden.clear()?;
+        hidden.sync()?;
+        result = Recovery::RolledBack { blocks };
+    }
+    if !active.is_empty() {
+        active.clear()?;
+        active.sync()?;
+    }
+    Ok(result)
+}
+
+impl<D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryDisk<D, H, A> {
+    /// A secondary whose disk already equals the primary's, replicating from `epoch`. The overlays must
+    /// be empty (run [`recover`] on journals first).
+    pub fn new(disk: D, hidden: H, active: A, epoch: u64) -> Result<Self> {
+        Self::build(disk, hidden, active, epoch, SecondaryState::Replicating)
+    }
+
+    /// A secondary about to receive an initial sync.
+    pub fn new_syncing(disk: D, hidden: H, active: A) -> Result<Self> {
+        Self::build(disk, hidden, active, 0, SecondaryState::Syncing)
+    }
+
+    fn build(disk: D, hidden: H, active: A, epoch: u64, state: SecondaryState) -> Result<Self> {
+        let block_size = check_geometry(&disk, &hidden, &active)?;
+        if !hidden.is_empty() || !active.is_empty() || active.is_committing() {
+            return Err(Error::InvalidState {
+                state: "overlays not empty",
+                event: "new (run recover first)",
+            });
+        }
+        Ok(SecondaryDisk {
+            disk,
+            hidden,
+            active,
+            block_size,
+            state,
+            epoch,
+            barrier_seen: false,
+            last_applied: None,
+            scratch: vec![0; block_size as usize],
+            run_buf: Vec::new(),
+        })
+    }
+
+    fn invalid(&self, event: &'static str) -> Error {
+        Error::InvalidState {
+            state: self.state.name(),
+            event,
+        }
+    }
+
+    /// Initial sync: the primary's content at `offset`.
+    pub fn apply_sync_chunk(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        match self.state {
+            SecondaryState::Syncing => self.disk.write_at(offset, data),
+            _ => Err(self.invalid("sync chunk")),
+        }
+    }
+
+    /// Initial sync finished: flushes the disk and starts replicating at `epoch`.
+    pub fn finish_sync(&mut self, epoch: u64) -> Result<()> {
+        match self.state {
+            SecondaryState::Syncing => {
+                self.disk.flush()?;
+                self.state = SecondaryState::Replicating;
+                self.epoch = epoch;
+                Ok(())
+            }
+            _ => Err(self.invalid("finish sync")),
+        }
+    }
+
+    /// Applies one of the primary's writes. See [`apply_batch`](Self::apply_batch).
+    pub fn apply(&mut self, record: &WriteRecord) -> Result<()> {
+        self.apply_batch(std::slice::from_ref(record))
+    }
+
+    /// Applies the primary's writes in order, protecting the SVM's view with the hidden store.
+    ///
+    /// Every record is checked first (epoch, alignment, range) and the hidden store's room for the whole
+    /// batch; on such an error nothing changed. One hidden-store sync covers the batch.
+    ///
+    /// A full hidden store is [`Error::OverlayFull`] with `store: "hidden"`. It cannot be cured by a
+    /// checkpoint (the checkpoint needs this very write first), so the primary prevents it: configure its
+    /// [`EpochLimit`](crate::EpochLimit) with this store's block size and capacity, and it refuses a guest
+    /// write that would overflow the store before anything is sent ([`Error::EpochFull`]). If it happens
+    /// anyway the pair has diverged from that contract: stop replicating and resync.
+    pub fn apply_batch(&mut self, records: &[WriteRecord]) -> Result<()> {
+        self.apply_records(records)
+    }
+
+    /// Applies one of the primary's discards, protecting the SVM's view like a write.
+    pub fn apply_discard(&mut self, record: &DiscardRecord) -> Result<()> {
+        self.apply_records(std::slice::from_ref(record))
+    }
+
+    fn apply_records<R: Replicated>(&mut self, records: &[R]) -> Result<()> {
+        if self.state != SecondaryState::Replicating {
+            return Err(self.invalid("apply"));
+        }
+        if records.is_empty() {
+            return Ok(());
+        }
+        if self.barrier_seen {
+            return Err(Error::InvalidState {
+                state: "barrier received",
+                event: "apply",
+            });
+        }
+        let bs = self.block_size;
+        let mut new_blocks: Vec<u64> = Vec::new();
+        for r in records {
+            if r.epoch() != self.epoch {
+                return Err(Error::EpochMismatch {
+                    expected: self.epoch,
+                    found: r.epoch(),
+                });
+            }
+            let (offset, len) = (r.offset(), r.len());
+            check_request(offset, len, self.disk.len())?;
+            if len == 0 {
+                continue;
+            }
+            for b in offset / bs..=(offset + len - 1) / bs {
+                if !self.hidden.contains(b) {
+                    new_blocks.push(b);
+                }
+            }
+        }
+        new_blocks.sort_unstable();
+        new_blocks.dedup();
+        let (used, capacity) = (self.hidden.len(), self.hidden.capacity());
+        if used + new_blocks.len() > capacity {
+            return Err(Error::OverlayFull {
+                store: "hidden",
+                used,
+                capacity,
+                needed: new_blocks.len(),
+            });
+        }
+        self.save_old_blocks(&new_blocks)?;
+        if !new_blocks.is_empty() {
+            self.hidden.sync()?;
+        }
+        for r in records {
+            r.apply_to(&mut self.disk)?;
+            self.last_applied = Some(r.id());
+        }
+        Ok(())
+    }
+
+    /// Copies the disk's current content of `blocks` (sorted, distinct) into the hidden store, reading
+    /// each run of consecutive blocks with one read of at most [`MAX_READ_RUN`] bytes.
+    fn save_old_blocks(&mut self, blocks: &[u64]) -> Result<()> {
+        let bs = self.block_size as usize;
+        let max_run = (MAX_READ_RUN / bs).max(1);
+        let mut i = 0;
+        while i < blocks.len() {
+            let mut n = 1;
+            while i + n < blocks.len() && n < max_run && blocks[i + n] == blocks[i] + n as u64 {
+                n += 1;
+            }
+            if self.run_buf.len() < n * bs {
+                self.run_buf.resize(n * bs, 0);
+            }
+            let buf = &mut self.run_buf[..n * bs];
+            self.disk.read_at(blocks[i] * bs as u64, buf)?;
+            for (k, data) in buf.chunks_exact(bs).enumerate() {
+                self.hidden.put(blocks[i] + k as u64, data)?;
+            }
+            i += n;
+        }
+        Ok(())
+    }
+
+    /// The id of the last write applied: what the secondary acknowledges (cumulatively).
+    pub fn last_applied(&self) -> Option<WriteId> {
+        self.last_applied
+    }
+
+    /// The primary's barrier of `epoch`: every write of the epoch has been applied.
+    pub fn handle_barrier(&mut self, epoch: u64) -> Result<()> {
+        match self.state {
+            SecondaryState::Replicating if self.barrier_seen => Err(Error::InvalidState {
+                state: "barrier received",
+                event: "barrier",
+            }),
+            SecondaryState::Replicating if epoch != self.epoch => Err(Error::EpochMismatch {
+                expected: self.epoch,
+                found: epoch,
+            }),
+            SecondaryState::Replicating => {
+                self.barrier_seen = true;
+                Ok(())
+            }
+            _ => Err(self.invalid("barrier")),
+        }
+    }
+
+    /// Commits the checkpoint that closes the current epoch: the SVM adopts the primary's disk. Needs the
+    /// epoch's barrier. Returns the new epoch.
+    pub fn checkpoint(&mut self) -> Result<u64> {
+        match self.state {
+            SecondaryState::Replicating if !self.barrier_seen => {
+                Err(Error::BarrierMissing { epoch: self.epoch })
+            }
+            SecondaryState::Replicating => {
+                self.disk.flush()?;
+                // Commit point: from here the disk no longer rolls back to the previous image.
+                self.hidden.clear()?;
+                self.hidden.sync()?;
+                // The active overlay's drop need not be durable: recovery discards an overlay that is
+                // not marked committing.
+                self.active.clear()?;
+                self.epoch += 1;
+                self.barrier_seen = false;
+                Ok(self.epoch)
+            }
+            _ => Err(self.invalid("checkpoint")),
+        }
+    }
+
+    /// Fails over: the disk becomes the last checkpoint image plus the SVM's writes, and the SVM's I/O
+    /// goes straight to it from now on. Returns the number of active blocks written back.
+    ///
+    /// On an I/O error the state is [`SecondaryState::FailoverIncomplete`] (SVM reads keep working, writes
+    /// are refused) and `failover` may be called again.
+    pub fn failover(&mut self) -> Result<usize> {
+        match self.state {
+            SecondaryState::Replicating | SecondaryState::FailoverIncomplete => {}
+            _ => return Err(self.invalid("failover")),
+        }
+        let result = (|| {
+            self.active.sync()?;
+            // Commit point: recovery completes the failover from here on.
+            self.active.set_committing()?;
+            finish_failover(
+                &mut self.disk,
+                &mut self.hidden,
+                &mut self.active,
+                &mut self.scratch,
+            )
+        })();
+        match result {
+            Ok(n) => {
+                self.state = SecondaryState::FailedOver;
+                Ok(n)
+            }
+            Err(e) => {
+                if self.active.is_committing() {
+                    self.state = SecondaryState::FailoverIncomplete;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads the SVM's view into `buf`.
+    pub fn svm_read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        match self.state {
+            SecondaryState::FailedOver => return self.disk.read_at(offset, buf),
+            SecondaryState::Replicating | SecondaryState::FailoverIncomplete => {}
+            SecondaryState::Syncing => return Err(self.invalid("svm read")),
+        }
+        check_request(offset, buf.len() as u64, self.disk.len())?;
+        let bs = self.block_size;
+        let len = buf.len();
+        let mut pos = 0usize;
+        // Start of a run of bytes that come straight from the disk, not yet read.
+        let mut disk_run: Option<usize> = None;
+        while pos < len {
+            let off = offset + pos as u64;
+            let (b, in_off) = (off / bs, (off % bs) as usize);
+            let n = (bs as usize - in_off).min(len - pos);
+            let piece = &mut buf[pos..pos + n];
+            let from_overlay = self.active.read(b, in_off, piece)? || self.hidden.read(b, in_off, piece)?;
+            if from_overlay {
+                if let Some(start) = disk_run.take() {
+                    self.disk.read_at(offset + start as u64, &mut buf[start..pos])?;
+                }
+            } else if disk_run.is_none() {
+                disk_run = Some(pos);
+            }
+            pos += n;
+        }
+        if let Some(start) = disk_run {
+            self.disk.read_at(offset + start as u64, &mut buf[start..])?;
+        }
+        Ok(())
+    }
+
+    /// Writes to the SVM's view. Checks the active overlay's room first; a full overlay is
+    /// [`Error::OverlayFull`] with nothing changed.
+    pub fn svm_write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        match self.state {
+            SecondaryState::FailedOver => return self.disk.write_at(offset, data),
+            SecondaryState::Replicating => {}
+            _ => return Err(self.invalid("svm write")),
+        }
+        check_request(offset, data.len() as u64, self.disk.len())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let bs = self.block_size;
+        let first = offset / bs;
+        let last = (offset + data.len() as u64 - 1) / bs;
+        let needed = (first..=last).filter(|&b| !self.active.contains(b)).count();
+        let (used, capacity) = (self.active.len(), self.active.capacity());
+        if used + needed > capacity {
+            return Err(Error::OverlayFull {
+                store: "active",
+                used,
+                capacity,
+                needed,
+            });
+        }
+        let mut pos = 0usize;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let result = (|| {
+            while pos < data.len() {
+                let off = offset + pos as u64;
+                let (b, in_off) = (off / bs, (off % bs) as usize);
+                let n = (bs as usize - in_off).min(data.len() - pos);
+                if n == bs as usize {
+                    self.active.put(b, &data[pos..pos + n])?;
+                } else {
+                    self.svm_read(b * bs, &mut scratch)?;
+                    scratch[in_off..in_off + n].copy_from_slice(&data[pos..pos + n]);
+                    self.active.put(b, &scratch)?;
+                }
+                pos += n;
+            }
+            Ok(())
+        })();
+        self.scratch = scratch;
+        result
+    }
+
+    /// The SVM's flush: makes its writes durable where they live (the active overlay, or the disk after
+    /// failover).
+    pub fn svm_flush(&mut self) -> Result<()> {
+        match self.state {
+            SecondaryState::FailedOver => self.disk.flush(),
+            SecondaryState::Replicating | SecondaryState::FailoverIncomplete => self.active.sync(),
+            SecondaryState::Syncing => Err(self.invalid("svm flush")),
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> SecondaryState {
+        self.state
+    }
+
+    /// The current epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Block size of the overlays.
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    /// The secondary disk (what the primary's writes reach).
+    pub fn disk(&self) -> &D {
+        &self.disk
+    }
+
+    /// The hidden store.
+    pub fn hidden(&self) -> &H {
+        &self.hidden
+    }
+
+    /// The active overlay.
+    pub fn active(&self) -> &A {
+        &self.active
+    }
+
+    /// Disk, hidden store and active overlay.
+    pub fn into_parts(self) -> (D, H, A) {
+        (self.disk, self.hidden, self.active)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::backend::MemBackend;
+    use crate::fault::{FaultPlan, FaultyBackend};
+    use crate::store::{JournalStore, MemStore};
+
+    const BS: usize = 1024;
+
+    fn secondary(hidden: usize, active: usize) -> SecondaryDisk<MemBackend, MemStore, MemStore> {
+        SecondaryDisk::new(
+            MemBackend::from_vec(vec![0xaa; 16 * BS]).unwrap(),
+            MemStore::new(BS, hidden).unwrap(),
+            MemStore::new(BS, active).unwrap(),
+            0,
+        )
+        .unwrap()
+    }
+
+    fn rec(id: u64, epoch: u64, offset: u64, len: usize, v: u8) -> WriteRecord {
+        WriteRecord {
+            id: WriteId(id),
+            epoch,
+            offset,
+            data: Bytes::from(vec![v; len]),
+        }
+    }
+
+    #[test]
+    fn epoch_and_barrier_rules_are_enforced() {
+        let mut s = secondary(4, 4);
+        assert!(matches!(s.checkpoint(), Err(Error::BarrierMissing { epoch: 0 })));
+        assert!(matches!(
+            s.apply(&rec(0, 1, 0, 512, 1)),
+            Err(Error::EpochMismatch {
+                expected: 0,
+                found: 1
+            })
+        ));
+        assert!(matches!(
+            s.handle_barrier(3),
+            Err(Error::EpochMismatch {
+                expected: 0,
+                found: 3
+            })
+        ));
+        assert_eq!(
+            s.disk().as_slice()[0],
+            0xaa,
+            "rejected record must not be applied"
+        );
+        s.handle_barrier(0).unwrap();
+        assert!(matches!(
+            s.apply(&rec(0, 0, 0, 512, 1)),
+            Err(Error::InvalidState { .. })
+        ));
+        assert!(matches!(s.handle_barrier(0), Err(Error::InvalidState { .. })));
+        assert_eq!(s.checkpoint().unwrap(), 1);
+        s.apply(&rec(0, 1, 0, 512, 1)).unwrap();
+        assert_eq!(s.last_applied(), Some(WriteId(0)));
+    }
+
+    #[test]
+    fn full_hidden_store_rejects_the_whole_batch() {
+        let mut s = secondary(2, 4);
+        let batch = [rec(0, 0, 0, 512, 1), rec(1, 0, 4 * BS as u64, 2 * BS, 2)];
+        let err = s.apply_batch(&batch).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::OverlayFull {
+                store: "hidden",
+                used: 0,
+                capacity: 2,
+                needed: 3
+            }
+        ));
+        assert!(s.disk().as_slice().iter().all(|&b| b == 0xaa));
+        assert!(s.hidden().is_empty());
+        assert!(s.last_applied().is_none());
+    }
+
+    #[test]
+    fn full_active_overlay_rejects_the_write_and_keeps_the_view() {
+        let mut s = secondary(4, 2);
+        s.svm_write(0, &[1; BS]).unwrap();
+        let err = s.svm_write(BS as u64 + 512, &[2; BS]).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::OverlayFull {
+                store: "active",
+                used: 1,
+                capacity: 2,
+                needed: 2
+            }
+        ));
+        let mut buf = vec![0; 3 * BS];
+        s.svm_read(0, &mut buf).unwrap();
+        assert!(buf[..BS].iter().all(|&b| b == 1) && buf[BS..].iter().all(|&b| b == 0xaa));
+    }
+
+    #[test]
+    fn partial_block_writes_merge_with_the_checkpoint_view() {
+        let mut s = secondary(4, 4);
+        // The PVM overwrites block 0 entirely; then the SVM writes the second sector of it.
+        s.apply(&rec(0, 0, 0, BS, 7)).unwrap();
+        s.svm_write(512, &[3; 512]).unwrap();
+        let mut buf = vec![0; BS];
+        s.svm_read(0, &mut buf).unwrap();
+        assert!(
+            buf[..512].iter().all(|&b| b == 0xaa),
+            "from the hidden store, not the PVM's data"
+        );
+        assert!(buf[512..].iter().all(|&b| b == 3));
+    }
+
+    #[test]
+    fn io_and_state_errors_outside_replication() {
+        let mut s = SecondaryDisk::new_syncing(
+            MemBackend::new(16 * BS as u64).unwrap(),
+            MemStore::new(BS, 2).unwrap(),
+            MemStore::new(BS, 2).unwrap(),
+        )
+        .unwrap();
+        let mut buf = [0u8; 512];
+        assert!(matches!(
+            s.svm_read(0, &mut buf),
+            Err(Error::InvalidState { state: "syncing", .. })
+        ));
+        assert!(matches!(s.failover(), Err(Error::InvalidState { .. })));
+        s.apply_sync_chunk(0, &[5; 2048]).unwrap();
+        s.finish_sync(4).unwrap();
+        assert_eq!(s.epoch(), 4);
+        assert!(matches!(
+            s.apply_sync_chunk(0, &[5; 512]),
+            Err(Error::InvalidState { .. })
+        ));
+        s.failover().unwrap();
+        assert_eq!(s.state(), SecondaryState::FailedOver);
+        s.svm_write(0, &[9; 512]).unwrap();
+        assert_eq!(s.disk().as_slice()[0], 9);
+        assert!(matches!(
+            s.apply(&rec(0, 4, 0, 512, 1)),
+            Err(Error::InvalidState { .. })
+        ));
+    }
+
+    #[test]
+    fn failed_failover_can_be_retried() {
+        let plan = FaultPlan::never();
+        let disk = FaultyBackend::new(MemBackend::from_vec(vec![0xaa; 16 * BS]).unwrap(), plan.clone());
+        let mut s = SecondaryDisk::new(
+            disk,
+            MemStore::new(BS, 4).unwrap(),
+            MemStore::new(BS, 4).unwrap(),
+            0,
+        )
+        .unwrap();
+        s.apply(&rec(0, 0, 0, BS, 1)).unwrap();
+        s.svm_write(BS as u64, &[2; BS]).unwrap();
+        plan.arm(1, false);
+        assert!(s.failover().is_err());
+        assert_eq!(s.state(), SecondaryState::FailoverIncomplete);
+        assert!(matches!(
+            s.svm_write(0, &[0; 512]),
+            Err(Error::InvalidState { .. })
+        ));
+        plan.disarm();
+        let mut buf = vec![0; 2 * BS];
+        s.svm_read(0, &mut buf).unwrap();
+        assert!(buf[..BS].iter().all(|&b| b == 0xaa) && buf[BS..].iter().all(|&b| b == 2));
+        s.failover().unwrap();
+        assert!(s.disk().inner().as_slice()[..BS].iter().all(|&b| b == 0xaa));
+        assert!(s.disk().inner().as_slice()[BS..2 * BS].iter().all(|&b| b == 2));
+    }
+
+    #[test]
+    fn new_refuses_unrecovered_journals_and_recover_checks_indexes() {
+        let dev = MemBackend::new(JournalStore::<MemBackend>::required_len(BS, 4)).unwrap();
+        let mut j = JournalStore::format(dev, BS).unwrap();
+        j.put(1000, &[1; BS]).unwrap();
+        let disk = MemBackend::new(16 * BS as u64).unwrap();
+        let active = MemStore::new(BS, 2).unwrap();
+        let err = SecondaryDisk::new(disk.clone(), j, active, 0).unwrap_err();
+        assert!(matches!(err, Error::InvalidState { .. }));
+        let dev = MemBackend::new(JournalStore::<MemBackend>::required_len(BS, 4)).unwrap();
+        let mut j = JournalStore::format(dev, BS).unwrap();
+        j.put(1000, &[1; BS]).unwrap();
+        let (mut disk, mut active) = (disk, MemStore::new(BS, 2).unwrap());
+        assert!(matches!(
+            recover(&mut disk, &mut j, &mut active),
+            Err(Error::CorruptJournal { .. })
+        ));
+        let err = SecondaryDisk::new(
+            disk,
+            MemStore::new(512, 2).unwrap(),
+            MemStore::new(BS, 2).unwrap(),
+            0,
+        );
+        assert!(matches!(err, Err(Error::Mismatch { .. })));
+    }
+}

@@ -1,0 +1,354 @@
+//! Primary side: turn the dirty set into page runs to send, with zero-page detection and pre-copy rounds.
+
+use std::ops::Range;
+
+use crate::PAGE_SIZE;
+use crate::error::RamError;
+use crate::log::{DirtyLog, DirtySet};
+use crate::ram::{GuestRam, RamLayout};
+
+/// Whether `page` is all zero bytes.
+///
+/// ORs 256-byte blocks of `u64` words and stops at the first block that is not zero; a page of data is
+/// usually rejected after its first block.
+#[inline]
+pub fn is_zero(page: &[u8]) -> bool {
+    // SAFETY: every bit pattern is a valid u64; `align_to` keeps the middle in bounds and aligned.
+    let (head, words, tail) = unsafe { page.align_to::<u64>() };
+    if head.iter().chain(tail).any(|&b| b != 0) {
+        return false;
+    }
+    let mut blocks = words.chunks_exact(32);
+    for block in &mut blocks {
+        if block.iter().fold(0, |acc, &w| acc | w) != 0 {
+            return false;
+        }
+    }
+    blocks.remainder().iter().all(|&w| w == 0)
+}
+
+/// One run of dirty pages to send, in ascending guest address order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageRun<'a> {
+    /// `data.len() / PAGE_SIZE` consecutive pages starting at `gpa`, borrowed from guest RAM.
+    Data {
+        /// Guest physical address of the first page.
+        gpa: u64,
+        /// The pages' bytes, a whole number of pages.
+        data: &'a [u8],
+    },
+    /// `pages` consecutive all-zero pages starting at `gpa`: send a marker, no data. The secondary must
+    /// still write them (a page that became zero is as dirty as any other).
+    Zero {
+        /// Guest physical address of the first page.
+        gpa: u64,
+        /// Number of zero pages.
+        pages: usize,
+    },
+}
+
+impl PageRun<'_> {
+    /// Guest physical address of the first page.
+    pub fn gpa(&self) -> u64 {
+        match *self {
+            PageRun::Data { gpa, .. } | PageRun::Zero { gpa, .. } => gpa,
+        }
+    }
+
+    /// Number of pages in the run.
+    pub fn pages(&self) -> usize {
+        match *self {
+            PageRun::Data { data, .. } => data.len() / PAGE_SIZE,
+            PageRun::Zero { pages, .. } => pages,
+        }
+    }
+}
+
+/// How pages are collected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CollectOptions {
+    /// Look for all-zero pages and send them as [`PageRun::Zero`] markers.
+    pub detect_zero: bool,
+    /// Longest run yielded, in pages (bounds one batch on the wire). At least 1.
+    pub max_run_pages: usize,
+}
+
+impl Default for CollectOptions {
+    fn default() -> Self {
+        CollectOptions {
+            detect_zero: true,
+            max_run_pages: 256,
+        }
+    }
+}
+
+/// Counts from one collection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CollectStats {
+    /// Pages yielded with data.
+    pub data_pages: usize,
+    /// Pages yielded as zero markers.
+    pub zero_pages: usize,
+    /// Runs yielded.
+    pub runs: usize,
+}
+
+/// Iterator over the pages of a dirty set as [`PageRun`]s borrowed from guest RAM.
+///
+/// Made by [`collect`] or [`PrimaryRam::collect`].
+pub struct Collection<'r> {
+    ram: &'r GuestRam<'r>,
+    runs: Box<dyn Iterator<Item = (usize, Range<usize>)> + 'r>,
+    cur: Option<(usize, Range<usize>)>,
+    /// Zero-ness of the first page of `cur`, if already tested.
+    peek: Option<bool>,
+    options: CollectOptions,
+    stats: CollectStats,
+    done: Option<&'r mut bool>,
+}
+
+impl std::fmt::Debug for Collection<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Collection")
+            .field("cur", &self.cur)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+/// Collects the pages of `set` from `ram`. `set` and `ram` must have the same layout.
+pub fn collect<'r>(
+    set: &'r DirtySet,
+    ram: &'r GuestRam<'r>,
+    options: CollectOptions,
+) -> Result<Collection<'r>, RamError> {
+    set.check_layout(ram.layout())?;
+    Ok(Collection {
+        ram,
+        runs: Box::new(set.runs()),
+        cur: None,
+        peek: None,
+        options: CollectOptions {
+            max_run_pages: options.max_run_pages.max(1),
+            ..options
+        },
+        stats: CollectStats::default(),
+        done: None,
+    })
+}
+
+impl<'r> Collection<'r> {
+    /// Counts so far (final once the iterator is exhausted).
+    pub fn stats(&self) -> CollectStats {
+        self.stats
+    }
+
+    fn page_is_zero(&self, region: usize, page: usize) -> Result<bool, RamError> {
+        Ok(self.options.detect_zero && is_zero(self.ram.pages(region, page, 1)?))
+    }
+
+    fn next_run(&mut self) -> Result<Option<PageRun<'r>>, RamError> {
+        let (region, range) = loop {
+            match self.cur.take() {
+                Some((region, range)) if !range.is_empty() => break (region, range),
+                _ => match self.runs.next() {
+                    Some(next) => {
+                        self.cur = Some(next);
+                        self.peek = None;
+                    }
+                    None => return Ok(None),
+                },
+            }
+        };
+        let first_zero = match self.peek.take() {
+            Some(z) => z,
+            None => self.page_is_zero(region, range.start)?,
+        };
+        let limit = range.len().min(self.options.max_run_pages);
+        let mut len = 1;
+        while len < limit {
+            let z = self.page_is_zero(region, range.start + len)?;
+            if z != first_zero {
+                self.peek = Some(z);
+                break;
+            }
+            len += 1;
+        }
+        let gpa = self.ram.layout().regions()[region].gpa + (range.start * PAGE_SIZE) as u64;
+        let run = if first_zero {
+            self.stats.zero_pages += len;
+            PageRun::Zero { gpa, pages: len }
+        } else {
+            self.stats.data_pages += len;
+            PageRun::Data {
+                gpa,
+                data: self.ram.pages(region, range.start, len)?,
+            }
+        };
+        self.stats.runs += 1;
+        self.cur = Some((region, range.start + len..range.end));
+        Ok(Some(run))
+    }
+}
+
+impl<'r> Iterator for Collection<'r> {
+    type Item = Result<PageRun<'r>, RamError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self.next_run() {
+            Ok(Some(run)) => Some(Ok(run)),
+            Ok(None) => {
+                if let Some(done) = self.done.take() {
+                    *done = true;
+                }
+                None
+            }
+            Err(e) => Some(Err(e)),
+        }
+    }
+}
+
+/// When to stop pre-copy rounds and pause the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrecopyPolicy {
+    /// Most rounds sent while the guest runs before pausing regardless.
+    pub max_rounds: u32,
+    /// Pause once no more than this many pages are pending (the pause then sends at most about this many).
+    pub pause_below_pages: usize,
+}
+
+impl Default for PrecopyPolicy {
+    fn default() -> Self {
+        PrecopyPolicy {
+            max_rounds: 3,
+            pause_below_pages: 2048,
+        }
+    }
+}
+
+impl PrecopyPolicy {
+    /// Whether to send another round while the guest runs, given the rounds done so far and the pages
+    /// pending now (from [`PrimaryRam::take_log`]).
+    pub fn another_round(&self, rounds_done: u32, pending_pages: usize) -> bool {
+        rounds_done < self.max_rounds && pending_pages > self.pause_below_pages
+    }
+}
+
+/// The primary's RAM side of COLO: owns the dirty log and the pending dirty set.
+///
+/// One checkpoint, with optional pre-copy (the guest keeps running during pre-copy rounds):
+///
+/// ```text
+/// let mut rounds = 0;
+/// while policy.another_round(rounds, primary.take_log()?) {   // guest running
+///     for run in primary.collect(&ram)? { send(run?) }        // sends while the guest writes
+///     rounds += 1;
+/// }
+/// pause vCPUs and device emulation;
+/// primary.take_log()?;                                         // only pages written since the last round
+/// for run in primary.collect(&ram)? { send(run?) }
+/// ```
+///
+/// KVM (and vm-memory) reset a page's dirty bit before the pages are read, so a page the guest writes while
+/// a round is being sent is reported again by the next `take_log` and re-sent while paused.
+///
+/// A collection that is dropped before it is exhausted (a send failed) leaves its pages pending: the next
+/// round sends them again together with the newly dirtied ones. Nothing is lost.
+#[derive(Debug)]
+pub struct PrimaryRam<L> {
+    log: L,
+    pending: DirtySet,
+    options: CollectOptions,
+    /// The last collection ran to the end: its pages were sent.
+    sent: bool,
+}
+
+impl<L: DirtyLog> PrimaryRam<L> {
+    /// A primary over `layout` reading `log` (typically `UnionLog<KvmDirtyLog, AtomicBitmapLog>`).
+    pub fn new(layout: RamLayout, log: L, options: CollectOptions) -> Self {
+        PrimaryRam {
+            log,
+            pending: DirtySet::new(layout),
+            options,
+            sent: false,
+        }
+    }
+
+    /// Initial sync: resets the log and marks all of guest RAM pending, so the next collection sends
+    /// everything and later rounds send only pages written after this call.
+    pub fn mark_all(&mut self) -> Result<(), RamError> {
+        self.start_round();
+        self.log.take_into(&mut self.pending)?;
+        self.pending.set_all();
+        Ok(())
+    }
+
+    fn start_round(&mut self) {
+        if self.sent {
+            self.pending.clear();
+            self.sent = false;
+        }
+    }
+
+    /// Starts a round: adds the pages written since the last call to the pending set and returns how many
+    /// pages are now pending. Pages of a fully sent collection are no longer pending.
+    pub fn take_log(&mut self) -> Result<usize, RamError> {
+        self.start_round();
+        self.log.take_into(&mut self.pending)?;
+        Ok(self.pending.count())
+    }
+
+    /// The pending pages as runs read from `ram` (the guest RAM the log tracks).
+    pub fn collect<'r>(&'r mut self, ram: &'r GuestRam<'r>) -> Result<Collection<'r>, RamError> {
+        self.sent = false;
+        let mut c = collect(&self.pending, ram, self.options)?;
+        c.done = Some(&mut self.sent);
+        Ok(c)
+    }
+
+    /// A checkpoint with the guest paused: [`take_log`](Self::take_log) then [`collect`](Self::collect).
+    pub fn checkpoint<'r>(&'r mut self, ram: &'r GuestRam<'r>) -> Result<Collection<'r>, RamError> {
+        self.take_log()?;
+        self.collect(ram)
+    }
+
+    /// The pages pending for the next collection.
+    pub fn pending(&self) -> &DirtySet {
+        &self.pending
+    }
+
+    /// The dirty log.
+    pub fn log_mut(&mut self) -> &mut L {
+        &mut self.log
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection_finds_a_single_late_byte() {
+        let mut page = vec![0u8; PAGE_SIZE];
+        assert!(is_zero(&page));
+        for pos in [0, 7, 255, 256, 2048, PAGE_SIZE - 1] {
+            page[pos] = 1;
+            assert!(!is_zero(&page), "byte {pos}");
+            page[pos] = 0;
+        }
+        // Unaligned slices work too.
+        assert!(!is_zero(&[0, 0, 0, 1, 0]));
+        assert!(is_zero(&[0; 13]));
+    }
+
+    #[test]
+    fn precopy_policy_pauses_when_small_or_late() {
+        let p = PrecopyPolicy {
+            max_rounds: 2,
+            pause_below_pages: 10,
+        };
+        assert!(p.another_round(0, 11));
+        assert!(!p.another_round(0, 10));
+        assert!(!p.another_round(2, 1000));
+    }
+}
