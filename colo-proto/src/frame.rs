@@ -1,0 +1,295 @@
+//! The frame: a fixed 24-byte little-endian header followed by a body.
+//!
+//! ```text
+//! offset  size  field
+//!      0     4  magic        b"COLO"
+//!      4     2  version      protocol version the frame is written in
+//!      6     2  kind         message kind (`Kind`)
+//!      8     4  flags        reserved, must be zero
+//!     12     4  body_len     length of the body in bytes
+//!     16     4  body_crc     CRC32 (IEEE, crc32fast) of the body
+//!     20     4  header_crc   CRC32 of bytes 0..20
+//! ```
+//!
+//! The header carries its own CRC so that a damaged length or kind is caught before it is acted upon, and
+//! every single damaged byte of a frame is detected. Checks run in the order magic, version, header CRC,
+//! kind, flags, length cap, so that a peer speaking a future version gets `UnsupportedVersion` even if that
+//! version changed the rest of the header.
+
+use crate::error::{Error, Result};
+
+/// Length of the frame header in bytes.
+pub const HEADER_LEN: usize = 24;
+
+/// The magic at the start of every frame: the bytes `COLO`.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"COLO");
+
+/// The newest protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// The oldest protocol version this crate still accepts (the previous one).
+///
+/// Version 1 is version 2 without [`Kind::PrecopyPages`] and [`Kind::Heartbeat`].
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// Default cap on a frame body: 64 MiB.
+pub const DEFAULT_MAX_BODY: u32 = 64 << 20;
+
+macro_rules! kinds {
+    ($( $(#[$doc:meta])* $name:ident = $val:literal since $since:literal, )*) => {
+        /// The kind of message a frame carries. The numbers are part of the wire format.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr(u16)]
+        #[non_exhaustive]
+        pub enum Kind {
+            $( $(#[$doc])* $name = $val, )*
+        }
+
+        impl Kind {
+            /// Every kind, in wire order.
+            pub const ALL: &'static [Kind] = &[$(Kind::$name,)*];
+
+            /// The kind for a raw value, if it exists in protocol `version`.
+            pub fn from_wire(raw: u16, version: u16) -> Option<Kind> {
+                match raw {
+                    $( $val if version >= $since => Some(Kind::$name), )*
+                    _ => None,
+                }
+            }
+
+            /// The first protocol version that has this kind.
+            pub fn since_version(self) -> u16 {
+                match self {
+                    $( Kind::$name => $since, )*
+                }
+            }
+        }
+    };
+}
+
+kinds! {
+    /// Handshake offer (connecting side).
+    Hello = 1 since 1,
+    /// Handshake acceptance (accepting side).
+    Welcome = 2 since 1,
+    /// Secondary is ready for checkpoints.
+    CheckpointReady = 10 since 1,
+    /// Primary asks for checkpoint `epoch`.
+    CheckpointRequest = 11 since 1,
+    /// Secondary has paused for checkpoint `epoch`.
+    CheckpointReply = 12 since 1,
+    /// Primary starts sending the VM state.
+    VmstateSend = 13 since 1,
+    /// A batch of guest pages inside a checkpoint.
+    RamPages = 14 since 1,
+    /// End of the RAM part of a checkpoint.
+    EndOfRam = 15 since 1,
+    /// Size of the device state that follows.
+    VmstateSize = 16 since 1,
+    /// A chunk of one device's state.
+    DeviceState = 17 since 1,
+    /// Secondary has the whole checkpoint.
+    VmstateReceived = 18 since 1,
+    /// Secondary has loaded the checkpoint and resumed.
+    VmstateLoaded = 19 since 1,
+    /// A batch of guest pages sent while the guest runs (pre-copy).
+    PrecopyPages = 20 since 2,
+    /// Liveness beacon.
+    Heartbeat = 30 since 2,
+    /// The guest shut down.
+    GuestShutdown = 31 since 1,
+    /// A primary disk write forwarded to the secondary.
+    BlockWrite = 40 since 1,
+    /// All block writes of an epoch have been sent.
+    BlockBarrier = 41 since 1,
+    /// A secondary guest's output frame forwarded to the primary's comparator.
+    OutputFrame = 50 since 1,
+    /// A side announces it is failing over.
+    FailoverNotice = 60 since 1,
+    /// A side leaves the session.
+    Goodbye = 61 since 1,
+    /// A side reports an error.
+    Error = 62 since 1,
+}
+
+/// A validated frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Protocol version the frame is written in.
+    pub version: u16,
+    /// Message kind.
+    pub kind: Kind,
+    /// Flag bits (none defined yet).
+    pub flags: u32,
+    /// Length of the body.
+    pub body_len: u32,
+    /// CRC32 of the body.
+    pub body_crc: u32,
+}
+
+impl FrameHeader {
+    /// Encodes the header, computing the header CRC.
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut out = [0u8; HEADER_LEN];
+        out[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        out[4..6].copy_from_slice(&self.version.to_le_bytes());
+        out[6..8].copy_from_slice(&(self.kind as u16).to_le_bytes());
+        out[8..12].copy_from_slice(&self.flags.to_le_bytes());
+        out[12..16].copy_from_slice(&self.body_len.to_le_bytes());
+        out[16..20].copy_from_slice(&self.body_crc.to_le_bytes());
+        let crc = crc32fast::hash(&out[..20]);
+        out[20..24].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Decodes and validates a header: magic, version within `MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION`,
+    /// header CRC, kind known in that version, no unknown flags, and `body_len <= max_body`.
+    pub fn decode(bytes: &[u8; HEADER_LEN], max_body: u32) -> Result<FrameHeader> {
+        let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]);
+        let u32_at = |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+        let magic = u32_at(0);
+        if magic != MAGIC {
+            return Err(Error::BadMagic { found: magic });
+        }
+        let version = u16_at(4);
+        if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
+            return Err(Error::UnsupportedVersion {
+                found: version,
+                min: MIN_PROTOCOL_VERSION,
+                max: PROTOCOL_VERSION,
+            });
+        }
+        let computed = crc32fast::hash(&bytes[..20]);
+        let expected = u32_at(20);
+        if computed != expected {
+            return Err(Error::HeaderCrc { expected, computed });
+        }
+        let raw_kind = u16_at(6);
+        let kind = Kind::from_wire(raw_kind, version).ok_or(Error::UnknownKind {
+            kind: raw_kind,
+            version,
+        })?;
+        let flags = u32_at(8);
+        if flags != 0 {
+            return Err(Error::UnknownFlags { kind, flags });
+        }
+        let body_len = u32_at(12);
+        if body_len > max_body {
+            return Err(Error::Oversize {
+                kind,
+                len: body_len.into(),
+                max: max_body.into(),
+            });
+        }
+        Ok(FrameHeader {
+            version,
+            kind,
+            flags,
+            body_len,
+            body_crc: u32_at(16),
+        })
+    }
+
+    /// Checks `body` against the header's CRC.
+    pub fn check_body(&self, body: &[u8]) -> Result<()> {
+        let computed = crc32fast::hash(body);
+        if computed != self.body_crc {
+            return Err(Error::BodyCrc {
+                kind: self.kind,
+                expected: self.body_crc,
+                computed,
+            });
+        }
+        Ok(())
+    }
+
+    /// Total frame length (header and body).
+    pub fn frame_len(&self) -> usize {
+        HEADER_LEN + self.body_len as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> FrameHeader {
+        FrameHeader {
+            version: PROTOCOL_VERSION,
+            kind: Kind::RamPages,
+            flags: 0,
+            body_len: 100,
+            body_crc: 7,
+        }
+    }
+
+    #[test]
+    fn header_round_trips() {
+        let h = header();
+        assert_eq!(FrameHeader::decode(&h.encode(), DEFAULT_MAX_BODY).unwrap(), h);
+    }
+
+    #[test]
+    fn every_header_byte_flip_is_rejected() {
+        let bytes = header().encode();
+        for i in 0..HEADER_LEN {
+            for bit in 0..8 {
+                let mut b = bytes;
+                b[i] ^= 1 << bit;
+                assert!(
+                    FrameHeader::decode(&b, DEFAULT_MAX_BODY).is_err(),
+                    "byte {i} bit {bit}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn typed_errors_for_bad_fields() {
+        let mut b = header().encode();
+        b[0] = b'X';
+        assert!(matches!(
+            FrameHeader::decode(&b, DEFAULT_MAX_BODY),
+            Err(Error::BadMagic { .. })
+        ));
+
+        let h = FrameHeader {
+            version: 9,
+            ..header()
+        };
+        assert!(matches!(
+            FrameHeader::decode(&h.encode(), DEFAULT_MAX_BODY),
+            Err(Error::UnsupportedVersion { found: 9, .. })
+        ));
+
+        let h = FrameHeader {
+            body_len: 1000,
+            ..header()
+        };
+        assert!(matches!(
+            FrameHeader::decode(&h.encode(), 999),
+            Err(Error::Oversize { len: 1000, .. })
+        ));
+
+        let mut b = header().encode();
+        b[6..8].copy_from_slice(&999u16.to_le_bytes());
+        let crc = crc32fast::hash(&b[..20]);
+        b[20..24].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            FrameHeader::decode(&b, DEFAULT_MAX_BODY),
+            Err(Error::UnknownKind { kind: 999, .. })
+        ));
+    }
+
+    #[test]
+    fn version_one_has_no_precopy() {
+        assert_eq!(Kind::from_wire(Kind::PrecopyPages as u16, 1), None);
+        assert_eq!(
+            Kind::from_wire(Kind::PrecopyPages as u16, 2),
+            Some(Kind::PrecopyPages)
+        );
+        for k in Kind::ALL {
+            assert_eq!(Kind::from_wire(*k as u16, PROTOCOL_VERSION), Some(*k));
+        }
+    }
+}
