@@ -9,7 +9,9 @@
 //!   generic VMM code that knows nothing about migration or COLO;
 //! - [`switch`]: a learning L2 switch over Unix datagram sockets, and [`client`]: a host-side TCP client
 //!   (smoltcp) that talks to the guest through the switch;
-//! - [`control`]: the JSON-lines control socket.
+//! - [`control`]: the JSON-lines control socket;
+//! - [`migration`]: live migration, the glue that drives colo-proto and colo-ram (the only module that
+//!   knows them).
 //!
 //! ```
 //! use colo_vmm::{Machine, MachineConfig, NetConfig};
@@ -42,6 +44,7 @@ pub mod control;
 pub mod devices;
 pub mod error;
 pub mod memory;
+pub mod migration;
 pub mod switch;
 pub mod vcpu;
 pub mod vm;
