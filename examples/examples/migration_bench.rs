@@ -138,6 +138,12 @@ fn migrate_once(ram_mib: u64, fill_mib: u64, under_writes: bool) -> (MigrationRe
 }
 
 fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     if std::fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -6,7 +6,9 @@
 //! 1. connect, handshake (page size and RAM layout must match or the destination refuses);
 //! 2. pre-copy: every page once, then rounds of the pages dirtied meanwhile (KVM dirty log OR the VMM's own
 //!    writes through vm-memory's bitmap, via colo-ram's `UnionLog`), while the guest runs;
-//! 3. stop-and-copy: pause vCPU and devices, send the last dirty pages, `EndOfRam`, the machine state
+//! 3. a beacon the destination echoes once it has written every pre-copy page (so the pause does not
+//!    include draining socket buffers);
+//! 4. stop-and-copy: pause vCPU and devices, send the last dirty pages, `EndOfRam`, the machine state
 //!    (vCPU + devices) as one device blob, and wait for `VmstateLoaded`. Downtime is measured from the
 //!    pause to that answer.
 //!
@@ -353,6 +355,20 @@ pub fn send(
             break;
         }
     }
+    // Wait until the destination has consumed every pre-copy page (it echoes the beacon in stream order),
+    // so the pause does not include draining socket buffers.
+    chan.send(&Message::Heartbeat {
+        seq: u64::from(rounds),
+    })?;
+    match chan.recv()? {
+        Message::Heartbeat { seq } if seq == u64::from(rounds) => {}
+        other => {
+            return Err(MigrationError::Peer(format!(
+                "expected the pre-copy echo, got {:?}",
+                other.kind()
+            )));
+        }
+    }
     let precopy = pre_t0.elapsed();
     let precopy_bytes = pages * PAGE_SIZE;
 
@@ -453,6 +469,7 @@ pub fn receive(
                     pr.bytes = pages * PAGE_SIZE;
                 });
             }
+            Message::Heartbeat { seq } if !end_of_ram => chan.send(&Message::Heartbeat { seq })?,
             Message::EndOfRam { .. } if !end_of_ram => {
                 end_of_ram = true;
                 update(progress, |p| p.phase = Phase::StopAndCopy);
