@@ -14,8 +14,9 @@
 #[allow(dead_code)]
 mod abi;
 mod dev;
-mod kv;
 mod rt;
+mod store;
+mod wal;
 
 use core::cell::UnsafeCell;
 use core::fmt::Write as _;
@@ -36,7 +37,7 @@ struct Global<T>(UnsafeCell<T>);
 // SAFETY: the guest has one thread and no interrupts.
 unsafe impl<T> Sync for Global<T> {}
 
-static TABLE: Global<kv::Table> = Global(UnsafeCell::new(kv::Table::new()));
+static TABLE: Global<store::Table> = Global(UnsafeCell::new(store::Table::new()));
 
 #[repr(C, align(4096))]
 struct BlkBuf([u8; (BLK_MAX_SECTORS as usize) * SECTOR_SIZE as usize]);
@@ -115,7 +116,7 @@ fn split_word(s: &[u8]) -> (&[u8], &[u8]) {
 }
 
 /// Execute one command line; the answer goes to `conn.out`. The caller checked that the log batch has room.
-fn execute(line: &[u8], conn: &mut Conn, table: &mut kv::Table, wal: &mut kv::Wal, poweroff: &mut bool) {
+fn execute(line: &[u8], conn: &mut Conn, table: &mut store::Table, wal: &mut wal::Wal, poweroff: &mut bool) {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let (cmd, rest) = split_word(line);
     let mut w = OutWriter(conn);
@@ -127,7 +128,7 @@ fn execute(line: &[u8], conn: &mut Conn, table: &mut kv::Table, wal: &mut kv::Wa
                 Ok(()) if wal.disk_full() => writeln!(w, "ERR log full"),
                 Ok(()) if !wal.has_room() => writeln!(w, "ERR log busy"),
                 Ok(()) => {
-                    let seq = wal.stage(kv::OP_SET, key, val);
+                    let seq = wal.stage(store::OP_SET, key, val);
                     let _ = table.set(key, val);
                     writeln!(w, "OK {seq}")
                 }
@@ -141,7 +142,7 @@ fn execute(line: &[u8], conn: &mut Conn, table: &mut kv::Table, wal: &mut kv::Wa
             } else if !wal.has_room() {
                 writeln!(w, "ERR log busy")
             } else {
-                let seq = wal.stage(kv::OP_DEL, rest, &[]);
+                let seq = wal.stage(store::OP_DEL, rest, &[]);
                 table.del(rest);
                 writeln!(w, "OK {seq}")
             }
@@ -169,8 +170,8 @@ fn execute(line: &[u8], conn: &mut Conn, table: &mut kv::Table, wal: &mut kv::Wa
 fn serve(
     sock: &mut tcp::Socket<'_>,
     conn: &mut Conn,
-    table: &mut kv::Table,
-    wal: &mut kv::Wal,
+    table: &mut store::Table,
+    wal: &mut wal::Wal,
     poweroff: &mut bool,
 ) -> bool {
     let mut progress = false;
@@ -229,7 +230,7 @@ pub extern "C" fn _start() -> ! {
 
     // SAFETY: the only references to these statics are made here, once.
     let (table, blkbuf) = unsafe { (&mut *TABLE.0.get(), &mut *BLKBUF.0.get()) };
-    let mut wal = kv::Wal::new(disk_sectors, blkbuf.0.as_mut_ptr());
+    let mut wal = wal::Wal::new(disk_sectors, blkbuf.0.as_mut_ptr());
     match wal.replay(table) {
         Ok(n) => println!("colo-guest: log replayed, {n} records, {} keys", table.len()),
         Err(e) => {
