@@ -39,6 +39,8 @@ use crate::vm::{Machine, MachineState, RAM_SLOT, RunState};
 pub const MACHINE_STATE_ID: u32 = 1;
 /// Largest machine state accepted.
 pub const MAX_STATE: u64 = 1 << 20;
+/// Log progress every this many pages (256 MiB).
+const PROGRESS_EVERY: u64 = 65536;
 /// Pages per `send_pages` call.
 const BATCH_PAGES: usize = 256;
 
@@ -244,9 +246,20 @@ fn flush_batch(
     }
     batch.clear();
     update(progress, |p| {
+        let before = (p.pages + p.zero_pages) / PROGRESS_EVERY;
         p.pages += d;
         p.zero_pages += z;
         p.bytes += d * PAGE_SIZE;
+        if (p.pages + p.zero_pages) / PROGRESS_EVERY != before {
+            tracing::info!(
+                "RAM copy: {} pages sent ({} with data, {} MiB), round {}, {} pages in guest RAM",
+                p.pages + p.zero_pages,
+                p.pages,
+                p.bytes >> 20,
+                p.rounds + 1,
+                p.total_pages
+            );
+        }
     });
     Ok(())
 }
