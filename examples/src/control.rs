@@ -1,0 +1,192 @@
+//! The JSON-lines control socket: one JSON object per line in, one per line out, over a Unix stream socket.
+//!
+//! Requests: `{"cmd":"status"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"quit"}`,
+//! `{"cmd":"migrate","addr":"127.0.0.1:7100"}`. Answers: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
+//! The server is generic: the VMM hands it a handler.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest request line accepted.
+pub const MAX_REQUEST: usize = 4096;
+
+/// A control request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    /// Report status.
+    Status,
+    /// Pause the guest.
+    Pause,
+    /// Resume the guest.
+    Resume,
+    /// Stop the VMM.
+    Quit,
+    /// Live-migrate the guest to the VMM listening at `addr`.
+    Migrate {
+        /// `host:port` of the destination's `--incoming` listener.
+        addr: String,
+    },
+}
+
+/// Handles one request; returns the JSON answer (an object; `ok` is added if missing).
+pub type Handler = Arc<dyn Fn(Request) -> serde_json::Value + Send + Sync>;
+
+/// A control socket served on a background thread; stops when dropped.
+pub struct ControlServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for ControlServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlServer").field("path", &self.path).finish()
+    }
+}
+
+fn answer(handler: &Handler, line: &str) -> serde_json::Value {
+    match serde_json::from_str::<Request>(line) {
+        Ok(req) => {
+            let mut v = handler(req);
+            if let Some(o) = v.as_object_mut() {
+                o.entry("ok").or_insert(serde_json::Value::Bool(true));
+            }
+            v
+        }
+        Err(e) => serde_json::json!({ "ok": false, "error": format!("bad request: {e}") }),
+    }
+}
+
+fn serve_conn(stream: UnixStream, handler: &Handler) -> io::Result<()> {
+    stream.set_read_timeout(None)?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream).take(u64::MAX);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = (&mut reader).take(MAX_REQUEST as u64 + 1).read_line(&mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let v = if line.len() > MAX_REQUEST && !line.ends_with('\n') {
+            // Too long: answer and drop the connection (the rest of the line is garbage to us).
+            let v = serde_json::json!({ "ok": false, "error": "request line too long" });
+            writeln!(writer, "{v}")?;
+            return Ok(());
+        } else {
+            answer(handler, line.trim())
+        };
+        writeln!(writer, "{v}")?;
+    }
+}
+
+use std::io::Read as _;
+
+impl ControlServer {
+    /// Listen on `path` (a stale socket is replaced) and answer with `handler`.
+    pub fn spawn(path: &Path, handler: Handler) -> io::Result<Self> {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                while !stop2.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((s, _)) => {
+                            let h = handler.clone();
+                            let _ =
+                                std::thread::Builder::new()
+                                    .name("control-conn".into())
+                                    .spawn(move || {
+                                        if let Err(e) = serve_conn(s, &h) {
+                                            tracing::debug!("control connection: {e}");
+                                        }
+                                    });
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(20))
+                        }
+                        Err(e) => {
+                            tracing::error!("control socket: {e}");
+                            return;
+                        }
+                    }
+                }
+            })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Send one request to a control socket and return the answer.
+pub fn request(path: &Path, req: &Request, timeout: Duration) -> io::Result<serde_json::Value> {
+    let stream = UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(timeout))?;
+    let mut w = stream.try_clone()?;
+    writeln!(w, "{}", serde_json::to_string(req).map_err(io::Error::other)?)?;
+    let mut line = String::new();
+    BufReader::new(stream).take(1 << 20).read_line(&mut line)?;
+    serde_json::from_str(&line).map_err(io::Error::other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_parsed_answered_and_garbage_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl");
+        let handler: Handler = Arc::new(|r| match r {
+            Request::Status => serde_json::json!({ "state": "running" }),
+            Request::Migrate { addr } => serde_json::json!({ "ok": false, "error": addr }),
+            _ => serde_json::json!({}),
+        });
+        let _srv = ControlServer::spawn(&path, handler).unwrap();
+        let t = Duration::from_secs(5);
+        let v = request(&path, &Request::Status, t).unwrap();
+        assert_eq!(v, serde_json::json!({ "ok": true, "state": "running" }));
+        let v = request(&path, &Request::Migrate { addr: "x:1".into() }, t).unwrap();
+        assert_eq!(v["ok"], false);
+        assert_eq!(v["error"], "x:1");
+        // Garbage and over-long lines get an error answer, not a crash.
+        let s = UnixStream::connect(&path).unwrap();
+        let mut w = s.try_clone().unwrap();
+        writeln!(w, "{{\"cmd\":\"frobnicate\"}}").unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.contains("bad request"), "{line}");
+        writeln!(w, "{}", "x".repeat(MAX_REQUEST * 2)).unwrap();
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        assert!(line.contains("too long"), "{line}");
+        assert_eq!(
+            serde_json::to_string(&Request::Pause).unwrap(),
+            r#"{"cmd":"pause"}"#
+        );
+    }
+}

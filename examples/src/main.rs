@@ -1,0 +1,301 @@
+//! `colo-vmm`: run the mini-VMM, its switch, or talk to its control socket.
+//!
+//! ```text
+//! colo-vmm switch --path /tmp/sw
+//! colo-vmm run --disk /tmp/disk.img --disk-mib 16 --switch /tmp/sw --nic-socket /tmp/vm0 --control /tmp/vm0.ctl
+//! colo-vmm run ... --incoming 127.0.0.1:7100          # destination of a live migration
+//! colo-vmm ctl --control /tmp/vm0.ctl '{"cmd":"migrate","addr":"127.0.0.1:7100"}'
+//! ```
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use colo_vmm::control::{self, ControlServer, Request};
+use colo_vmm::migration::{self, Progress};
+use colo_vmm::switch::Switch;
+use colo_vmm::{Machine, MachineConfig, NetConfig};
+use serde_json::json;
+
+#[derive(Parser, Debug)]
+#[command(name = "colo-vmm", version, about = "The colo-rs mini-VMM")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run a VM.
+    Run(RunArgs),
+    /// Run a learning L2 switch over Unix datagram sockets.
+    Switch {
+        /// Socket path of the switch.
+        #[arg(long)]
+        path: PathBuf,
+    },
+    /// Send one JSON request to a control socket and print the answer.
+    Ctl {
+        /// Control socket path.
+        #[arg(long)]
+        control: PathBuf,
+        /// The request, e.g. '{"cmd":"status"}'.
+        request: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Raw disk image (created with --disk-mib if missing).
+    #[arg(long)]
+    disk: PathBuf,
+    /// Size of a disk image to create if --disk does not exist.
+    #[arg(long, default_value_t = 16)]
+    disk_mib: u64,
+    /// Guest RAM in MiB (multiple of 2, 16 to 1024).
+    #[arg(long, default_value_t = 64)]
+    ram_mib: u64,
+    /// Back guest RAM with a memfd.
+    #[arg(long)]
+    memfd: bool,
+    /// Attach the NIC to the switch at this socket path.
+    #[arg(long, requires = "nic_socket", conflicts_with = "tap")]
+    switch: Option<PathBuf>,
+    /// This VM's own socket path on the switch.
+    #[arg(long)]
+    nic_socket: Option<PathBuf>,
+    /// Attach the NIC to this tap interface instead.
+    #[arg(long)]
+    tap: Option<String>,
+    /// MAC address of the NIC.
+    #[arg(long, default_value = "52:54:00:12:34:56")]
+    mac: String,
+    /// Guest IPv4 address with prefix.
+    #[arg(long, default_value = "10.0.2.15/24")]
+    ip: String,
+    /// TCP port of the guest's key-value service.
+    #[arg(long, default_value_t = 7000)]
+    port: u16,
+    /// JSON-lines control socket path.
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Wait for a live migration on this address instead of booting.
+    #[arg(long)]
+    incoming: Option<String>,
+    /// Exit once the guest has migrated away (default: stay paused until `quit`).
+    #[arg(long)]
+    exit_after_migration: bool,
+}
+
+fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
+    let parts: Vec<_> = s.split(':').collect();
+    if parts.len() != 6 {
+        bail!("MAC {s:?} needs six bytes");
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16).with_context(|| format!("MAC byte {p:?}"))?;
+    }
+    Ok(mac)
+}
+
+fn parse_ip(s: &str) -> anyhow::Result<([u8; 4], u8)> {
+    let (ip, prefix) = s.split_once('/').unwrap_or((s, "24"));
+    let ip: std::net::Ipv4Addr = ip.parse().with_context(|| format!("IPv4 address {ip:?}"))?;
+    let prefix: u8 = prefix.parse().with_context(|| format!("prefix {prefix:?}"))?;
+    if prefix > 32 {
+        bail!("prefix {prefix} > 32");
+    }
+    Ok((ip.octets(), prefix))
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Run(args) => run(args),
+        Cmd::Switch { path } => {
+            let mut sw = Switch::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+            tracing::info!("switch listening on {}", path.display());
+            sw.run(&AtomicBool::new(false))?;
+            Ok(())
+        }
+        Cmd::Ctl {
+            control: path,
+            request,
+        } => {
+            let req: Request = serde_json::from_str(&request).context("parsing the request")?;
+            let v = control::request(&path, &req, Duration::from_secs(600))?;
+            println!("{v}");
+            Ok(())
+        }
+    }
+}
+
+/// What the main thread waits for.
+#[derive(Debug, Default)]
+struct Events {
+    quit: AtomicBool,
+    migrated: AtomicBool,
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    if !args.disk.exists() {
+        let f =
+            std::fs::File::create(&args.disk).with_context(|| format!("creating {}", args.disk.display()))?;
+        f.set_len(args.disk_mib << 20)?;
+    }
+    let net = match (&args.switch, &args.nic_socket, &args.tap) {
+        (Some(switch), Some(local), None) => NetConfig::Switch {
+            switch: switch.clone(),
+            local: local.clone(),
+        },
+        (None, _, Some(tap)) => NetConfig::Tap(tap.clone()),
+        _ => NetConfig::None,
+    };
+    let (ip, prefix) = parse_ip(&args.ip)?;
+    let mut cfg = MachineConfig::new(args.disk.clone(), net);
+    cfg.ram_size = args.ram_mib << 20;
+    cfg.memfd = args.memfd;
+    cfg.mac = parse_mac(&args.mac)?;
+    cfg.ip = ip;
+    cfg.prefix = prefix;
+    cfg.port = args.port;
+    let mut machine = Machine::new(cfg)?;
+
+    // Bind the incoming listener before anything else so a source can connect as soon as we print.
+    let listener = match &args.incoming {
+        Some(addr) => {
+            Some(std::net::TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?)
+        }
+        None => None,
+    };
+    if listener.is_none() {
+        machine.boot(colo_vmm::GUEST_ELF)?;
+    } else {
+        machine.prepare_incoming()?;
+    }
+    let machine = Arc::new(machine);
+    let progress = Arc::new(Mutex::new(Progress::default()));
+    let events = Arc::new(Events::default());
+
+    let _control = match &args.control {
+        Some(path) => {
+            let (m, p, e) = (machine.clone(), progress.clone(), events.clone());
+            let handler: control::Handler = Arc::new(move |req| handle(&m, &p, &e, req));
+            Some(
+                ControlServer::spawn(path, handler)
+                    .with_context(|| format!("control socket {}", path.display()))?,
+            )
+        }
+        None => None,
+    };
+
+    if let Some(listener) = listener {
+        tracing::info!("waiting for an incoming migration on {}", listener.local_addr()?);
+        let (stream, peer) = listener.accept()?;
+        tracing::info!("incoming migration from {peer}");
+        let report = migration::receive(stream, &machine, &progress)?;
+        tracing::info!("incoming migration done: {report}");
+    } else {
+        machine.start(false)?;
+    }
+
+    let mut announced = false;
+    loop {
+        if events.quit.load(Ordering::SeqCst) {
+            machine.quit();
+            return Ok(());
+        }
+        if events.migrated.load(Ordering::SeqCst) && !announced {
+            announced = true;
+            // Like QEMU's post-migrate state: the guest now runs elsewhere; this copy stays paused (its
+            // status shows the migration figures) until told to quit, or exits with --exit-after-migration.
+            tracing::info!("guest migrated away; staying paused");
+            if args.exit_after_migration {
+                machine.quit();
+                return Ok(());
+            }
+        }
+        if let Some(exit) = machine.wait_exit(Duration::from_millis(50)) {
+            tracing::info!("guest exit: {exit:?}");
+            return match exit {
+                colo_vmm::vm::GuestExit::PowerOff(0) | colo_vmm::vm::GuestExit::Quit => Ok(()),
+                other => bail!("guest stopped: {other:?}"),
+            };
+        }
+    }
+}
+
+fn handle(
+    m: &Arc<Machine>,
+    progress: &Arc<Mutex<Progress>>,
+    events: &Arc<Events>,
+    req: Request,
+) -> serde_json::Value {
+    let err = |e: &dyn std::fmt::Display| json!({ "ok": false, "error": e.to_string() });
+    match req {
+        Request::Status => {
+            let p = progress.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            json!({
+                "state": m.run_state(),
+                "ram_size": colo_vmm::memory::ram_size(m.ram()),
+                "dirty_pages": p.last_dirty_pages,
+                "migration": p,
+                "stats": m.stats(),
+            })
+        }
+        Request::Pause => match m.pause() {
+            Ok(d) => json!({ "paused_in_us": d.as_micros() as u64 }),
+            Err(e) => err(&e),
+        },
+        Request::Resume if events.migrated.load(Ordering::SeqCst) => {
+            err(&"the guest migrated away; resuming this copy would run it twice")
+        }
+        Request::Resume => match m.resume() {
+            Ok(()) => json!({}),
+            Err(e) => err(&e),
+        },
+        Request::Quit => {
+            events.quit.store(true, Ordering::SeqCst);
+            json!({})
+        }
+        Request::Migrate { addr } => {
+            {
+                let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+                if p.active {
+                    return err(&"a migration is already running");
+                }
+                p.active = true;
+            }
+            let (m, p, e) = (m.clone(), progress.clone(), events.clone());
+            let spawned = std::thread::Builder::new().name("migrate".into()).spawn(move || {
+                match migration::send(&addr, &m, &p) {
+                    Ok(report) => {
+                        tracing::info!("migration done: {report}");
+                        e.migrated.store(true, Ordering::SeqCst);
+                    }
+                    Err(err) => {
+                        tracing::error!("migration failed: {err}; resuming here");
+                        let mut g = p.lock().unwrap_or_else(|e| e.into_inner());
+                        g.active = false;
+                        g.error = Some(err.to_string());
+                        drop(g);
+                        let _ = m.resume();
+                    }
+                }
+            });
+            match spawned {
+                Ok(_) => json!({ "started": true }),
+                Err(e) => err(&e),
+            }
+        }
+    }
+}
