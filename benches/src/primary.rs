@@ -24,6 +24,9 @@ use crate::report::{EpochRecord, Report};
 use crate::secondary::{SecondaryResult, crc_of};
 use crate::{CheckpointArgs, LogKind, mono_ns};
 
+/// One `Channel::send_pages` entry: a run of pages at a guest address, or an empty slice for a zero page.
+type Entry<'r> = (u64, &'r [u8]);
+
 type Log = UnionLog<Box<dyn DirtyLog + Send>, AtomicBitmapLog>;
 
 /// A small deterministic generator for the guest's choice of pages.
@@ -163,7 +166,7 @@ fn gather<'r>(
     primary: &'r mut PrimaryRam<Log>,
     ram: &'r GuestRam<'r>,
     sent: &mut DirtyBitmap,
-) -> Result<(Vec<(u64, &'r [u8])>, usize)> {
+) -> Result<(Vec<Entry<'r>>, usize)> {
     let mut entries = Vec::new();
     let mut bytes = 0;
     for run in primary.collect(ram)? {
