@@ -112,6 +112,13 @@ impl Secondary {
 
 impl Drop for Secondary {
     fn drop(&mut self) {
+        // Give a failing secondary a moment to report its own error before it is killed.
+        for _ in 0..50 {
+            match self.child.try_wait() {
+                Ok(None) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                _ => return,
+            }
+        }
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
@@ -242,6 +249,7 @@ pub fn run(args: &CheckpointArgs) -> Result<Report> {
         }
     }
     let mut records = Vec::new();
+    let mut staging: Vec<u8> = Vec::new();
     let started = Instant::now();
     for epoch in 1..=u64::from(args.checkpoints) + 1 {
         let mut rec = EpochRecord {
@@ -268,7 +276,22 @@ pub fn run(args: &CheckpointArgs) -> Result<Report> {
                     // again for the pause, with new contents.
                     let vcpu_thread = s.spawn(|| Guest::run(vcpu));
                     let (entries, bytes) = gather(&mut primary, &ram, &mut sent)?;
-                    ch.send_pages(PagePhase::Precopy, epoch, PAGE_SIZE as u32, &entries)?;
+                    // The guest writes while this round is read: copy the pages once and send the copy, or the
+                    // frame CRC (computed over guest memory, which then changes under the socket's own copy)
+                    // would not match what arrives. A torn page in the copy is dirty again and re-sent paused.
+                    staging.clear();
+                    for (_, data) in &entries {
+                        staging.extend_from_slice(data);
+                    }
+                    let mut off = 0;
+                    let staged: Vec<Entry<'_>> = entries
+                        .iter()
+                        .map(|&(gpa, data)| {
+                            off += data.len();
+                            (gpa, &staging[off - data.len()..off])
+                        })
+                        .collect();
+                    ch.send_pages(PagePhase::Precopy, epoch, PAGE_SIZE as u32, &staged)?;
                     rec.precopy_send_ns = mono_ns() - rec.precopy_start_ns;
                     rec.precopy_bytes = bytes as u64;
                     vcpu_thread
