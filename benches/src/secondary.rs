@@ -18,6 +18,9 @@ use vm_memory::GuestAddress;
 use crate::guest::{CpuState, Mem};
 use crate::mono_ns;
 
+/// Decoded messages queued between the reader thread and the store (each up to one 1 MiB page frame).
+const RECV_QUEUE: usize = 16;
+
 /// Largest device state this secondary buffers for one checkpoint.
 const MAX_DEVICE_STATE: usize = 1 << 20;
 
@@ -101,6 +104,23 @@ pub fn run(mem_bytes: u64, flush_threads: usize) -> Result<()> {
         }],
     );
     ch.handshake_accept(&local)?;
+    // Pipeline: a reader thread reads frames, checks their CRC and decodes them while this thread stores the
+    // previous batch into the RAM cache. Messages reach the session machine in arrival order; the queue is
+    // bounded, so a slow store pushes back on the socket.
+    let mut rx = Channel::from_tcp(ch.get_ref().try_clone()?)?;
+    rx.set_version(ch.version());
+    let (msg_tx, msg_rx) = std::sync::mpsc::sync_channel::<colo_proto::Result<Message>>(RECV_QUEUE);
+    let reader = std::thread::Builder::new()
+        .name("checkpoint-rx".into())
+        .spawn(move || {
+            loop {
+                let msg = rx.recv();
+                let stop = msg.is_err();
+                if msg_tx.send(msg).is_err() || stop {
+                    return;
+                }
+            }
+        })?;
     let mut sess = SecondarySession::new(SessionConfig::default(), Instant::now());
     let mut epochs: Vec<SecondaryEpoch> = Vec::new();
     let mut cur = SecondaryEpoch::default();
@@ -167,7 +187,13 @@ pub fn run(mem_bytes: u64, flush_threads: usize) -> Result<()> {
                     cur.epoch = epoch;
                 }
                 SecondaryAction::PeerClosed(_) => {
+                    // The reader thread holds a clone of the socket: shut it down so its recv returns.
+                    let _ = ch.get_ref().shutdown(std::net::Shutdown::Both);
                     drop(ch);
+                    drop(msg_rx);
+                    reader
+                        .join()
+                        .map_err(|_| anyhow::anyhow!("reader thread panicked"))?;
                     sink.join().map_err(|_| anyhow::anyhow!("raw sink panicked"))??;
                     let crc32 = crc_of(&sram, mem_bytes)?;
                     ensure!(
@@ -188,7 +214,9 @@ pub fn run(mem_bytes: u64, flush_threads: usize) -> Result<()> {
             sess.checkpoint_loaded(Instant::now())?;
             continue;
         }
-        let msg = ch.recv()?;
+        let msg = msg_rx
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the reader thread stopped"))??;
         match &msg {
             Message::VmstateSend { epoch } => {
                 if *epoch != cur.epoch {
