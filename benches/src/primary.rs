@@ -291,6 +291,7 @@ pub fn run(args: &CheckpointArgs) -> Result<Report> {
                             (gpa, &staging[off - data.len()..off])
                         })
                         .collect();
+                    rec.precopy_stream_start_ns = mono_ns();
                     ch.send_pages(PagePhase::Precopy, epoch, PAGE_SIZE as u32, &staged)?;
                     rec.precopy_send_ns = mono_ns() - rec.precopy_start_ns;
                     rec.precopy_bytes = bytes as u64;

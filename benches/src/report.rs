@@ -16,7 +16,10 @@ pub struct EpochRecord {
     pub epoch: u64,
     /// When the pre-copy round started (CLOCK_MONOTONIC).
     pub precopy_start_ns: u64,
-    /// Collecting and writing the pre-copy round (the guest runs meanwhile).
+    /// When the pre-copy round's first frame was written (after its pages were copied out of the running
+    /// guest), CLOCK_MONOTONIC.
+    pub precopy_stream_start_ns: u64,
+    /// Collecting, copying and writing the pre-copy round (the guest runs meanwhile).
     pub precopy_send_ns: u64,
     /// Data bytes sent in the pre-copy round.
     pub precopy_bytes: u64,
@@ -199,8 +202,8 @@ impl Report {
             r.flush_ns = s.flush_ns;
             r.flushed_pages = s.flushed_pages;
             r.load_ns = s.load_ns;
-            let pre = if s.precopy_pages > 0 && r.precopy_start_ns > 0 {
-                s.precopy_last_ns.saturating_sub(r.precopy_start_ns)
+            let pre = if s.precopy_pages > 0 && r.precopy_stream_start_ns > 0 {
+                s.precopy_last_ns.saturating_sub(r.precopy_stream_start_ns)
             } else {
                 0
             };
