@@ -99,6 +99,9 @@ pub struct DiscardRecord {
     pub len: u64,
 }
 
+/// Backlog bytes a queued record costs at least (its bookkeeping, for a discard or an empty write).
+const RECORD_COST: u64 = 64;
+
 /// What a guest request carries.
 enum Payload {
     Data(Bytes),
@@ -113,10 +116,12 @@ impl Payload {
         }
     }
 
+    /// What the request counts against the backlog cap: its data, and at least [`RECORD_COST`], so that
+    /// a guest cannot queue discards (or empty writes) without bound while the transport stalls.
     fn queued_bytes(&self) -> u64 {
         match self {
-            Payload::Data(d) => d.len() as u64,
-            Payload::Discard(_) => 0,
+            Payload::Data(d) => (d.len() as u64).max(RECORD_COST),
+            Payload::Discard(_) => RECORD_COST,
         }
     }
 
@@ -174,7 +179,8 @@ pub struct EpochLimit {
 pub struct PrimaryConfig {
     /// Completion semantics.
     pub mode: CompletionMode,
-    /// Cap on bytes queued for the transport plus bytes awaiting acknowledgement.
+    /// Cap on bytes queued for the transport plus bytes awaiting acknowledgement (every record, a discard
+    /// too, counts at least 64 bytes).
     pub max_backlog_bytes: u64,
     /// Bound on distinct blocks written per epoch (see the module docs); `None` for no bound.
     pub epoch_limit: Option<EpochLimit>,
@@ -388,10 +394,13 @@ impl<B: BlockBackend> PrimaryDisk<B> {
         if let Some(out) = self.queue.pop_front() {
             match &out {
                 Outgoing::Write(rec) => {
-                    self.queued_bytes -= rec.data.len() as u64;
+                    self.queued_bytes -= (rec.data.len() as u64).max(RECORD_COST);
                     self.highest_sent = Some(rec.id.0);
                 }
-                Outgoing::Discard(rec) => self.highest_sent = Some(rec.id.0),
+                Outgoing::Discard(rec) => {
+                    self.queued_bytes -= RECORD_COST;
+                    self.highest_sent = Some(rec.id.0);
+                }
                 Outgoing::Barrier { epoch } => self.last_barrier_sent = Some(*epoch),
                 Outgoing::SyncChunk { .. } | Outgoing::SyncDone => {}
             }
@@ -476,7 +485,7 @@ impl<B: BlockBackend> PrimaryDisk<B> {
         self.epoch
     }
 
-    /// Bytes queued for the transport.
+    /// Bytes queued for the transport (as counted against the backlog cap).
     pub fn queued_bytes(&self) -> u64 {
         self.queued_bytes
     }
@@ -574,7 +583,7 @@ mod tests {
     }
 
     #[test]
-    fn discard_zeroes_locally_and_is_replicated_without_backlog() {
+    fn discard_zeroes_locally_and_is_replicated_at_a_small_backlog_cost() {
         let mut p = primary(CompletionMode::Sync);
         p.write(0, Bytes::from(vec![4u8; 1024])).unwrap();
         assert_eq!(p.discard(512, 512).unwrap(), WriteStatus::AwaitingAck(WriteId(1)));
@@ -582,7 +591,7 @@ mod tests {
         p.read(0, &mut buf).unwrap();
         assert_eq!(&buf[..512], &[4; 512]);
         assert_eq!(&buf[512..], &[0; 512]);
-        assert_eq!(p.queued_bytes(), 1024);
+        assert_eq!(p.queued_bytes(), 1024 + RECORD_COST);
         assert!(matches!(p.poll_outgoing().unwrap(), Some(Outgoing::Write(_))));
         let rec = DiscardRecord {
             id: WriteId(1),
@@ -592,7 +601,29 @@ mod tests {
         };
         assert_eq!(p.poll_outgoing().unwrap(), Some(Outgoing::Discard(rec)));
         assert_eq!(p.handle_ack(WriteId(1)).unwrap(), vec![WriteId(0), WriteId(1)]);
+        assert_eq!(p.queued_bytes(), 0);
         assert!(matches!(p.discard(0, 100), Err(Error::Misaligned { .. })));
+    }
+
+    #[test]
+    fn discards_and_empty_writes_cannot_grow_the_queue_without_bound() {
+        // The backlog cap is 8 KiB and nothing drains the queue.
+        let mut p = primary(CompletionMode::Async);
+        let mut queued = 0u64;
+        let err = loop {
+            let r = if queued.is_multiple_of(2) {
+                p.discard(0, 512)
+            } else {
+                p.write(0, Bytes::new())
+            };
+            match r {
+                Ok(_) => queued += 1,
+                Err(e) => break e,
+            }
+            assert!(queued <= 8192 / RECORD_COST, "queue grew past the cap");
+        };
+        assert!(matches!(err, Error::BacklogFull { .. }));
+        assert_eq!(queued, 8192 / RECORD_COST);
     }
 
     #[test]

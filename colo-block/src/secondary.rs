@@ -359,6 +359,16 @@ impl<D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryDisk<D, H, A> {
             });
         }
         let bs = self.block_size;
+        let (used, capacity) = (self.hidden.len(), self.hidden.capacity());
+        // The peer chooses the ranges (a discard may span the whole disk): never list more than twice the
+        // hidden store's room, so this list stays bounded by its capacity, not by the request.
+        let room = capacity.saturating_sub(used);
+        let full = |needed| Error::OverlayFull {
+            store: "hidden",
+            used,
+            capacity,
+            needed,
+        };
         let mut new_blocks: Vec<u64> = Vec::new();
         for r in records {
             if r.epoch() != self.epoch {
@@ -375,19 +385,22 @@ impl<D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryDisk<D, H, A> {
             for b in offset / bs..=(offset + len - 1) / bs {
                 if !self.hidden.contains(b) {
                     new_blocks.push(b);
+                    // Deduplicate (blocks repeat across records) only every `room` pushes: amortised cheap.
+                    if new_blocks.len() > room.saturating_mul(2) {
+                        new_blocks.sort_unstable();
+                        new_blocks.dedup();
+                        if new_blocks.len() > room {
+                            // At least this many; the rest of the request was not counted.
+                            return Err(full(new_blocks.len()));
+                        }
+                    }
                 }
             }
         }
         new_blocks.sort_unstable();
         new_blocks.dedup();
-        let (used, capacity) = (self.hidden.len(), self.hidden.capacity());
-        if used + new_blocks.len() > capacity {
-            return Err(Error::OverlayFull {
-                store: "hidden",
-                used,
-                capacity,
-                needed: new_blocks.len(),
-            });
+        if new_blocks.len() > room {
+            return Err(full(new_blocks.len()));
         }
         self.save_old_blocks(&new_blocks)?;
         if !new_blocks.is_empty() {
@@ -834,5 +847,67 @@ mod tests {
             0,
         );
         assert!(matches!(err, Err(Error::Mismatch { .. })));
+    }
+
+    /// A disk of any length that reads as zeros and counts writes (nothing is stored).
+    struct Huge {
+        len: u64,
+        writes: usize,
+    }
+
+    impl BlockBackend for Huge {
+        fn len(&self) -> u64 {
+            self.len
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            check_request(offset, buf.len() as u64, self.len)?;
+            buf.fill(0);
+            Ok(())
+        }
+        fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+            check_request(offset, data.len() as u64, self.len)?;
+            self.writes += 1;
+            Ok(())
+        }
+        fn flush(&mut self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn whole_disk_discard_is_refused_without_listing_every_block() {
+        // 1 TiB of 1 KiB blocks: listing every block would take 8 GiB. The hidden store has room for 3.
+        let disk = Huge {
+            len: 1 << 40,
+            writes: 0,
+        };
+        let mut s = SecondaryDisk::new(
+            disk,
+            MemStore::new(BS, 3).unwrap(),
+            MemStore::new(BS, 4).unwrap(),
+            0,
+        )
+        .unwrap();
+        let discard = DiscardRecord {
+            id: WriteId(0),
+            epoch: 0,
+            offset: 0,
+            len: 1 << 40,
+        };
+        assert!(matches!(
+            s.apply_discard(&discard),
+            Err(Error::OverlayFull {
+                store: "hidden",
+                capacity: 3,
+                ..
+            })
+        ));
+        assert_eq!(s.disk().writes, 0, "nothing applied");
+        assert!(s.hidden().is_empty());
+        // Records that repeat the same blocks still fit.
+        let small: Vec<WriteRecord> = (0..100).map(|i| rec(i, 0, 0, 3 * BS, 1)).collect();
+        s.apply_batch(&small).unwrap();
+        assert_eq!(s.hidden().len(), 3);
+        assert_eq!(s.disk().writes, 100);
     }
 }

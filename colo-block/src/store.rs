@@ -21,7 +21,9 @@
 //! and the CRC32 of the data, itself protected by a CRC32. Slots are filled in order from slot 0; on open the
 //! store takes slots until the first one that is not a complete, current-generation record. `clear` starts a
 //! new generation, which invalidates every record at once with a single superblock write (durable at the
-//! next `sync`); `set_committing` writes and flushes.
+//! next `sync`); `set_committing` writes and flushes. A generation is a fresh 64-bit value, never the
+//! previous one plus one: a crash may lose a superblock whose records reached the medium, and a generation
+//! counted again after the reopen would bring those records back.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -278,6 +280,9 @@ pub const JOURNAL_HEADER_BYTES: u64 = 4096;
 const SLOT_HEADER: usize = SECTOR_SIZE as usize;
 const STATE_OPEN: u32 = 0;
 const STATE_COMMITTING: u32 = 1;
+/// Largest superblock sequence number a journal accepts. Each `clear` uses one, so a real journal never gets
+/// near it; a damaged or crafted superblock beyond it would make the next sequence number overflow.
+const MAX_SEQ: u64 = u64::MAX / 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Superblock {
@@ -357,6 +362,24 @@ fn decode_record(rec: &[u8], sb: &Superblock) -> Option<u64> {
     Some(u64::from_le_bytes(h[16..24].try_into().ok()?))
 }
 
+/// A 64-bit value no earlier call is expected to have returned, on this host or another: the wall clock in
+/// nanoseconds, the process id, a per-process counter and `salt`, mixed (splitmix64's finaliser). Used for
+/// journal ids and record generations, which must not repeat values that records on the medium may carry.
+fn unique_u64(salt: u64) -> u64 {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let count = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut x = nanos
+        ^ salt.rotate_left(32)
+        ^ u64::from(std::process::id()).rotate_left(16)
+        ^ count.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
 /// Reads both superblock copies: the valid one with the higher sequence number and its slot.
 fn read_superblock<B: BlockBackend>(backend: &B) -> Result<Option<(Superblock, u64)>> {
     if backend.len() < JOURNAL_HEADER_BYTES {
@@ -413,16 +436,16 @@ impl<B: BlockBackend> JournalStore<B> {
         let capacity = Self::capacity_for(backend.len(), block_size)?;
         // Continue the sequence of any journal the device held before, so none of its records can
         // match the new generation; a fresh id guards against records whose superblocks are gone.
-        let previous = read_superblock(&backend).ok().flatten();
+        let previous = read_superblock(&backend)
+            .ok()
+            .flatten()
+            .filter(|(sb, _)| sb.seq <= MAX_SEQ);
         let seq = previous.map_or(0, |(sb, _)| sb.seq) + 1;
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        let journal_id = nanos ^ seq.rotate_left(32) ^ u64::from(std::process::id()).rotate_left(16);
+        let journal_id = unique_u64(seq);
         let sb = Superblock {
             block_size: block_size as u32,
             seq,
-            generation: seq,
+            generation: unique_u64(seq),
             state: STATE_OPEN,
             journal_id,
         };
@@ -455,6 +478,18 @@ impl<B: BlockBackend> JournalStore<B> {
             reason: "bad block size in superblock",
             slot: None,
         })?;
+        if sb.state != STATE_OPEN && sb.state != STATE_COMMITTING {
+            return Err(Error::CorruptJournal {
+                reason: "unknown state in superblock",
+                slot: None,
+            });
+        }
+        if sb.seq > MAX_SEQ {
+            return Err(Error::CorruptJournal {
+                reason: "superblock sequence number out of range",
+                slot: None,
+            });
+        }
         let capacity = Self::capacity_for(backend.len(), block_size)?;
         let mut store = JournalStore {
             backend,
@@ -596,7 +631,12 @@ impl<B: BlockBackend> OverlayStore for JournalStore<B> {
     }
 
     fn clear(&mut self) -> Result<()> {
-        let generation = self.sb.seq + 1;
+        // Not `previous + 1`: a crash can lose a superblock while records written under its generation
+        // survive, and a generation counted again from the surviving superblock would bring them back.
+        let mut generation = unique_u64(self.sb.seq);
+        if generation == self.sb.generation {
+            generation = !generation;
+        }
         self.write_superblock(generation, STATE_OPEN, false)?;
         self.index.clear();
         self.next = 0;
@@ -707,6 +747,32 @@ mod tests {
         j.sync().unwrap();
         let j = JournalStore::open(j.into_backend()).unwrap();
         assert_eq!(j.blocks(), vec![9]);
+    }
+
+    #[test]
+    fn records_of_a_lost_superblock_never_come_back() {
+        let dev = MemBackend::new(JournalStore::<MemBackend>::required_len(512, 4)).unwrap();
+        let mut j = JournalStore::format(dev, 512).unwrap();
+        j.put(1, &[1; 512]).unwrap();
+        j.sync().unwrap();
+        let durable_superblocks = j.backend().as_slice()[..1024].to_vec();
+        // A clear whose superblock never reaches the medium, though the records written after it do.
+        j.clear().unwrap();
+        for b in 10..14 {
+            j.put(b, &[b as u8; 512]).unwrap();
+        }
+        let mut dev = j.into_backend();
+        dev.write_at(0, &durable_superblocks).unwrap();
+        // Reopen (the old generation: slot 0 was overwritten, so nothing is current), clear as recovery
+        // does, take one new record, reopen again: the lost generation's records stay dead.
+        let mut j = JournalStore::open(dev).unwrap();
+        assert!(j.is_empty());
+        j.clear().unwrap();
+        j.sync().unwrap();
+        j.put(20, &[20; 512]).unwrap();
+        j.sync().unwrap();
+        let j = JournalStore::open(j.into_backend()).unwrap();
+        assert_eq!(j.blocks(), vec![20]);
     }
 
     #[test]

@@ -116,8 +116,13 @@ impl LeaseTable {
                 LeaseAnswer::Granted { token, ttl }
             }
             Some(h) => LeaseAnswer::Denied { holder: h.token },
+            // Every token is used up (a damaged or crafted term file): a new holder could only get a token
+            // an earlier holder had, so nobody new may hold the lease.
+            None if self.term == u64::MAX => LeaseAnswer::Denied {
+                holder: FenceToken(self.term),
+            },
             None => {
-                self.term = self.term.saturating_add(1);
+                self.term += 1;
                 let token = FenceToken(self.term);
                 self.holder = Some(Holding {
                     node: node.to_owned(),
@@ -266,5 +271,33 @@ mod tests {
         );
         assert_eq!(t.next_term(t0 + max, "a"), 6);
         assert_eq!(t.next_term(t0 + max, "b"), 7);
+    }
+
+    #[test]
+    fn exhausted_tokens_are_never_handed_out_twice() {
+        let t0 = Instant::now();
+        let mut t = LeaseTable::new(u64::MAX - 1, Duration::from_secs(10));
+        assert_eq!(
+            t.acquire(t0, "a", TTL),
+            LeaseAnswer::Granted {
+                token: FenceToken(u64::MAX),
+                ttl: TTL
+            }
+        );
+        // The holder keeps renewing its token.
+        assert!(matches!(
+            t.renew(t0, "a", FenceToken(u64::MAX), TTL),
+            LeaseAnswer::Granted { .. }
+        ));
+        // Once it lapses, nobody gets the lease again: the only token left would repeat `a`'s.
+        let later = t0 + 2 * TTL;
+        assert_eq!(t.next_term(later, "b"), u64::MAX);
+        assert_eq!(
+            t.acquire(later, "b", TTL),
+            LeaseAnswer::Denied {
+                holder: FenceToken(u64::MAX)
+            }
+        );
+        assert!(t.holder(later).is_none());
     }
 }

@@ -835,4 +835,60 @@ mod tests {
         assert_eq!(read_line(&mut r, &mut acc).ok(), Some(Some(Ok("ok".to_owned()))));
         assert!(read_line(&mut r, &mut acc).is_err(), "a cut line is an error");
     }
+
+    /// Lines that look like the protocol (known words, names, numbers of any length) or are arbitrary.
+    fn line_strategy() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            "(ACQUIRE|RENEW|RELEASE|STATUS|GRANTED|DENIED|NOTREADY|RELEASED|HOLDER|ERROR)( ([a-zA-Z0-9._/-]{0,70}|[0-9]{0,24}|-|)){0,5}",
+            any::<String>(),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Whatever a peer sends, parsing never panics, and what parses prints back to the same value.
+        #[test]
+        fn any_line_parses_or_is_a_typed_error(line in line_strategy()) {
+            if let Ok(r) = Request::parse(&line) {
+                let again = r.to_line();
+                proptest::prop_assert!(again.len() <= MAX_LINE);
+                proptest::prop_assert_eq!(Request::parse(again.trim_end_matches('\n')), Ok(r));
+            }
+            match Answer::parse(&line) {
+                Ok(Answer::Error(text)) => proptest::prop_assert!(text.len() < MAX_LINE),
+                Ok(a) => {
+                    let again = a.to_line();
+                    proptest::prop_assert_eq!(Answer::parse(again.trim_end_matches('\n')), Ok(a));
+                }
+                Err(_) => {}
+            }
+        }
+
+        /// Arbitrary bytes in arbitrary pieces: every line comes out whole or as a typed error, and the
+        /// partial-line buffer never grows past `MAX_LINE`.
+        #[test]
+        fn read_line_takes_arbitrary_bytes(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2000),
+            cap in 1usize..64,
+        ) {
+            let mut r = BufReader::with_capacity(cap, &bytes[..]);
+            let mut acc = Vec::new();
+            let mut lines = 0;
+            loop {
+                match read_line(&mut r, &mut acc) {
+                    Ok(None) => break,
+                    Ok(Some(Ok(line))) => {
+                        proptest::prop_assert!(line.len() < MAX_LINE && !line.contains('\n'));
+                        lines += 1;
+                    }
+                    Ok(Some(Err(_))) => lines += 1,
+                    Err(_) => break,
+                }
+                proptest::prop_assert!(acc.len() < MAX_LINE);
+                proptest::prop_assert!(lines <= bytes.len());
+            }
+        }
+    }
 }

@@ -233,12 +233,24 @@ pub fn complete(local: &LocalConfig, answer: Message) -> Result<Negotiated> {
 }
 
 /// The message that tells the peer why its offer was refused.
+///
+/// The text is cut to [`MAX_REFUSAL_TEXT`] bytes: a layout mismatch quotes the peer's regions, and a
+/// long list would not fit a control message, so the peer would never learn why it was refused.
 pub fn refusal_message(r: &Refusal) -> Message {
-    Message::Error {
-        code: REFUSED,
-        text: r.to_string(),
+    let mut text = r.to_string();
+    if text.len() > MAX_REFUSAL_TEXT {
+        let mut end = MAX_REFUSAL_TEXT - 3;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
     }
+    Message::Error { code: REFUSED, text }
 }
+
+/// Longest refusal text [`refusal_message`] sends.
+pub const MAX_REFUSAL_TEXT: usize = 4096;
 
 #[cfg(test)]
 mod tests {
@@ -254,6 +266,28 @@ mod tests {
                 size: 1 << 30,
             }],
         )
+    }
+
+    #[test]
+    fn a_refusal_quoting_a_huge_layout_still_fits_a_control_message() {
+        let regions = |n: u64| {
+            (0..n)
+                .map(|i| MemoryRegion {
+                    gpa: i << 32,
+                    size: 4096,
+                })
+                .collect()
+        };
+        let local = LocalConfig::new(1, Role::Secondary, 4096, regions(1));
+        let mut hello = LocalConfig::new(2, Role::Primary, 4096, regions(50_000)).hello();
+        hello.min_version = MIN_PROTOCOL_VERSION;
+        let refusal = accept(&local, &hello).unwrap_err();
+        let msg = refusal_message(&refusal);
+        let Message::Error { text, .. } = &msg else {
+            panic!("not an error message");
+        };
+        assert!(text.len() <= MAX_REFUSAL_TEXT && text.starts_with("guest memory layout differs"));
+        msg.encode(PROTOCOL_VERSION, &mut Vec::new()).unwrap();
     }
 
     #[test]

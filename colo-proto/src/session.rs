@@ -209,6 +209,28 @@ impl Event {
     }
 }
 
+/// `now + wait`, or a deadline a century away when `wait` is too long to add (`Duration::MAX` as "never").
+fn after(now: Instant, wait: Duration) -> Instant {
+    now.checked_add(wait)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+        .unwrap_or(now)
+}
+
+/// The error for an input that has no transition in `state`: an unexpected message, or a local command
+/// given at the wrong time.
+fn refuse(state: &'static str, ev: Event) -> Error {
+    match ev {
+        Event::Msg(m) => Error::Unexpected {
+            state,
+            kind: m.kind(),
+        },
+        other => Error::BadCommand {
+            state,
+            command: other.command(),
+        },
+    }
+}
+
 fn check_epoch(msg: &Message, expected: u64) -> Result<()> {
     match msg.epoch() {
         Some(found) if found != expected => Err(Error::Epoch {
@@ -248,7 +270,7 @@ impl PrimarySession {
         PrimarySession {
             config,
             state: PState::WaitingReady {
-                deadline: now + config.peer_timeout,
+                deadline: after(now, config.peer_timeout),
             },
             committed: 0,
             actions: VecDeque::new(),
@@ -354,19 +376,7 @@ impl PrimarySession {
         let state = std::mem::replace(&mut self.state, PState::Closed);
         let (next, result) = match (state, event) {
             (PState::Failed(e), _) => (PState::Failed(e.clone()), Err(Error::AlreadyFailed(Box::new(e)))),
-            (s @ PState::Closed, ev) => {
-                let r = match ev {
-                    Event::Msg(m) => Err(Error::Unexpected {
-                        state: "closed",
-                        kind: m.kind(),
-                    }),
-                    other => Err(Error::BadCommand {
-                        state: "closed",
-                        command: other.command(),
-                    }),
-                };
-                (s, r)
-            }
+            (s @ PState::Closed, ev) => (s, Err(refuse("closed", ev))),
             (_, Event::Msg(Message::Error { code, text })) => {
                 (PState::Closed, Err(Error::Peer { code, text }))
             }
@@ -393,7 +403,7 @@ impl PrimarySession {
                 (
                     PState::AwaitingReply {
                         epoch,
-                        deadline: now + peer,
+                        deadline: after(now, peer),
                     },
                     Ok(()),
                 )
@@ -433,7 +443,7 @@ impl PrimarySession {
                     PState::AwaitingReceived {
                         epoch,
                         paused_at,
-                        deadline: now + peer,
+                        deadline: after(now, peer),
                     },
                     Ok(()),
                 )
@@ -448,7 +458,7 @@ impl PrimarySession {
             ) => match check_epoch(&m, epoch) {
                 Ok(()) => {
                     self.actions.push_back(A::ReleaseOutput { epoch });
-                    let deadline = now + self.config.load_timeout;
+                    let deadline = after(now, self.config.load_timeout);
                     (
                         PState::AwaitingLoaded {
                             epoch,
@@ -491,25 +501,9 @@ impl PrimarySession {
                     Err(e),
                 ),
             },
-            (s, Event::Msg(m)) => {
-                let name = s.name();
-                (
-                    s,
-                    Err(Error::Unexpected {
-                        state: name,
-                        kind: m.kind(),
-                    }),
-                )
-            }
             (s, ev) => {
-                let name = s.name();
-                (
-                    s,
-                    Err(Error::BadCommand {
-                        state: name,
-                        command: ev.command(),
-                    }),
-                )
+                let e = refuse(s.name(), ev);
+                (s, Err(e))
             }
         };
         self.state = next;
@@ -687,23 +681,11 @@ impl SecondarySession {
 
     fn transition(&mut self, now: Instant, event: Event) -> Result<()> {
         use SecondaryAction as A;
-        let deadline = now + self.config.peer_timeout;
+        let deadline = after(now, self.config.peer_timeout);
         let state = std::mem::replace(&mut self.state, SState::Closed);
         let (next, result) = match (state, event) {
             (SState::Failed(e), _) => (SState::Failed(e.clone()), Err(Error::AlreadyFailed(Box::new(e)))),
-            (s @ SState::Closed, ev) => {
-                let r = match ev {
-                    Event::Msg(m) => Err(Error::Unexpected {
-                        state: "closed",
-                        kind: m.kind(),
-                    }),
-                    other => Err(Error::BadCommand {
-                        state: "closed",
-                        command: other.command(),
-                    }),
-                };
-                (s, r)
-            }
+            (s @ SState::Closed, ev) => (s, Err(refuse("closed", ev))),
             (_, Event::Msg(Message::Error { code, text })) => {
                 (SState::Closed, Err(Error::Peer { code, text }))
             }
@@ -853,25 +835,9 @@ impl SecondarySession {
                 self.actions.push_back(A::CheckpointDone { epoch });
                 (SState::Running { epoch }, Ok(()))
             }
-            (s, Event::Msg(m)) => {
-                let name = s.name();
-                (
-                    s,
-                    Err(Error::Unexpected {
-                        state: name,
-                        kind: m.kind(),
-                    }),
-                )
-            }
             (s, ev) => {
-                let name = s.name();
-                (
-                    s,
-                    Err(Error::BadCommand {
-                        state: name,
-                        command: ev.command(),
-                    }),
-                )
+                let e = refuse(s.name(), ev);
+                (s, Err(e))
             }
         };
         self.state = next;
@@ -896,6 +862,7 @@ fn accept_chunk(
         });
     }
     let len = chunk.data.len() as u64;
+    let before = got;
     let got = match got.checked_add(len).filter(|&g| g <= size) {
         Some(g) => g,
         None => {
@@ -919,6 +886,15 @@ fn accept_chunk(
                 return bad(format!(
                     "device {} starts at offset {}",
                     chunk.device_id, chunk.offset
+                ));
+            }
+            // The announced size bounds every device's total, so a VMM may size its buffer by `total`.
+            if chunk.total > size - before {
+                return bad(format!(
+                    "device {} announces {} bytes, only {} of the checkpoint's {size} are left",
+                    chunk.device_id,
+                    chunk.total,
+                    size - before
                 ));
             }
             DeviceProgress {
@@ -965,6 +941,43 @@ mod tests {
             s.handle_message(now, m).unwrap();
         }
         (s, now)
+    }
+
+    #[test]
+    fn a_device_total_beyond_the_announced_size_is_refused() {
+        // 10 bytes announced; a device claiming 2^60 bytes in a 4-byte chunk must not get through, so the
+        // VMM can size its buffer by `total`.
+        let (mut s, now) = receiving_devices(10);
+        assert!(matches!(
+            s.handle_message(now, chunk(7, 1 << 60, 0, 4)),
+            Err(Error::DeviceState { .. })
+        ));
+        assert!(s.failure().is_some());
+        // The second device may claim only what the first left over.
+        let (mut s, now) = receiving_devices(10);
+        s.handle_message(now, chunk(7, 6, 0, 6)).unwrap();
+        assert!(s.handle_message(now, chunk(8, 5, 0, 4)).is_err());
+        let (mut s, now) = receiving_devices(10);
+        s.handle_message(now, chunk(7, 6, 0, 6)).unwrap();
+        s.handle_message(now, chunk(8, 4, 0, 4)).unwrap();
+    }
+
+    #[test]
+    fn endless_timeouts_do_not_overflow_the_clock() {
+        let now = Instant::now();
+        let cfg = SessionConfig {
+            peer_timeout: Duration::MAX,
+            load_timeout: Duration::MAX,
+            ..SessionConfig::default()
+        };
+        let mut p = PrimarySession::new(cfg, now);
+        assert!(p.poll_timeout().is_some_and(|d| d > now));
+        p.handle_message(now, Message::CheckpointReady).unwrap();
+        p.start_checkpoint(now).unwrap();
+        let mut s = SecondarySession::new(cfg, now);
+        s.handle_message(now, Message::CheckpointRequest { epoch: 1 })
+            .unwrap();
+        assert!(s.poll_timeout().is_some_and(|d| d > now));
     }
 
     #[test]

@@ -246,7 +246,7 @@ impl<S: Read + Write> Channel<S> {
     pub fn send_vmstate(&mut self, epoch: u64, devices: &[(u32, &[u8])], chunk: usize) -> Result<()> {
         let size = devices.iter().map(|(_, d)| d.len() as u64).sum();
         self.send(&Message::VmstateSize { epoch, size })?;
-        let chunk = chunk.clamp(1, self.max_body as usize / 2);
+        let chunk = chunk.clamp(1, (self.max_body as usize / 2).max(1));
         for &(device_id, blob) in devices {
             let total = blob.len() as u64;
             let mut offset = 0usize;
@@ -353,7 +353,9 @@ impl<S: Read + Write> Channel<S> {
                 Ok(negotiated)
             }
             Err(refusal) => {
-                self.version = hello.min_version.clamp(MIN_PROTOCOL_VERSION, local.max_version);
+                self.version = hello
+                    .min_version
+                    .clamp(MIN_PROTOCOL_VERSION, local.max_version.max(MIN_PROTOCOL_VERSION));
                 // Best effort: the peer learns why; our caller gets the typed reason either way.
                 let _ = self.send(&handshake::refusal_message(&refusal));
                 Err(Error::Refused(refusal))

@@ -198,7 +198,13 @@ impl RamCache {
     }
 
     fn check_ram(&self, svm: &GuestRam<'_>) -> Result<(), RamError> {
-        if svm.layout() == &self.layout {
+        if svm.shares_memory_with(&self.view) {
+            // A view of the cache's own memory (a clone of `memory()`): copying between them would
+            // overlap, and reading one while writing the other would alias.
+            Err(RamError::LayoutMismatch(
+                "SVM memory is the RAM cache's own memory".to_owned(),
+            ))
+        } else if svm.layout() == &self.layout {
             Ok(())
         } else {
             Err(RamError::LayoutMismatch(format!(

@@ -70,6 +70,9 @@ pub struct KvmDirtyLog<V> {
 
 impl<V: Borrow<VmFd>> KvmDirtyLog<V> {
     /// Reads the dirty log of `slots` (one per region of `layout`, in order) from `vm`.
+    ///
+    /// `slots[i]` must be registered with exactly the guest address and size of region `i` (kvm-ioctls'
+    /// `get_dirty_log` sizes KVM's output buffer from it).
     pub fn new(vm: V, layout: RamLayout, slots: Vec<u32>) -> Result<Self, RamError> {
         check_slots(&layout, &slots)?;
         Ok(KvmDirtyLog { vm, layout, slots })
@@ -113,6 +116,10 @@ pub struct KvmManualDirtyLog<V> {
 impl<V: Borrow<VmFd>> KvmManualDirtyLog<V> {
     /// Enables `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` on `vm` (do this before registering the slots) and reads
     /// the dirty log of `slots` (one per region of `layout`).
+    ///
+    /// `slots[i]` must be registered with exactly the guest address and size of region `i`: KVM writes one
+    /// bit per page of the slot into a buffer sized from the layout, and a larger slot would write past it.
+    /// (The same contract as kvm-ioctls' `VmFd::get_dirty_log`; KVM offers no way to check it.)
     pub fn new(vm: V, layout: RamLayout, slots: Vec<u32>) -> Result<Self, RamError> {
         check_slots(&layout, &slots)?;
         let mut cap = kvm_enable_cap {
@@ -158,8 +165,10 @@ impl<V: Borrow<VmFd>> DirtyLog for KvmManualDirtyLog<V> {
                     dirty_bitmap: words.as_mut_ptr() as *mut c_void,
                 },
             };
-            // SAFETY: `get` names a buffer of one bit per page of the slot (the layout's region length is
-            // the slot size), which KVM fills; the fd is a VM fd.
+            // SAFETY: `get` names a buffer of one bit per page of region `i`, which KVM fills with one bit
+            // per page of `slot`; the fd is a VM fd. This holds only if `slot` was registered with exactly
+            // region `i`'s size, which `new` documents as the caller's duty and cannot check (KVM has no
+            // query for a slot's size; kvm-ioctls' safe `get_dirty_log` relies on the same contract).
             let ret = unsafe { ioctl_with_ref(self.vm.borrow(), KVM_GET_DIRTY_LOG(), &get) };
             if ret != 0 {
                 return Err(RamError::Kvm {

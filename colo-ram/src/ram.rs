@@ -2,7 +2,7 @@
 
 use std::marker::PhantomData;
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::PAGE_SIZE;
 use crate::error::RamError;
@@ -155,13 +155,21 @@ impl<'m> GuestRam<'m> {
         let layout = RamLayout::of(mem)?;
         let mut regions = Vec::with_capacity(layout.regions().len());
         for (r, l) in mem.iter().zip(layout.regions()) {
-            let host =
-                r.get_host_address(MemoryRegionAddress(0))
-                    .map_err(|_| RamError::UnsupportedRegion {
-                        gpa: l.gpa,
-                        len: l.len,
-                        reason: "region has no host mapping",
-                    })?;
+            let no_mapping = |reason| RamError::UnsupportedRegion {
+                gpa: l.gpa,
+                len: l.len,
+                reason,
+            };
+            // Take the pointer from a volatile slice of the whole region, not from `get_host_address`: a
+            // region implementation vouches for a `VolatileSlice` with `unsafe` code (valid for its length),
+            // whereas `get_host_address` is a safe method any implementation may get wrong.
+            let slice = r
+                .as_volatile_slice()
+                .map_err(|_| no_mapping("region has no host mapping"))?;
+            if slice.len() as u64 != l.len {
+                return Err(no_mapping("host mapping shorter than the region"));
+            }
+            let host = slice.ptr_guard_mut().as_ptr();
             regions.push(HostRegion { layout: *l, host });
         }
         Ok(GuestRam {
@@ -176,6 +184,22 @@ impl<'m> GuestRam<'m> {
         &self.layout
     }
 
+    /// Whether any region of `self` shares host memory with any region of `other` (two views of one
+    /// mapping, for instance of a cloned `GuestMemoryMmap`).
+    pub(crate) fn shares_memory_with(&self, other: &GuestRam<'_>) -> bool {
+        let span = |r: &HostRegion| {
+            let start = r.host as usize;
+            start..start.saturating_add(r.layout.len as usize)
+        };
+        self.regions.iter().any(|a| {
+            let a = span(a);
+            other.regions.iter().any(|b| {
+                let b = span(b);
+                a.start < b.end && b.start < a.end
+            })
+        })
+    }
+
     /// Host pointer to page `page` of region `region`, checked against the layout.
     pub(crate) fn page_ptr(&self, region: usize, page: usize, pages: usize) -> Result<*mut u8, RamError> {
         let r = self
@@ -184,8 +208,11 @@ impl<'m> GuestRam<'m> {
             .ok_or(RamError::OutOfRange { gpa: 0, len: 0 })?;
         if page.checked_add(pages).is_none_or(|e| e > r.layout.pages()) {
             return Err(RamError::OutOfRange {
-                gpa: r.layout.gpa.saturating_add((page * PAGE_SIZE) as u64),
-                len: (pages * PAGE_SIZE) as u64,
+                gpa: r
+                    .layout
+                    .gpa
+                    .saturating_add((page as u64).saturating_mul(PAGE_SIZE as u64)),
+                len: (pages as u64).saturating_mul(PAGE_SIZE as u64),
             });
         }
         // SAFETY: `page + pages` is within the region (checked above), so the offset stays inside the

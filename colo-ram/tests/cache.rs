@@ -219,3 +219,23 @@ fn an_interrupted_collection_keeps_its_pages_pending() {
     assert_eq!(primary.collect(&ram).unwrap().count(), 3);
     assert_eq!(primary.take_log().unwrap(), 0, "a completed collection is done");
 }
+
+#[test]
+fn a_view_of_the_cache_itself_is_refused_as_svm_memory() {
+    let layout = RamLayout::of(&mem()).unwrap();
+    let mut cache = RamCache::new(layout, FlushOptions::default()).unwrap();
+    cache.receive(0x1000, &[5u8; PAGE_SIZE]).unwrap();
+    // A clone shares the cache's mappings without borrowing the cache.
+    let alias = cache.memory().clone();
+    let mut view = GuestRam::new(&alias).unwrap();
+    let refused = |r: Result<_, RamError>| matches!(r, Err(RamError::LayoutMismatch(_)));
+    assert!(refused(cache.flush(&mut view, &mut NoopDirtyLog).map(|_| ())));
+    assert!(refused(cache.fill_from(&view)));
+    assert!(refused(cache.load_initial(&mut view, 0, &[1u8; PAGE_SIZE])));
+    assert!(refused(cache.load_initial_zero(&mut view, 0, 1)));
+    // Nothing was copied or lost: the received page is still pending and still in the cache.
+    assert_eq!(cache.received().count(), 1);
+    let mut buf = vec![0u8; PAGE_SIZE];
+    view.read(0x1000, &mut buf).unwrap();
+    assert_eq!(buf, vec![5u8; PAGE_SIZE]);
+}
