@@ -86,10 +86,12 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     ) -> Result<Self> {
         let layout = RamLayout::of(vm.memory()).map_err(|source| PairError::Ram { epoch: 0, source })?;
         let ram = PrimaryRam::new(layout, dirty_log, cfg.collect);
-        disk.lock().start_replication().map_err(|source| PairError::Block {
-            what: "start replication",
-            source,
-        })?;
+        disk.lock()
+            .start_replication()
+            .map_err(|source| PairError::Block {
+                what: "start replication",
+                source,
+            })?;
         let cmp = Comparator::new(cfg.compare.clone(), Time::ZERO)?;
         let mut node = Node::new(cfg.failover)?;
         node.handle_event(now, NodeEvent::Protect)?;
@@ -123,14 +125,18 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
             bytes_sent: 0,
             exit_detail: None,
         };
-        pair.ram.mark_all().map_err(|source| PairError::Ram { epoch: 0, source })?;
+        pair.ram
+            .mark_all()
+            .map_err(|source| PairError::Ram { epoch: 0, source })?;
         pair.send_ram(now, PagePhase::Precopy, 0)?;
         pair.drive_node(now)?;
         Ok(pair)
     }
 
     fn net_time(&self, now: Instant) -> Time {
-        Time::from_nanos(u64::try_from(now.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX))
+        Time::from_nanos(
+            u64::try_from(now.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX),
+        )
     }
 
     /// The guest.
@@ -151,6 +157,11 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     /// Where the pair stands.
     pub fn phase(&self) -> Phase {
         self.phase
+    }
+
+    /// The checkpoint session's state, for logs ("running", "receiving RAM", ...).
+    pub fn session_state(&self) -> &'static str {
+        self.session.state_name()
     }
 
     /// The next thing for the VMM to do.
@@ -445,12 +456,16 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
                     }
                 }
                 PrimaryAction::SendDeviceState { epoch } => {
-                    let states = self
-                        .vm
-                        .save_state()
-                        .map_err(|source| PairError::Vm { op: "save state", source })?;
+                    let states = self.vm.save_state().map_err(|source| PairError::Vm {
+                        op: "save state",
+                        source,
+                    })?;
                     let refs: Vec<(u32, &[u8])> = states.iter().map(|s| (s.id, &s.data[..])).collect();
-                    let sent = self.link_ok && self.link.send_vmstate(epoch, &refs, self.cfg.device_chunk).is_ok();
+                    let sent = self.link_ok
+                        && self
+                            .link
+                            .send_vmstate(epoch, &refs, self.cfg.device_chunk)
+                            .is_ok();
                     drop(refs);
                     if sent {
                         self.bytes_sent += states.iter().map(|s| s.data.len() as u64 + 48).sum::<u64>();
@@ -507,7 +522,10 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
                     }
                 }
             }
-            (self.link.send_pages(phase, epoch, PAGE_SIZE as u32, &entries), bytes)
+            (
+                self.link.send_pages(phase, epoch, PAGE_SIZE as u32, &entries),
+                bytes,
+            )
         };
         match result {
             Ok(()) => {
@@ -524,10 +542,14 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     /// Sends every queued disk write (barriers are implied by the session's `BlockBarrier`).
     fn pump_disk(&mut self, now: Instant) -> Result<()> {
         while self.link_ok {
-            let out = self.disk.lock().poll_outgoing().map_err(|source| PairError::Block {
-                what: "poll outgoing",
-                source,
-            })?;
+            let out = self
+                .disk
+                .lock()
+                .poll_outgoing()
+                .map_err(|source| PairError::Block {
+                    what: "poll outgoing",
+                    source,
+                })?;
             match out {
                 None => break,
                 Some(Outgoing::Write(rec)) => {
@@ -592,7 +614,11 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     fn emit(&mut self, now: Instant, frame: Bytes, release: Release) {
         match self.node.output_token(now) {
             Some(token) if !self.suspended && self.unstamped.is_empty() => {
-                self.outputs.push_back(Output::ToClient { frame, token, release })
+                self.outputs.push_back(Output::ToClient {
+                    frame,
+                    token,
+                    release,
+                })
             }
             _ => self.unstamped.push_back((frame, release)),
         }

@@ -121,7 +121,9 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
     }
 
     fn net_time(&self, now: Instant) -> Time {
-        Time::from_nanos(u64::try_from(now.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX))
+        Time::from_nanos(
+            u64::try_from(now.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX),
+        )
     }
 
     /// The guest.
@@ -142,6 +144,11 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
     /// Where the pair stands.
     pub fn phase(&self) -> Phase {
         self.phase
+    }
+
+    /// The checkpoint session's state, for logs ("running", "receiving RAM", ...).
+    pub fn session_state(&self) -> &'static str {
+        self.session.state_name()
     }
 
     /// Whether the guest is paused (or has not been started by the first checkpoint yet).
@@ -204,7 +211,10 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
                 self.next_write_id += 1;
                 let r = self.disk.lock().apply(&rec);
                 if let Err(e) = r {
-                    self.give_up(now, format!("applying the primary's write at {}: {e}", rec.offset))?;
+                    self.give_up(
+                        now,
+                        format!("applying the primary's write at {}: {e}", rec.offset),
+                    )?;
                 }
             }
             Message::OutputFrame(f) => {
@@ -415,9 +425,10 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
             .flush(&mut guest, &mut self.svm_log)
             .map_err(|source| PairError::Ram { epoch, source })?;
         let devices = std::mem::take(&mut self.devices);
-        self.vm
-            .load_state(&devices)
-            .map_err(|source| PairError::Vm { op: "load state", source })?;
+        self.vm.load_state(&devices).map_err(|source| PairError::Vm {
+            op: "load state",
+            source,
+        })?;
         let block = |source| PairError::Block {
             what: "checkpoint",
             source,

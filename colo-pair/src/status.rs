@@ -136,6 +136,10 @@ mod tests {
         for _ in 0..2000 {
             p.push(Duration::from_millis(1));
         }
-        assert_eq!(p.percentile(99), Duration::from_millis(1), "only the last 1024 count");
+        assert_eq!(
+            p.percentile(99),
+            Duration::from_millis(1),
+            "only the last 1024 count"
+        );
     }
 }

@@ -1,0 +1,821 @@
+//! Deterministic simulation of a COLO pair: two in-process fake guests (vm-memory RAM, a colo-block disk,
+//! UDP frames), the drivers of this crate, an in-memory channel carrying real colo-proto frames, a client
+//! with its own model of the guest's key-value store, and a switch. Virtual time, seeded divergence.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use colo_block::{MemBackend, MemStore, PrimaryConfig, PrimaryDisk, SecondaryDisk};
+use colo_failover::{FenceGate, NoArbiter};
+use colo_net::build::{Endpoint, udp};
+use colo_pair::{
+    DeviceState, Output, PairConfig, Phase, PrimaryPair, Release, SecondaryPair, SharedPrimaryDisk,
+    SharedSecondaryDisk, Vm, VmError,
+};
+use colo_proto::{Channel, PROTOCOL_VERSION};
+use colo_ram::AtomicBitmapLog;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes as _, GuestAddress, GuestMemoryMmap};
+
+const RAM: usize = 1 << 20;
+const DISK: u64 = 1 << 20;
+const KEYS: u8 = 64;
+const PAGE: u64 = 4096;
+const NOISE_EVERY: u64 = 37;
+const GUEST: Endpoint = Endpoint {
+    mac: [2, 0, 0, 0, 0, 2],
+    ip: [10, 0, 0, 2],
+    port: 7,
+};
+const CLIENT: Endpoint = Endpoint {
+    mac: [2, 0, 0, 0, 0, 1],
+    ip: [10, 0, 0, 1],
+    port: 40000,
+};
+const PAYLOAD_AT: usize = 14 + 20 + 8;
+
+// ---------- an in-memory byte pipe (both directions), closable from either side ----------
+
+#[derive(Default)]
+struct PipeState {
+    data: [VecDeque<u8>; 2],
+    closed: [bool; 2],
+}
+
+#[derive(Clone)]
+struct End {
+    state: Rc<RefCell<PipeState>>,
+    side: usize,
+}
+
+fn pipe() -> (End, End) {
+    let state = Rc::new(RefCell::new(PipeState::default()));
+    (
+        End {
+            state: state.clone(),
+            side: 0,
+        },
+        End { state, side: 1 },
+    )
+}
+
+impl End {
+    fn available(&self) -> usize {
+        self.state.borrow().data[1 - self.side].len()
+    }
+    fn peer_closed(&self) -> bool {
+        self.state.borrow().closed[1 - self.side]
+    }
+    fn close(&self) {
+        self.state.borrow_mut().closed[self.side] = true;
+    }
+    /// A crash in the middle of a write: the peer gets only the first half of what is in flight to it.
+    fn tear_outgoing(&self) {
+        let mut s = self.state.borrow_mut();
+        let q = &mut s.data[self.side];
+        let keep = q.len() / 2;
+        q.truncate(keep);
+    }
+}
+
+impl Read for End {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut s = self.state.borrow_mut();
+        let q = &mut s.data[1 - self.side];
+        if q.is_empty() {
+            return if s.closed[1 - self.side] {
+                Ok(0)
+            } else {
+                Err(io::ErrorKind::WouldBlock.into())
+            };
+        }
+        let n = buf.len().min(q.len());
+        for (d, b) in buf.iter_mut().zip(q.drain(..n)) {
+            *d = b;
+        }
+        Ok(n)
+    }
+}
+
+impl Write for End {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut s = self.state.borrow_mut();
+        if s.closed[1 - self.side] || s.closed[self.side] {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        s.data[self.side].extend(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn channel(end: &End) -> Channel<End> {
+    let mut ch = Channel::new(end.clone());
+    ch.set_version(PROTOCOL_VERSION);
+    ch
+}
+
+// ---------- the fake guest: a key-value service whose whole state lives in RAM and on disk ----------
+
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+enum Port {
+    Primary(SharedPrimaryDisk<MemBackend>),
+    Secondary(SharedSecondaryDisk<MemBackend, MemStore, MemStore>),
+}
+
+/// Registers (device state): everything else is in guest RAM.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Regs {
+    steps: u64,
+    rx: VecDeque<Vec<u8>>,
+}
+
+impl Regs {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = self.steps.to_le_bytes().to_vec();
+        v.extend((self.rx.len() as u32).to_le_bytes());
+        for f in &self.rx {
+            v.extend((f.len() as u32).to_le_bytes());
+            v.extend(f);
+        }
+        v
+    }
+    fn decode(b: &[u8]) -> Result<Regs, VmError> {
+        let take = |b: &mut &[u8], n: usize| -> Result<Vec<u8>, VmError> {
+            if b.len() < n {
+                return Err("short device state".into());
+            }
+            let (h, t) = b.split_at(n);
+            *b = t;
+            Ok(h.to_vec())
+        };
+        let mut b = b;
+        let steps = u64::from_le_bytes(take(&mut b, 8)?.try_into().map_err(|_| "steps")?);
+        let n = u32::from_le_bytes(take(&mut b, 4)?.try_into().map_err(|_| "count")?);
+        let mut rx = VecDeque::new();
+        for _ in 0..n {
+            let len = u32::from_le_bytes(take(&mut b, 4)?.try_into().map_err(|_| "len")?);
+            rx.push_back(take(&mut b, len as usize)?);
+        }
+        if !b.is_empty() {
+            return Err("trailing device state".into());
+        }
+        Ok(Regs { steps, rx })
+    }
+}
+
+struct FakeVm {
+    mem: GuestMemoryMmap<AtomicBitmap>,
+    regs: Regs,
+    running: bool,
+    /// Host-side nondeterminism (a clock the guest reads): seeded differently per side, not guest state.
+    entropy: XorShift,
+    disk: Port,
+    tx: Vec<Bytes>,
+    shutdown: bool,
+}
+
+impl FakeVm {
+    fn new(seed: u64, disk: Port) -> Self {
+        FakeVm {
+            mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM)]).unwrap(),
+            regs: Regs::default(),
+            running: false,
+            entropy: XorShift(seed | 1),
+            disk,
+            tx: Vec::new(),
+            shutdown: false,
+        }
+    }
+
+    fn read_u64(&self, gpa: u64) -> u64 {
+        self.mem.read_obj(GuestAddress(gpa)).unwrap()
+    }
+
+    fn write_u64(&self, gpa: u64, v: u64) {
+        self.mem.write_obj(v, GuestAddress(gpa)).unwrap();
+    }
+
+    fn disk_write(&self, offset: u64, fill: u64) {
+        let mut block = vec![0u8; PAGE as usize];
+        for c in block.chunks_mut(8) {
+            c.copy_from_slice(&fill.to_le_bytes());
+        }
+        match &self.disk {
+            Port::Primary(d) => {
+                d.write(offset, Bytes::from(block)).unwrap();
+            }
+            Port::Secondary(d) => d.write(offset, &block).unwrap(),
+        }
+    }
+
+    fn emit(&mut self, port: u16, payload: &[u8]) {
+        let mut src = GUEST;
+        src.port = port;
+        // The IP id comes from the step counter: the two guests choose different ones.
+        self.tx
+            .push(Bytes::from(udp(src, CLIENT, self.regs.steps as u16, payload)));
+    }
+
+    /// Runs one step of the guest, if it runs.
+    fn step(&mut self) {
+        if !self.running || self.shutdown {
+            return;
+        }
+        self.regs.steps += 1;
+        let steps = self.regs.steps;
+        // Background work: a scratch page per step (the SVM's own dirty pages, rolled back at checkpoints).
+        self.write_u64((128 + steps % 64) * PAGE, steps);
+        if steps.is_multiple_of(NOISE_EVERY) {
+            // Reads the clock: PVM and SVM see different values, write them and send them out.
+            let noise = self.entropy.next();
+            self.write_u64(250 * PAGE, noise);
+            self.disk_write(200 * PAGE, noise);
+            self.emit(9, &noise.to_le_bytes());
+        }
+        if let Some(frame) = self.regs.rx.pop_front() {
+            self.serve(&frame);
+        }
+    }
+
+    fn serve(&mut self, frame: &[u8]) {
+        let Some(p) = frame.get(PAYLOAD_AT..PAYLOAD_AT + 18) else {
+            return;
+        };
+        let seq = u64::from_le_bytes(p[0..8].try_into().unwrap());
+        let (op, key) = (p[8], p[9] % KEYS);
+        let value = u64::from_le_bytes(p[10..18].try_into().unwrap());
+        let last = self.read_u64(0);
+        if seq < last {
+            return;
+        }
+        if seq == last {
+            // A retransmission: answer again with the stored response.
+            let mut resp = [0u8; 17];
+            self.mem.read_slice(&mut resp, GuestAddress(64)).unwrap();
+            self.emit(7, &resp);
+            return;
+        }
+        let v = match op {
+            1 => {
+                self.write_u64(PAGE * (1 + key as u64), value);
+                self.disk_write(PAGE * key as u64, value);
+                value
+            }
+            2 => {
+                self.shutdown = true;
+                0
+            }
+            _ => self.read_u64(PAGE * (1 + key as u64)),
+        };
+        let mut resp = [0u8; 17];
+        resp[0..8].copy_from_slice(&seq.to_le_bytes());
+        resp[8] = key;
+        resp[9..17].copy_from_slice(&v.to_le_bytes());
+        self.write_u64(0, seq);
+        self.mem.write_slice(&resp, GuestAddress(64)).unwrap();
+        self.emit(7, &resp);
+    }
+
+    fn store(&self) -> Vec<u64> {
+        (0..KEYS).map(|k| self.read_u64(PAGE * (1 + k as u64))).collect()
+    }
+
+    fn ram(&self) -> Vec<u8> {
+        let mut v = vec![0u8; RAM];
+        self.mem.read_slice(&mut v, GuestAddress(0)).unwrap();
+        v
+    }
+}
+
+impl Vm for FakeVm {
+    type Memory = GuestMemoryMmap<AtomicBitmap>;
+    fn memory(&self) -> &Self::Memory {
+        &self.mem
+    }
+    fn pause(&mut self) -> Result<(), VmError> {
+        self.running = false;
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), VmError> {
+        self.running = true;
+        Ok(())
+    }
+    fn save_state(&mut self) -> Result<Vec<DeviceState>, VmError> {
+        Ok(vec![DeviceState {
+            id: 0,
+            data: self.regs.encode(),
+        }])
+    }
+    fn load_state(&mut self, state: &[DeviceState]) -> Result<(), VmError> {
+        match state {
+            [DeviceState { id: 0, data }] => {
+                self.regs = Regs::decode(data)?;
+                Ok(())
+            }
+            _ => Err(format!("expected one device, got {}", state.len()).into()),
+        }
+    }
+}
+
+// ---------- the client: one request at a time, retransmits, checks every answer ----------
+
+struct Pending {
+    seq: u64,
+    op: u8,
+    key: u8,
+    value: u64,
+    sent: u64,
+    first_sent: u64,
+}
+
+struct Client {
+    model: HashMap<u8, u64>,
+    next_seq: u64,
+    pending: Option<Pending>,
+    rng: XorShift,
+    answered: u64,
+    answered_after_failover: u64,
+    retransmits: u64,
+    gate: FenceGate,
+    ticks_seen: u64,
+    shutdown_requested: bool,
+}
+
+impl Client {
+    fn new() -> Self {
+        Client {
+            model: HashMap::new(),
+            next_seq: 1,
+            pending: None,
+            rng: XorShift(0x1234_5678_9abc_def1),
+            answered: 0,
+            answered_after_failover: 0,
+            retransmits: 0,
+            gate: FenceGate::new(),
+            ticks_seen: 0,
+            shutdown_requested: false,
+        }
+    }
+
+    fn frame(p: &Pending) -> Bytes {
+        let mut payload = p.seq.to_le_bytes().to_vec();
+        payload.push(p.op);
+        payload.push(p.key);
+        payload.extend(p.value.to_le_bytes());
+        Bytes::from(udp(CLIENT, GUEST, 1, &payload))
+    }
+
+    /// What the client sends at `t` (ms), if anything.
+    fn tick(&mut self, t: u64, quiet: bool) -> Option<Bytes> {
+        match &mut self.pending {
+            Some(p) if t >= p.sent + 300 => {
+                p.sent = t;
+                self.retransmits += 1;
+                Some(Self::frame(p))
+            }
+            Some(_) => None,
+            None if quiet || t % 2 != 0 => None,
+            None => {
+                let r = self.rng.next();
+                let shutdown = self.shutdown_requested;
+                let p = Pending {
+                    seq: self.next_seq,
+                    op: if shutdown { 2 } else { (r % 3 != 0) as u8 },
+                    key: ((r >> 8) % KEYS as u64) as u8,
+                    value: r >> 16,
+                    sent: t,
+                    first_sent: t,
+                };
+                self.next_seq += 1;
+                let f = Self::frame(&p);
+                self.pending = Some(p);
+                Some(f)
+            }
+        }
+    }
+
+    fn receive(&mut self, frame: &[u8], failed_over: bool) {
+        let port = u16::from_be_bytes([frame[34], frame[35]]);
+        let payload = &frame[PAYLOAD_AT..];
+        if port == 9 {
+            self.ticks_seen += 1;
+            return;
+        }
+        assert_eq!(port, 7, "frame from an unknown port");
+        let seq = u64::from_le_bytes(payload[0..8].try_into().unwrap());
+        let key = payload[8];
+        let v = u64::from_le_bytes(payload[9..17].try_into().unwrap());
+        let Some(p) = &self.pending else { return };
+        if seq != p.seq {
+            assert!(seq < p.seq, "answer to a request never sent: {seq}");
+            return; // a late duplicate
+        }
+        assert_eq!(key, p.key, "answer for the wrong key");
+        match p.op {
+            1 => {
+                assert_eq!(v, p.value, "SET acknowledged with another value");
+                self.model.insert(key, v);
+            }
+            0 => assert_eq!(
+                v,
+                self.model.get(&key).copied().unwrap_or(0),
+                "GET contradicts the client's model (seq {seq}, key {key})"
+            ),
+            _ => {}
+        }
+        let _ = p.first_sent;
+        self.pending = None;
+        self.answered += 1;
+        if failed_over {
+            self.answered_after_failover += 1;
+        }
+    }
+}
+
+// ---------- the harness ----------
+
+type Primary = PrimaryPair<FakeVm, MemBackend>;
+type Secondary = SecondaryPair<FakeVm, MemBackend, MemStore, MemStore>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kill {
+    /// The process dies: its socket closes.
+    Crash,
+    /// The machine freezes or the link is cut: nothing more from it, its socket stays open.
+    Silent,
+}
+
+struct Sim {
+    base: Instant,
+    t: u64,
+    primary: Option<Primary>,
+    secondary: Option<Secondary>,
+    p_end: End,
+    s_end: End,
+    p_rx: Channel<End>,
+    s_rx: Channel<End>,
+    p_link_down: bool,
+    s_link_down: bool,
+    client: Client,
+    /// (port, payload) the SVM has sent, to check compared releases against.
+    svm_sent: HashMap<(u16, Vec<u8>), usize>,
+    /// Who gets the client's frames.
+    client_to_secondary: bool,
+    failed_over: bool,
+    checked_checkpoints: u64,
+    released: HashMap<&'static str, u64>,
+    shutdown_seen: [bool; 2],
+}
+
+fn config() -> PairConfig {
+    let mut cfg = PairConfig {
+        checkpoint_interval: Duration::from_millis(200),
+        ..PairConfig::default()
+    };
+    cfg.compare.datagram_window = 1;
+    cfg.flush.threads = 1;
+    cfg
+}
+
+impl Sim {
+    fn new(cfg: PairConfig) -> Sim {
+        let base = Instant::now();
+        let (p_end, s_end) = pipe();
+        let pdisk = SharedPrimaryDisk::new(PrimaryDisk::new(
+            MemBackend::new(DISK).unwrap(),
+            PrimaryConfig::default(),
+        ));
+        let sdisk = SharedSecondaryDisk::new(
+            SecondaryDisk::new(
+                MemBackend::new(DISK).unwrap(),
+                MemStore::new(PAGE as usize, 256).unwrap(),
+                MemStore::new(PAGE as usize, 256).unwrap(),
+                0,
+            )
+            .unwrap(),
+        );
+        let mut pvm = FakeVm::new(0x9e37_79b9, Port::Primary(pdisk.clone()));
+        pvm.running = true;
+        // The PVM booted before protection started: some RAM already written.
+        for k in 0..KEYS as u64 {
+            pvm.write_u64(PAGE * (100 + k % 8), k);
+        }
+        let svm = FakeVm::new(0x7f4a_7c15, Port::Secondary(sdisk.clone()));
+        let plog = AtomicBitmapLog::new(&pvm.mem).unwrap();
+        let slog = AtomicBitmapLog::new(&svm.mem).unwrap();
+        let secondary = SecondaryPair::new(
+            cfg.clone(),
+            base,
+            svm,
+            Box::new(slog),
+            sdisk,
+            Box::new(channel(&s_end)),
+            Box::new(NoArbiter::unsafe_under_partitions()),
+        )
+        .unwrap();
+        let primary = PrimaryPair::new(
+            cfg,
+            base,
+            pvm,
+            Box::new(plog),
+            pdisk,
+            Box::new(channel(&p_end)),
+            Box::new(NoArbiter::unsafe_under_partitions()),
+        )
+        .unwrap();
+        Sim {
+            base,
+            t: 0,
+            primary: Some(primary),
+            secondary: Some(secondary),
+            p_rx: channel(&p_end),
+            s_rx: channel(&s_end),
+            p_end,
+            s_end,
+            p_link_down: false,
+            s_link_down: false,
+            client: Client::new(),
+            svm_sent: HashMap::new(),
+            client_to_secondary: false,
+            failed_over: false,
+            checked_checkpoints: 0,
+            released: HashMap::new(),
+            shutdown_seen: [false; 2],
+        }
+    }
+
+    fn now(&self) -> Instant {
+        self.base + Duration::from_millis(self.t)
+    }
+
+    fn secondary_epoch(&self) -> Option<u64> {
+        self.secondary.as_ref().map(|s| s.status().epoch)
+    }
+
+    fn to_client(&mut self, frame: Bytes, token: colo_failover::FenceToken, release: Release) {
+        self.client
+            .gate
+            .check(token)
+            .expect("released output carries a current fencing token");
+        let port = u16::from_be_bytes([frame[34], frame[35]]);
+        let key = (port, frame[PAYLOAD_AT..].to_vec());
+        match release {
+            Release::Compared => {
+                let n = self.svm_sent.get_mut(&key).filter(|n| **n > 0);
+                *n.expect("a compared release the SVM never produced") -= 1;
+                *self.released.entry("compared").or_default() += 1;
+            }
+            Release::Checkpoint { epoch } => {
+                // The secondary holds (and has loaded) the checkpoint that produced this output.
+                if let Some(e) = self.secondary_epoch() {
+                    assert!(e >= epoch, "released at checkpoint {epoch}, secondary at {e}");
+                }
+                *self.released.entry("checkpoint").or_default() += 1;
+            }
+            Release::Failover => *self.released.entry("failover").or_default() += 1,
+            Release::Alone => {
+                assert!(
+                    self.failed_over,
+                    "output released alone while the pair was healthy"
+                );
+                *self.released.entry("alone").or_default() += 1;
+            }
+        }
+        let failed_over = self.failed_over;
+        self.client.receive(&frame, failed_over);
+    }
+
+    fn step(&mut self, quiet: bool) {
+        self.t += 1;
+        let now = self.now();
+        // The client, through the switch.
+        if let Some(f) = self.client.tick(self.t, quiet) {
+            if self.client_to_secondary {
+                if let Some(s) = &mut self.secondary {
+                    s.client_input(now, f).unwrap();
+                }
+            } else if let Some(p) = &mut self.primary {
+                p.client_input(now, f).unwrap();
+            }
+        }
+        self.step_primary(now);
+        self.step_secondary(now);
+        self.check_checkpoint();
+    }
+
+    fn step_primary(&mut self, now: Instant) {
+        let Some(p) = &mut self.primary else { return };
+        p.vm_mut().step();
+        for f in std::mem::take(&mut p.vm_mut().tx) {
+            p.guest_output(now, f).unwrap();
+        }
+        if p.vm().shutdown && !matches!(p.phase(), Phase::ShutDown) {
+            p.guest_shutdown(now).unwrap();
+        }
+        if p.poll_timeout().is_some_and(|d| d <= now) {
+            p.handle_timeout(now).unwrap();
+        }
+        while !self.p_link_down && self.p_end.available() > 0 {
+            match self.p_rx.recv() {
+                Ok(m) => p.handle_message(now, m).unwrap(),
+                Err(e) => {
+                    self.p_link_down = true;
+                    p.link_failed(now, &e.to_string()).unwrap();
+                }
+            }
+        }
+        if !self.p_link_down && self.p_end.peer_closed() && self.p_end.available() == 0 {
+            self.p_link_down = true;
+            p.link_failed(now, "secondary closed the channel").unwrap();
+        }
+        while let Some(o) = self.primary.as_mut().and_then(|p| p.poll_output()) {
+            match o {
+                Output::ToClient {
+                    frame,
+                    token,
+                    release,
+                } => self.to_client(frame, token, release),
+                Output::ToGuest(f) => {
+                    if let Some(p) = &mut self.primary {
+                        p.vm_mut().regs.rx.push_back(f.to_vec());
+                    }
+                }
+                Output::ContinuedAlone { .. } => self.failed_over = true,
+                Output::GuestShutdown => self.shutdown_seen[0] = true,
+                Output::Promoted { .. } | Output::StopGuest => panic!("unexpected {o:?} on the primary"),
+            }
+        }
+    }
+
+    fn step_secondary(&mut self, now: Instant) {
+        let Some(s) = &mut self.secondary else { return };
+        s.vm_mut().step();
+        for f in std::mem::take(&mut s.vm_mut().tx) {
+            let port = u16::from_be_bytes([f[34], f[35]]);
+            *self.svm_sent.entry((port, f[PAYLOAD_AT..].to_vec())).or_default() += 1;
+            s.guest_output(now, f).unwrap();
+        }
+        if s.poll_timeout().is_some_and(|d| d <= now) {
+            s.handle_timeout(now).unwrap();
+        }
+        while !self.s_link_down && self.s_end.available() > 0 {
+            match self.s_rx.recv() {
+                Ok(m) => s.handle_message(now, m).unwrap(),
+                Err(e) => {
+                    self.s_link_down = true;
+                    s.link_failed(now, &e.to_string()).unwrap();
+                }
+            }
+        }
+        if !self.s_link_down && self.s_end.peer_closed() && self.s_end.available() == 0 {
+            self.s_link_down = true;
+            s.link_failed(now, "primary closed the channel").unwrap();
+        }
+        while let Some(o) = self.secondary.as_mut().and_then(|s| s.poll_output()) {
+            match o {
+                Output::ToClient {
+                    frame,
+                    token,
+                    release,
+                } => self.to_client(frame, token, release),
+                Output::ToGuest(f) => {
+                    if let Some(s) = &mut self.secondary {
+                        s.vm_mut().regs.rx.push_back(f.to_vec());
+                    }
+                }
+                Output::Promoted { .. } => {
+                    // The switch now sends the client's frames to the promoted secondary.
+                    self.failed_over = true;
+                    self.client_to_secondary = true;
+                }
+                Output::GuestShutdown => self.shutdown_seen[1] = true,
+                Output::StopGuest => {}
+                Output::ContinuedAlone { .. } => panic!("unexpected {o:?} on the secondary"),
+            }
+        }
+    }
+
+    /// Right after the secondary committed a checkpoint (the primary is still paused, waiting for
+    /// `VmstateLoaded`), both guests must be identical: RAM, registers, disk as each guest sees it.
+    fn check_checkpoint(&mut self) {
+        let (Some(p), Some(s)) = (&self.primary, &self.secondary) else {
+            return;
+        };
+        let committed = s.status().checkpoints;
+        if committed == self.checked_checkpoints || s.phase() != Phase::Colo {
+            return;
+        }
+        self.checked_checkpoints = committed;
+        assert!(
+            !p.vm().running,
+            "the primary resumes only after the secondary loaded"
+        );
+        let epoch = s.status().epoch;
+        assert!(
+            p.vm().ram() == s.vm().ram(),
+            "RAM differs after checkpoint {epoch}"
+        );
+        assert_eq!(
+            p.vm().regs.steps,
+            s.vm().regs.steps,
+            "registers differ after checkpoint {epoch}"
+        );
+        let (mut a, mut b) = (vec![0u8; DISK as usize], vec![0u8; DISK as usize]);
+        p.disk().read(0, &mut a).unwrap();
+        s.disk().read(0, &mut b).unwrap();
+        assert!(a == b, "disk differs after checkpoint {epoch}");
+    }
+
+    fn run(&mut self, ms: u64) {
+        for _ in 0..ms {
+            self.step(false);
+        }
+    }
+
+    /// Stops new requests and runs until the client's last one is answered.
+    fn drain(&mut self) {
+        for _ in 0..5000 {
+            if self.client.pending.is_none() {
+                return;
+            }
+            self.step(true);
+        }
+        panic!("the client's last request was never answered");
+    }
+
+    fn kill_primary(&mut self, how: Kill) {
+        let p = self.primary.take().expect("primary alive");
+        if how == Kill::Crash {
+            self.p_end.close();
+        }
+        drop(p);
+        self.p_link_down = true;
+    }
+
+    fn kill_secondary(&mut self, how: Kill) {
+        let s = self.secondary.take().expect("secondary alive");
+        if how == Kill::Crash {
+            self.s_end.close();
+        }
+        drop(s);
+        self.s_link_down = true;
+    }
+
+    /// The survivor's key-value store and disk equal the client's model.
+    fn check_survivor(&self) {
+        let (vm, disk_read): (&FakeVm, Box<dyn Fn(u64, &mut [u8])>) = match (&self.primary, &self.secondary) {
+            (Some(p), None) => (p.vm(), Box::new(|o, b: &mut [u8]| p.disk().read(o, b).unwrap())),
+            (None, Some(s)) => (s.vm(), Box::new(|o, b: &mut [u8]| s.disk().read(o, b).unwrap())),
+            (Some(p), Some(_)) => (p.vm(), Box::new(|o, b: &mut [u8]| p.disk().read(o, b).unwrap())),
+            (None, None) => panic!("nobody survived"),
+        };
+        let store = vm.store();
+        for k in 0..KEYS {
+            let want = self.client.model.get(&k).copied().unwrap_or(0);
+            assert_eq!(store[k as usize], want, "key {k} in guest RAM");
+            let mut block = [0u8; 512];
+            disk_read(PAGE * k as u64, &mut block);
+            let got = u64::from_le_bytes(block[..8].try_into().unwrap());
+            assert_eq!(got, want, "key {k} on the guest's disk");
+        }
+    }
+}
+
+#[test]
+fn checkpoints_keep_the_pair_identical_and_release_only_compared_or_committed_output() {
+    let mut sim = Sim::new(config());
+    sim.run(3000);
+    sim.drain();
+    let p = sim.primary.as_ref().unwrap().status();
+    let s = sim.secondary.as_ref().unwrap().status();
+    eprintln!("primary {p:?}\nsecondary {s:?}\nreleased {:?}", sim.released);
+    assert_eq!(p.phase, Phase::Colo);
+    assert_eq!(s.phase, Phase::Colo);
+    assert!(p.checkpoints >= 20, "{} checkpoints", p.checkpoints);
+    assert!(p.mismatch_checkpoints >= 10, "noise must force checkpoints");
+    assert!(sim.checked_checkpoints >= 20);
+    assert!(sim.released.get("compared").copied().unwrap_or(0) > 100);
+    assert!(sim.released.get("checkpoint").copied().unwrap_or(0) > 10);
+    assert!(sim.client.answered > 500, "{} answers", sim.client.answered);
+    assert!(sim.client.ticks_seen > 10);
+    assert!(p.bytes_sent > RAM as u64, "at least the initial RAM went out");
+    assert!(p.compare.unwrap().mismatches > 0);
+    sim.check_survivor();
+}
