@@ -522,6 +522,11 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
     }
 
     fn drive_node(&mut self, now: Instant) -> Result<()> {
+        while let Some(notice) = self.node.poll_notice() {
+            if let colo_failover::Notice::PeerLost { cause } = notice {
+                self.exit_detail.get_or_insert(format!("partner lost: {cause:?}"));
+            }
+        }
         while let Some(action) = self.node.poll_action() {
             match action {
                 NodeAction::SendHeartbeat => {

@@ -391,13 +391,13 @@ impl Client {
                 Some(Self::frame(p))
             }
             Some(_) => None,
-            None if quiet || t % 2 != 0 => None,
+            None if quiet || !t.is_multiple_of(2) => None,
             None => {
                 let r = self.rng.next();
                 let shutdown = self.shutdown_requested;
                 let p = Pending {
                     seq: self.next_seq,
-                    op: if shutdown { 2 } else { (r % 3 != 0) as u8 },
+                    op: if shutdown { 2 } else { !r.is_multiple_of(3) as u8 },
                     key: ((r >> 8) % KEYS as u64) as u8,
                     value: r >> 16,
                     sent: t,
@@ -482,6 +482,10 @@ struct Sim {
     checked_checkpoints: u64,
     released: HashMap<&'static str, u64>,
     shutdown_seen: [bool; 2],
+    /// Kill the primary mid-checkpoint once its session is in this state.
+    tear_when: Option<&'static str>,
+    /// Kill the secondary as soon as the comparator holds PVM output.
+    kill_secondary_when_held: Option<Kill>,
 }
 
 fn config() -> PairConfig {
@@ -558,6 +562,8 @@ impl Sim {
             checked_checkpoints: 0,
             released: HashMap::new(),
             shutdown_seen: [false; 2],
+            tear_when: None,
+            kill_secondary_when_held: None,
         }
     }
 
@@ -569,7 +575,7 @@ impl Sim {
         self.secondary.as_ref().map(|s| s.status().epoch)
     }
 
-    fn to_client(&mut self, frame: Bytes, token: colo_failover::FenceToken, release: Release) {
+    fn release_to_client(&mut self, frame: Bytes, token: colo_failover::FenceToken, release: Release) {
         self.client
             .gate
             .check(token)
@@ -616,6 +622,22 @@ impl Sim {
             }
         }
         self.step_primary(now);
+        if let Some(when) = self.tear_when
+            && self.primary.as_ref().is_some_and(|p| p.session_state() == when)
+        {
+            // The primary dies in the middle of writing the checkpoint: half of it reaches the secondary.
+            self.p_end.tear_outgoing();
+            self.kill_primary(Kill::Crash);
+            self.tear_when = None;
+        }
+        if let Some(how) = self.kill_secondary_when_held
+            && self.primary.is_some()
+            && pvm_held(self) > 0
+        {
+            // The PVM's output waits for the SVM's, which will never come.
+            self.kill_secondary(how);
+            self.kill_secondary_when_held = None;
+        }
         self.step_secondary(now);
         self.check_checkpoint();
     }
@@ -651,7 +673,7 @@ impl Sim {
                     frame,
                     token,
                     release,
-                } => self.to_client(frame, token, release),
+                } => self.release_to_client(frame, token, release),
                 Output::ToGuest(f) => {
                     if let Some(p) = &mut self.primary {
                         p.vm_mut().regs.rx.push_back(f.to_vec());
@@ -694,7 +716,7 @@ impl Sim {
                     frame,
                     token,
                     release,
-                } => self.to_client(frame, token, release),
+                } => self.release_to_client(frame, token, release),
                 Output::ToGuest(f) => {
                     if let Some(s) = &mut self.secondary {
                         s.vm_mut().regs.rx.push_back(f.to_vec());
@@ -780,7 +802,8 @@ impl Sim {
 
     /// The survivor's key-value store and disk equal the client's model.
     fn check_survivor(&self) {
-        let (vm, disk_read): (&FakeVm, Box<dyn Fn(u64, &mut [u8])>) = match (&self.primary, &self.secondary) {
+        type DiskRead<'a> = Box<dyn Fn(u64, &mut [u8]) + 'a>;
+        let (vm, disk_read): (&FakeVm, DiskRead<'_>) = match (&self.primary, &self.secondary) {
             (Some(p), None) => (p.vm(), Box::new(|o, b: &mut [u8]| p.disk().read(o, b).unwrap())),
             (None, Some(s)) => (s.vm(), Box::new(|o, b: &mut [u8]| s.disk().read(o, b).unwrap())),
             (Some(p), Some(_)) => (p.vm(), Box::new(|o, b: &mut [u8]| p.disk().read(o, b).unwrap())),
@@ -818,4 +841,189 @@ fn checkpoints_keep_the_pair_identical_and_release_only_compared_or_committed_ou
     assert!(p.bytes_sent > RAM as u64, "at least the initial RAM went out");
     assert!(p.compare.unwrap().mismatches > 0);
     sim.check_survivor();
+}
+
+/// PVM frames the comparator holds now.
+fn pvm_held(sim: &Sim) -> u64 {
+    let Some(p) = &sim.primary else { return 0 };
+    let c = p.status().compare.unwrap();
+    c.primary_frames
+        - c.released_compared
+        - c.released_at_checkpoint
+        - c.primary_malformed
+        - c.primary_unsupported
+        - c.primary_refused
+}
+
+/// Runs until the secondary has committed a few checkpoints and the client made progress.
+fn warmed_up() -> Sim {
+    let mut sim = Sim::new(config());
+    sim.run(1000);
+    assert!(sim.checked_checkpoints >= 5);
+    assert!(sim.client.answered > 100);
+    sim
+}
+
+fn primary_killed(how: Kill) {
+    let mut sim = warmed_up();
+    let before = sim.client.answered;
+    sim.kill_primary(how);
+    sim.run(2000);
+    sim.drain();
+    let s = sim.secondary.as_ref().unwrap().status();
+    eprintln!("secondary {s:?}\nreleased {:?}", sim.released);
+    assert_eq!(s.phase, Phase::Alone);
+    assert_eq!(s.failover.role, colo_failover::Role::Primary);
+    assert_eq!(s.failover.failover, colo_failover::FailoverStatus::Completed);
+    assert_eq!(s.failover.last_mode, colo_failover::Role::Secondary);
+    assert!(s.exit_detail.is_some());
+    assert!(sim.failed_over);
+    assert!(
+        sim.client.answered_after_failover > 100,
+        "the client goes on with the promoted secondary"
+    );
+    assert!(sim.client.answered > before);
+    assert!(sim.released.get("alone").copied().unwrap_or(0) > 0);
+    sim.check_survivor();
+}
+
+#[test]
+fn primary_crash_the_secondary_takes_over_from_its_own_state() {
+    primary_killed(Kill::Crash);
+}
+
+#[test]
+fn primary_silent_the_secondary_takes_over_after_the_heartbeat_timeout() {
+    primary_killed(Kill::Silent);
+}
+
+fn secondary_killed(how: Kill) {
+    let mut sim = warmed_up();
+    // Kill the secondary while the comparator holds PVM output waiting for the SVM's.
+    sim.kill_secondary_when_held = Some(how);
+    sim.run(2000);
+    assert!(sim.secondary.is_none());
+    sim.drain();
+    let p = sim.primary.as_ref().unwrap().status();
+    eprintln!("primary {p:?}\nreleased {:?}", sim.released);
+    assert_eq!(p.phase, Phase::Alone);
+    assert_eq!(p.failover.failover, colo_failover::FailoverStatus::Completed);
+    assert!(sim.failed_over);
+    assert!(
+        sim.released.get("failover").copied().unwrap_or(0) > 0,
+        "the queued output is released"
+    );
+    assert!(sim.client.answered_after_failover > 100);
+    sim.check_survivor();
+}
+
+#[test]
+fn secondary_crash_the_primary_continues_alone_and_releases_queued_output() {
+    secondary_killed(Kill::Crash);
+}
+
+#[test]
+fn secondary_silent_the_primary_continues_alone_after_the_heartbeat_timeout() {
+    secondary_killed(Kill::Silent);
+}
+
+fn primary_killed_in_checkpoint(state: &'static str) {
+    let mut sim = warmed_up();
+    let committed = sim.checked_checkpoints;
+    sim.tear_when = Some(state);
+    sim.run(2000);
+    assert!(sim.primary.is_none(), "the primary was killed in state {state}");
+    sim.drain();
+    let s = sim.secondary.as_ref().unwrap().status();
+    eprintln!("secondary {s:?}\nreleased {:?}", sim.released);
+    assert_eq!(s.phase, Phase::Alone);
+    assert!(sim.checked_checkpoints >= committed);
+    assert!(!sim.secondary.as_ref().unwrap().is_paused(), "the SVM runs again");
+    assert!(sim.client.answered_after_failover > 100);
+    sim.check_survivor();
+}
+
+#[test]
+fn primary_killed_while_sending_a_checkpoint() {
+    primary_killed_in_checkpoint("waiting for vmstate-received");
+}
+
+#[test]
+fn primary_killed_after_the_secondary_paused_for_a_checkpoint() {
+    primary_killed_in_checkpoint("waiting for checkpoint-reply");
+}
+
+#[test]
+fn guest_shutdown_on_the_primary_is_mirrored() {
+    let mut sim = warmed_up();
+    sim.client.shutdown_requested = true;
+    sim.drain(); // the pending request
+    for _ in 0..2000 {
+        if sim.shutdown_seen == [true, true] {
+            break;
+        }
+        sim.step(false);
+    }
+    assert_eq!(sim.shutdown_seen, [true, true]);
+    assert_eq!(sim.primary.as_ref().unwrap().phase(), Phase::ShutDown);
+    assert_eq!(sim.secondary.as_ref().unwrap().phase(), Phase::ShutDown);
+    // Nobody fails over after a shutdown.
+    sim.run(1000);
+    assert!(!sim.failed_over);
+}
+
+#[test]
+fn operator_failover_on_the_primary_stops_the_secondary() {
+    let mut sim = warmed_up();
+    let now = sim.now();
+    sim.primary.as_mut().unwrap().failover_now(now).unwrap();
+    sim.run(1000);
+    sim.drain();
+    let p = sim.primary.as_ref().unwrap().status();
+    let s = sim.secondary.as_ref().unwrap().status();
+    assert_eq!(p.phase, Phase::Alone);
+    assert_eq!(p.failover.reason, colo_failover::ExitReason::Request);
+    assert_eq!(
+        s.phase,
+        Phase::Stopped,
+        "a secondary told so stops instead of promoting"
+    );
+    assert!(sim.client.answered_after_failover > 100);
+    sim.check_survivor();
+}
+
+#[test]
+fn operator_failover_on_the_secondary_promotes_it() {
+    let mut sim = warmed_up();
+    let now = sim.now();
+    sim.secondary.as_mut().unwrap().failover_now(now).unwrap();
+    // The operator fences the old primary (as QEMU's lost-heartbeat command presumes).
+    sim.kill_primary(Kill::Crash);
+    sim.run(1000);
+    sim.drain();
+    let s = sim.secondary.as_ref().unwrap().status();
+    assert_eq!(s.phase, Phase::Alone);
+    assert_eq!(s.failover.reason, colo_failover::ExitReason::Request);
+    assert!(sim.client.answered_after_failover > 100);
+    sim.check_survivor();
+    // A second command is refused with a typed error and changes nothing.
+    assert!(sim.secondary.as_mut().unwrap().failover_now(sim.base).is_err());
+}
+
+#[test]
+fn changing_the_interval_checkpoints_at_once_and_then_periodically() {
+    let mut cfg = config();
+    cfg.checkpoint_interval = Duration::from_secs(3600);
+    let mut sim = Sim::new(cfg);
+    sim.run(100);
+    let before = sim.primary.as_ref().unwrap().status().checkpoints;
+    let now = sim.now();
+    let p = sim.primary.as_mut().unwrap();
+    p.set_checkpoint_interval(now, Duration::from_millis(10)).unwrap();
+    assert_eq!(p.last_trigger(), Some(colo_pair::Trigger::Command));
+    assert_eq!(p.status().checkpoint_interval, Duration::from_millis(10));
+    sim.run(500);
+    let st = sim.primary.as_ref().unwrap().status();
+    assert!(st.checkpoints >= before + 20, "{} -> {}", before, st.checkpoints);
+    assert!(st.checkpoints > st.mismatch_checkpoints + 10, "periodic ones too");
 }
