@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use colo_block::{MemBackend, MemStore, PrimaryConfig, PrimaryDisk, SecondaryDisk};
-use colo_failover::{FenceGate, NoArbiter};
+use colo_failover::{Arbiter, ArbiterError, Decision, FenceGate, FenceToken, Grant, NoArbiter};
 use colo_net::build::{Endpoint, udp};
 use colo_pair::{
     DeviceState, Output, PairConfig, Phase, PrimaryPair, Release, SecondaryPair, SharedPrimaryDisk,
@@ -73,6 +73,11 @@ impl End {
     fn close(&self) {
         self.state.borrow_mut().closed[self.side] = true;
     }
+    /// Loses whatever is in flight to this end.
+    fn discard_incoming(&self) {
+        self.state.borrow_mut().data[1 - self.side].clear();
+    }
+
     /// A crash in the middle of a write: the peer gets only the first half of what is in flight to it.
     fn tear_outgoing(&self) {
         let mut s = self.state.borrow_mut();
@@ -359,12 +364,12 @@ struct Client {
 }
 
 impl Client {
-    fn new() -> Self {
+    fn new(seed: u64) -> Self {
         Client {
             model: HashMap::new(),
             next_seq: 1,
             pending: None,
-            rng: XorShift(0x1234_5678_9abc_def1),
+            rng: XorShift(0x1234_5678_9abc_def1 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
             answered: 0,
             answered_after_failover: 0,
             retransmits: 0,
@@ -449,6 +454,57 @@ impl Client {
     }
 }
 
+// ---------- a simulated arbiter with witness/etcd semantics (one holder, growing tokens) ----------
+
+#[derive(Default)]
+struct ArbiterState {
+    holder: Option<(&'static str, FenceToken)>,
+    next: u64,
+}
+
+#[derive(Clone, Default)]
+struct SimArbiter(Rc<RefCell<ArbiterState>>);
+
+impl SimArbiter {
+    fn client(&self, node: &'static str) -> SimArbiterClient {
+        SimArbiterClient {
+            shared: self.clone(),
+            node,
+        }
+    }
+}
+
+struct SimArbiterClient {
+    shared: SimArbiter,
+    node: &'static str,
+}
+
+impl Arbiter for SimArbiterClient {
+    fn acquire(&mut self) -> Result<Decision, ArbiterError> {
+        let mut s = self.shared.0.borrow_mut();
+        match s.holder {
+            Some((n, token)) if n == self.node => Ok(Decision::Granted(Grant { token, ttl: None })),
+            Some((_, token)) => Ok(Decision::Denied { holder: Some(token) }),
+            None => {
+                s.next += 1;
+                let token = FenceToken(s.next);
+                s.holder = Some((self.node, token));
+                Ok(Decision::Granted(Grant { token, ttl: None }))
+            }
+        }
+    }
+    fn renew(&mut self) -> Result<Decision, ArbiterError> {
+        self.acquire()
+    }
+    fn release(&mut self) -> Result<(), ArbiterError> {
+        let mut s = self.shared.0.borrow_mut();
+        if s.holder.is_some_and(|(n, _)| n == self.node) {
+            s.holder = None;
+        }
+        Ok(())
+    }
+}
+
 // ---------- the harness ----------
 
 type Primary = PrimaryPair<FakeVm, MemBackend>;
@@ -486,6 +542,10 @@ struct Sim {
     tear_when: Option<&'static str>,
     /// Kill the secondary as soon as the comparator holds PVM output.
     kill_secondary_when_held: Option<Kill>,
+    /// The link between the two is cut: bytes are lost in both directions, both nodes live on.
+    partitioned: bool,
+    promoted: bool,
+    stopped: [bool; 2],
 }
 
 fn config() -> PairConfig {
@@ -500,6 +560,12 @@ fn config() -> PairConfig {
 
 impl Sim {
     fn new(cfg: PairConfig) -> Sim {
+        Self::with(cfg, 0, None)
+    }
+
+    /// A pair with guests and client seeded by `seed`; `arbiter`: both nodes ask this one (else each has
+    /// its own `NoArbiter`).
+    fn with(cfg: PairConfig, seed: u64, arbiter: Option<SimArbiter>) -> Sim {
         let base = Instant::now();
         let (p_end, s_end) = pipe();
         let pdisk = SharedPrimaryDisk::new(PrimaryDisk::new(
@@ -515,13 +581,20 @@ impl Sim {
             )
             .unwrap(),
         );
-        let mut pvm = FakeVm::new(0x9e37_79b9, Port::Primary(pdisk.clone()));
+        let mut pvm = FakeVm::new(0x9e37_79b9 ^ seed, Port::Primary(pdisk.clone()));
         pvm.running = true;
         // The PVM booted before protection started: some RAM already written.
         for k in 0..KEYS as u64 {
             pvm.write_u64(PAGE * (100 + k % 8), k);
         }
-        let svm = FakeVm::new(0x7f4a_7c15, Port::Secondary(sdisk.clone()));
+        let svm = FakeVm::new(0x7f4a_7c15 ^ seed.rotate_left(17), Port::Secondary(sdisk.clone()));
+        let (p_arb, s_arb): (Box<dyn Arbiter>, Box<dyn Arbiter>) = match arbiter {
+            Some(a) => (Box::new(a.client("primary")), Box::new(a.client("secondary"))),
+            None => (
+                Box::new(NoArbiter::unsafe_under_partitions()),
+                Box::new(NoArbiter::unsafe_under_partitions()),
+            ),
+        };
         let plog = AtomicBitmapLog::new(&pvm.mem).unwrap();
         let slog = AtomicBitmapLog::new(&svm.mem).unwrap();
         let secondary = SecondaryPair::new(
@@ -531,7 +604,7 @@ impl Sim {
             Box::new(slog),
             sdisk,
             Box::new(channel(&s_end)),
-            Box::new(NoArbiter::unsafe_under_partitions()),
+            s_arb,
         )
         .unwrap();
         let primary = PrimaryPair::new(
@@ -541,7 +614,7 @@ impl Sim {
             Box::new(plog),
             pdisk,
             Box::new(channel(&p_end)),
-            Box::new(NoArbiter::unsafe_under_partitions()),
+            p_arb,
         )
         .unwrap();
         Sim {
@@ -555,7 +628,7 @@ impl Sim {
             s_end,
             p_link_down: false,
             s_link_down: false,
-            client: Client::new(),
+            client: Client::new(seed),
             svm_sent: HashMap::new(),
             client_to_secondary: false,
             failed_over: false,
@@ -564,6 +637,9 @@ impl Sim {
             shutdown_seen: [false; 2],
             tear_when: None,
             kill_secondary_when_held: None,
+            partitioned: false,
+            promoted: false,
+            stopped: [false; 2],
         }
     }
 
@@ -654,6 +730,9 @@ impl Sim {
         if p.poll_timeout().is_some_and(|d| d <= now) {
             p.handle_timeout(now).unwrap();
         }
+        if self.partitioned {
+            self.p_end.discard_incoming();
+        }
         while !self.p_link_down && self.p_end.available() > 0 {
             match self.p_rx.recv() {
                 Ok(m) => p.handle_message(now, m).unwrap(),
@@ -681,7 +760,8 @@ impl Sim {
                 }
                 Output::ContinuedAlone { .. } => self.failed_over = true,
                 Output::GuestShutdown => self.shutdown_seen[0] = true,
-                Output::Promoted { .. } | Output::StopGuest => panic!("unexpected {o:?} on the primary"),
+                Output::StopGuest => self.stopped[0] = true,
+                Output::Promoted { .. } => panic!("unexpected {o:?} on the primary"),
             }
         }
     }
@@ -696,6 +776,9 @@ impl Sim {
         }
         if s.poll_timeout().is_some_and(|d| d <= now) {
             s.handle_timeout(now).unwrap();
+        }
+        if self.partitioned {
+            self.s_end.discard_incoming();
         }
         while !self.s_link_down && self.s_end.available() > 0 {
             match self.s_rx.recv() {
@@ -725,10 +808,11 @@ impl Sim {
                 Output::Promoted { .. } => {
                     // The switch now sends the client's frames to the promoted secondary.
                     self.failed_over = true;
+                    self.promoted = true;
                     self.client_to_secondary = true;
                 }
                 Output::GuestShutdown => self.shutdown_seen[1] = true,
-                Output::StopGuest => {}
+                Output::StopGuest => self.stopped[1] = true,
                 Output::ContinuedAlone { .. } => panic!("unexpected {o:?} on the secondary"),
             }
         }
@@ -806,6 +890,9 @@ impl Sim {
         let (vm, disk_read): (&FakeVm, DiskRead<'_>) = match (&self.primary, &self.secondary) {
             (Some(p), None) => (p.vm(), Box::new(|o, b: &mut [u8]| p.disk().read(o, b).unwrap())),
             (None, Some(s)) => (s.vm(), Box::new(|o, b: &mut [u8]| s.disk().read(o, b).unwrap())),
+            (Some(_), Some(s)) if s.phase() == Phase::Alone => {
+                (s.vm(), Box::new(|o, b: &mut [u8]| s.disk().read(o, b).unwrap()))
+            }
             (Some(p), Some(_)) => (p.vm(), Box::new(|o, b: &mut [u8]| p.disk().read(o, b).unwrap())),
             (None, None) => panic!("nobody survived"),
         };
@@ -864,8 +951,21 @@ fn warmed_up() -> Sim {
     sim
 }
 
+fn warmed_up_with(seed: u64) -> Sim {
+    let mut sim = Sim::with(config(), seed, Some(SimArbiter::default()));
+    sim.run(1000);
+    assert!(sim.checked_checkpoints >= 5);
+    sim
+}
+
 fn primary_killed(how: Kill) {
-    let mut sim = warmed_up();
+    for seed in 0..3 {
+        primary_killed_seeded(how, seed);
+    }
+}
+
+fn primary_killed_seeded(how: Kill, seed: u64) {
+    let mut sim = warmed_up_with(seed);
     let before = sim.client.answered;
     sim.kill_primary(how);
     sim.run(2000);
@@ -898,7 +998,13 @@ fn primary_silent_the_secondary_takes_over_after_the_heartbeat_timeout() {
 }
 
 fn secondary_killed(how: Kill) {
-    let mut sim = warmed_up();
+    for seed in 0..3 {
+        secondary_killed_seeded(how, seed);
+    }
+}
+
+fn secondary_killed_seeded(how: Kill, seed: u64) {
+    let mut sim = warmed_up_with(seed);
     // Kill the secondary while the comparator holds PVM output waiting for the SVM's.
     sim.kill_secondary_when_held = Some(how);
     sim.run(2000);
@@ -928,7 +1034,13 @@ fn secondary_silent_the_primary_continues_alone_after_the_heartbeat_timeout() {
 }
 
 fn primary_killed_in_checkpoint(state: &'static str) {
-    let mut sim = warmed_up();
+    for seed in 0..3 {
+        primary_killed_in_checkpoint_seeded(state, seed);
+    }
+}
+
+fn primary_killed_in_checkpoint_seeded(state: &'static str, seed: u64) {
+    let mut sim = warmed_up_with(seed);
     let committed = sim.checked_checkpoints;
     sim.tear_when = Some(state);
     sim.run(2000);
@@ -1026,4 +1138,45 @@ fn changing_the_interval_checkpoints_at_once_and_then_periodically() {
     let st = sim.primary.as_ref().unwrap().status();
     assert!(st.checkpoints >= before + 20, "{} -> {}", before, st.checkpoints);
     assert!(st.checkpoints > st.mismatch_checkpoints + 10, "periodic ones too");
+}
+
+#[test]
+fn checkpoints_hold_for_other_seeds() {
+    for seed in 1..4 {
+        let mut sim = Sim::with(config(), seed, None);
+        sim.run(1500);
+        sim.drain();
+        assert!(sim.checked_checkpoints >= 10, "seed {seed}");
+        assert!(sim.client.answered > 200, "seed {seed}");
+        sim.check_survivor();
+    }
+}
+
+#[test]
+fn a_cut_link_gives_one_primary_the_arbiter_fences_the_other() {
+    let mut sim = Sim::with(config(), 7, Some(SimArbiter::default()));
+    sim.run(1000);
+    sim.partitioned = true;
+    // Both lose their partner and ask the arbiter; whoever asks first wins and runs alone, the other is
+    // refused until its patience (5 s) runs out, then stops its guest. Output stamped with the loser's
+    // token would be rejected by the client's fence gate.
+    sim.run(6000);
+    sim.drain();
+    let p = sim.primary.as_ref().unwrap().status();
+    let s = sim.secondary.as_ref().unwrap().status();
+    eprintln!("primary {p:?}\nsecondary {s:?}");
+    let winners = [p.phase, s.phase]
+        .iter()
+        .filter(|&&ph| ph == Phase::Alone)
+        .count();
+    assert_eq!(winners, 1, "exactly one side runs the guest");
+    if p.phase == Phase::Alone {
+        assert_eq!(s.phase, Phase::Stopped);
+        assert!(!sim.promoted && sim.stopped[1]);
+    } else {
+        assert_eq!(p.phase, Phase::Stopped);
+        assert!(sim.promoted && sim.stopped[0]);
+    }
+    assert!(sim.client.answered_after_failover > 100);
+    sim.check_survivor();
 }
