@@ -16,7 +16,7 @@ use colo_pair::{
     DeviceState, Output, PairConfig, Phase, PrimaryPair, Release, SecondaryPair, SharedPrimaryDisk,
     SharedSecondaryDisk, Vm, VmError,
 };
-use colo_proto::{Channel, PROTOCOL_VERSION};
+use colo_proto::{BlockWrite, Channel, Message, PROTOCOL_VERSION, PagePhase};
 use colo_ram::AtomicBitmapLog;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes as _, GuestAddress, GuestMemoryMmap};
@@ -542,6 +542,8 @@ struct Sim {
     tear_when: Option<&'static str>,
     /// Kill the secondary as soon as the comparator holds PVM output.
     kill_secondary_when_held: Option<Kill>,
+    /// Kill the secondary once the primary's session is in this state.
+    kill_secondary_in: Option<&'static str>,
     /// The link between the two is cut: bytes are lost in both directions, both nodes live on.
     partitioned: bool,
     promoted: bool,
@@ -637,6 +639,7 @@ impl Sim {
             shutdown_seen: [false; 2],
             tear_when: None,
             kill_secondary_when_held: None,
+            kill_secondary_in: None,
             partitioned: false,
             promoted: false,
             stopped: [false; 2],
@@ -705,6 +708,12 @@ impl Sim {
             self.p_end.tear_outgoing();
             self.kill_primary(Kill::Crash);
             self.tear_when = None;
+        }
+        if let Some(when) = self.kill_secondary_in
+            && self.primary.as_ref().is_some_and(|p| p.session_state() == when)
+        {
+            self.kill_secondary(Kill::Crash);
+            self.kill_secondary_in = None;
         }
         if let Some(how) = self.kill_secondary_when_held
             && self.primary.is_some()
@@ -1178,5 +1187,71 @@ fn a_cut_link_gives_one_primary_the_arbiter_fences_the_other() {
         assert!(sim.promoted && sim.stopped[0]);
     }
     assert!(sim.client.answered_after_failover > 100);
+    sim.check_survivor();
+}
+
+#[test]
+fn secondary_killed_while_the_primary_is_paused_in_a_checkpoint() {
+    for seed in 0..3 {
+        let mut sim = warmed_up_with(seed);
+        sim.kill_secondary_in = Some("waiting for vmstate-received");
+        sim.run(1500);
+        assert!(sim.secondary.is_none());
+        sim.drain();
+        let p = sim.primary.as_ref().unwrap();
+        assert_eq!(p.phase(), Phase::Alone);
+        assert!(p.vm().running, "the primary's guest runs again");
+        assert!(sim.client.answered_after_failover > 100);
+        sim.check_survivor();
+    }
+}
+
+#[test]
+fn a_page_batch_of_the_wrong_page_size_stops_the_secondary_with_a_typed_error() {
+    let mut sim = warmed_up();
+    // Stand in for the primary on its end of the channel.
+    sim.kill_primary(Kill::Silent);
+    let e = sim.secondary.as_ref().unwrap().status().epoch + 1;
+    let mut fake = channel(&sim.p_end);
+    fake.send(&Message::CheckpointRequest { epoch: e }).unwrap();
+    fake.send(&Message::VmstateSend { epoch: e }).unwrap();
+    fake.send_pages(PagePhase::Checkpoint, e, 512, &[(0, &[1u8; 512][..])])
+        .unwrap();
+    sim.step(true);
+    let s = sim.secondary.as_ref().unwrap();
+    assert_eq!(s.phase(), Phase::Stopped);
+    let detail = s.status().exit_detail.unwrap();
+    assert!(detail.contains("512-byte pages"), "{detail}");
+    assert!(sim.stopped[1]);
+    assert!(!sim.promoted, "a secondary that gave up does not promote");
+    // The primary's end is told why.
+    let mut told = false;
+    while sim.p_end.available() > 0 {
+        if let Message::Error { code, .. } = sim.p_rx.recv().unwrap() {
+            told = code == colo_pair::SECONDARY_FAILED;
+        }
+    }
+    assert!(told);
+}
+
+#[test]
+fn a_message_the_primary_never_accepts_is_a_typed_error_and_changes_nothing() {
+    let mut sim = warmed_up();
+    let now = sim.now();
+    let p = sim.primary.as_mut().unwrap();
+    let bogus = Message::BlockWrite(BlockWrite {
+        epoch: 1,
+        disk: 0,
+        offset: 0,
+        data: Bytes::from_static(&[0; 512]),
+    });
+    assert!(matches!(
+        p.handle_message(now, bogus),
+        Err(colo_pair::PairError::Unexpected { .. })
+    ));
+    assert_eq!(p.phase(), Phase::Colo);
+    sim.run(500);
+    sim.drain();
+    assert_eq!(sim.primary.as_ref().unwrap().phase(), Phase::Colo);
     sim.check_survivor();
 }
