@@ -123,6 +123,8 @@ impl Write for End {
 fn channel(end: &End) -> Channel<End> {
     let mut ch = Channel::new(end.clone());
     ch.set_version(PROTOCOL_VERSION);
+    // Small page frames, so that a torn checkpoint leaves whole page frames in the secondary's RAM cache.
+    ch.set_batch_pages(4);
     ch
 }
 
