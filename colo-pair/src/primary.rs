@@ -33,11 +33,11 @@ pub struct PrimaryPair<V: Vm, B: BlockBackend> {
     vm: V,
     ram: PrimaryRam<Box<dyn DirtyLog + Send>>,
     disk: SharedPrimaryDisk<B>,
-    link: Box<dyn Link>,
+    link: Box<dyn Link + Send>,
     session: PrimarySession,
     cmp: Comparator,
     node: Node,
-    arbiter: Box<dyn Arbiter>,
+    arbiter: Box<dyn Arbiter + Send>,
     phase: Phase,
     outputs: VecDeque<Output>,
     /// PVM frames the comparator handed back (queue full), offered again after the checkpoint.
@@ -81,8 +81,8 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
         vm: V,
         dirty_log: Box<dyn DirtyLog + Send>,
         disk: SharedPrimaryDisk<B>,
-        link: Box<dyn Link>,
-        arbiter: Box<dyn Arbiter>,
+        link: Box<dyn Link + Send>,
+        arbiter: Box<dyn Arbiter + Send>,
     ) -> Result<Self> {
         let layout = RamLayout::of(vm.memory()).map_err(|source| PairError::Ram { epoch: 0, source })?;
         let ram = PrimaryRam::new(layout, dirty_log, cfg.collect);

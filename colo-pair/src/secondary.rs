@@ -37,11 +37,11 @@ pub struct SecondaryPair<V: Vm, D, H, A> {
     cache: RamCache,
     svm_log: Box<dyn DirtyLog + Send>,
     disk: SharedSecondaryDisk<D, H, A>,
-    link: Box<dyn Link>,
+    link: Box<dyn Link + Send>,
     session: SecondarySession,
     rewriter: Rewriter,
     node: Node,
-    arbiter: Box<dyn Arbiter>,
+    arbiter: Box<dyn Arbiter + Send>,
     phase: Phase,
     outputs: VecDeque<Output>,
     /// Output waiting for the promotion (or a valid lease).
@@ -79,8 +79,8 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
         vm: V,
         svm_log: Box<dyn DirtyLog + Send>,
         disk: SharedSecondaryDisk<D, H, A>,
-        link: Box<dyn Link>,
-        arbiter: Box<dyn Arbiter>,
+        link: Box<dyn Link + Send>,
+        arbiter: Box<dyn Arbiter + Send>,
     ) -> Result<Self> {
         let layout = RamLayout::of(vm.memory()).map_err(|source| PairError::Ram { epoch: 0, source })?;
         let cache = RamCache::new(layout, cfg.flush).map_err(|source| PairError::Ram { epoch: 0, source })?;

@@ -2,10 +2,9 @@
 //! UDP frames), the drivers of this crate, an in-memory channel carrying real colo-proto frames, a client
 //! with its own model of the guest's key-value store, and a switch. Virtual time, seeded divergence.
 
-use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
-use std::rc::Rc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -48,12 +47,12 @@ struct PipeState {
 
 #[derive(Clone)]
 struct End {
-    state: Rc<RefCell<PipeState>>,
+    state: Arc<Mutex<PipeState>>,
     side: usize,
 }
 
 fn pipe() -> (End, End) {
-    let state = Rc::new(RefCell::new(PipeState::default()));
+    let state = Arc::new(Mutex::new(PipeState::default()));
     (
         End {
             state: state.clone(),
@@ -64,23 +63,26 @@ fn pipe() -> (End, End) {
 }
 
 impl End {
+    fn lock(&self) -> MutexGuard<'_, PipeState> {
+        self.state.lock().unwrap()
+    }
     fn available(&self) -> usize {
-        self.state.borrow().data[1 - self.side].len()
+        self.lock().data[1 - self.side].len()
     }
     fn peer_closed(&self) -> bool {
-        self.state.borrow().closed[1 - self.side]
+        self.lock().closed[1 - self.side]
     }
     fn close(&self) {
-        self.state.borrow_mut().closed[self.side] = true;
+        self.lock().closed[self.side] = true;
     }
     /// Loses whatever is in flight to this end.
     fn discard_incoming(&self) {
-        self.state.borrow_mut().data[1 - self.side].clear();
+        self.lock().data[1 - self.side].clear();
     }
 
     /// A crash in the middle of a write: the peer gets only the first half of what is in flight to it.
     fn tear_outgoing(&self) {
-        let mut s = self.state.borrow_mut();
+        let mut s = self.lock();
         let q = &mut s.data[self.side];
         let keep = q.len() / 2;
         q.truncate(keep);
@@ -89,7 +91,7 @@ impl End {
 
 impl Read for End {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut s = self.state.borrow_mut();
+        let mut s = self.lock();
         let q = &mut s.data[1 - self.side];
         if q.is_empty() {
             return if s.closed[1 - self.side] {
@@ -108,7 +110,7 @@ impl Read for End {
 
 impl Write for End {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut s = self.state.borrow_mut();
+        let mut s = self.lock();
         if s.closed[1 - self.side] || s.closed[self.side] {
             return Err(io::ErrorKind::BrokenPipe.into());
         }
@@ -465,7 +467,7 @@ struct ArbiterState {
 }
 
 #[derive(Clone, Default)]
-struct SimArbiter(Rc<RefCell<ArbiterState>>);
+struct SimArbiter(Arc<Mutex<ArbiterState>>);
 
 impl SimArbiter {
     fn client(&self, node: &'static str) -> SimArbiterClient {
@@ -483,7 +485,7 @@ struct SimArbiterClient {
 
 impl Arbiter for SimArbiterClient {
     fn acquire(&mut self) -> Result<Decision, ArbiterError> {
-        let mut s = self.shared.0.borrow_mut();
+        let mut s = self.shared.0.lock().unwrap();
         match s.holder {
             Some((n, token)) if n == self.node => Ok(Decision::Granted(Grant { token, ttl: None })),
             Some((_, token)) => Ok(Decision::Denied { holder: Some(token) }),
@@ -499,7 +501,7 @@ impl Arbiter for SimArbiterClient {
         self.acquire()
     }
     fn release(&mut self) -> Result<(), ArbiterError> {
-        let mut s = self.shared.0.borrow_mut();
+        let mut s = self.shared.0.lock().unwrap();
         if s.holder.is_some_and(|(n, _)| n == self.node) {
             s.holder = None;
         }
@@ -592,7 +594,7 @@ impl Sim {
             pvm.write_u64(PAGE * (100 + k % 8), k);
         }
         let svm = FakeVm::new(0x7f4a_7c15 ^ seed.rotate_left(17), Port::Secondary(sdisk.clone()));
-        let (p_arb, s_arb): (Box<dyn Arbiter>, Box<dyn Arbiter>) = match arbiter {
+        let (p_arb, s_arb): (Box<dyn Arbiter + Send>, Box<dyn Arbiter + Send>) = match arbiter {
             Some(a) => (Box::new(a.client("primary")), Box::new(a.client("secondary"))),
             None => (
                 Box::new(NoArbiter::unsafe_under_partitions()),
@@ -1256,4 +1258,159 @@ fn a_message_the_primary_never_accepts_is_a_typed_error_and_changes_nothing() {
     sim.drain();
     assert_eq!(sim.primary.as_ref().unwrap().phase(), Phase::Colo);
     sim.check_survivor();
+}
+
+// ---------- the same drivers on real threads and sockets, run as the README's loop ----------
+
+type Received = Result<Message, colo_proto::Error>;
+
+/// The VMM's reader thread: every message (or the error that ends the stream) goes to the driver's thread.
+fn reader(mut ch: Channel<std::os::unix::net::UnixStream>, tx: std::sync::mpsc::Sender<Received>) {
+    loop {
+        let r = ch.recv();
+        let end = r.is_err();
+        if tx.send(r).is_err() || end {
+            return;
+        }
+    }
+}
+
+fn socket_channel(s: std::os::unix::net::UnixStream) -> Channel<std::os::unix::net::UnixStream> {
+    let mut ch = Channel::new(s);
+    ch.set_version(PROTOCOL_VERSION);
+    ch
+}
+
+#[test]
+fn threads_and_unix_sockets_checkpoint_then_fail_over() {
+    use std::os::unix::net::UnixStream;
+    use std::sync::mpsc::{self, RecvTimeoutError};
+    use std::thread;
+
+    let (a, b) = UnixStream::pair().unwrap();
+    let mut cfg = config();
+    cfg.checkpoint_interval = Duration::from_millis(20);
+    let scfg = cfg.clone();
+    let limit = Duration::from_secs(20);
+
+    let secondary = thread::spawn(move || {
+        let sdisk = SharedSecondaryDisk::new(
+            SecondaryDisk::new(
+                MemBackend::new(DISK).unwrap(),
+                MemStore::new(PAGE as usize, 256).unwrap(),
+                MemStore::new(PAGE as usize, 256).unwrap(),
+                0,
+            )
+            .unwrap(),
+        );
+        let svm = FakeVm::new(5, Port::Secondary(sdisk.clone()));
+        let slog = AtomicBitmapLog::new(&svm.mem).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let rch = socket_channel(b.try_clone().unwrap());
+        thread::spawn(move || reader(rch, tx));
+        let mut s = SecondaryPair::new(
+            scfg,
+            Instant::now(),
+            svm,
+            Box::new(slog),
+            sdisk,
+            Box::new(socket_channel(b)),
+            Box::new(NoArbiter::unsafe_under_partitions()),
+        )
+        .unwrap();
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            let now = Instant::now();
+            s.vm_mut().step();
+            for f in std::mem::take(&mut s.vm_mut().tx) {
+                s.guest_output(now, f).unwrap();
+            }
+            let wait = s
+                .poll_timeout()
+                .map_or(Duration::from_millis(1), |d| d.saturating_duration_since(now))
+                .min(Duration::from_millis(1));
+            match rx.recv_timeout(wait) {
+                Ok(Ok(m)) => s.handle_message(Instant::now(), m).unwrap(),
+                Ok(Err(e)) => s.link_failed(Instant::now(), &e.to_string()).unwrap(),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {}
+            }
+            if s.poll_timeout().is_some_and(|d| d <= Instant::now()) {
+                s.handle_timeout(Instant::now()).unwrap();
+            }
+            while let Some(o) = s.poll_output() {
+                match o {
+                    Output::ToGuest(f) => s.vm_mut().regs.rx.push_back(f.to_vec()),
+                    Output::Promoted { .. } => return Some(s.status()),
+                    _ => {}
+                }
+            }
+        }
+        None
+    });
+
+    let primary = thread::spawn(move || {
+        let pdisk = SharedPrimaryDisk::new(PrimaryDisk::new(
+            MemBackend::new(DISK).unwrap(),
+            PrimaryConfig::default(),
+        ));
+        let mut pvm = FakeVm::new(3, Port::Primary(pdisk.clone()));
+        pvm.running = true;
+        let plog = AtomicBitmapLog::new(&pvm.mem).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let rch = socket_channel(a.try_clone().unwrap());
+        let control = a.try_clone().unwrap();
+        thread::spawn(move || reader(rch, tx));
+        let mut p = PrimaryPair::new(
+            cfg,
+            Instant::now(),
+            pvm,
+            Box::new(plog),
+            pdisk,
+            Box::new(socket_channel(a)),
+            Box::new(NoArbiter::unsafe_under_partitions()),
+        )
+        .unwrap();
+        let started = Instant::now();
+        while p.status().checkpoints < 15 && started.elapsed() < limit {
+            let now = Instant::now();
+            p.vm_mut().step();
+            for f in std::mem::take(&mut p.vm_mut().tx) {
+                p.guest_output(now, f).unwrap();
+            }
+            let wait = p
+                .poll_timeout()
+                .map_or(Duration::from_millis(1), |d| d.saturating_duration_since(now))
+                .min(Duration::from_millis(1));
+            match rx.recv_timeout(wait) {
+                Ok(Ok(m)) => p.handle_message(Instant::now(), m).unwrap(),
+                Ok(Err(e)) => p.link_failed(Instant::now(), &e.to_string()).unwrap(),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {}
+            }
+            if p.poll_timeout().is_some_and(|d| d <= Instant::now()) {
+                p.handle_timeout(Instant::now()).unwrap();
+            }
+            while let Some(o) = p.poll_output() {
+                if let Output::ToGuest(f) = o {
+                    p.vm_mut().regs.rx.push_back(f.to_vec());
+                }
+            }
+        }
+        // The primary process dies: every descriptor of its socket closes.
+        let status = p.status();
+        let _ = control.shutdown(std::net::Shutdown::Both);
+        drop(p);
+        status
+    });
+
+    let p = primary.join().unwrap();
+    let s = secondary.join().unwrap().expect("the secondary promoted itself");
+    eprintln!("primary {p:?}\nsecondary {s:?}");
+    assert!(p.checkpoints >= 15, "{} checkpoints", p.checkpoints);
+    assert!(p.mismatch_checkpoints > 0);
+    assert_eq!(s.phase, Phase::Alone);
+    assert!(
+        s.epoch >= p.epoch,
+        "the secondary committed every checkpoint the primary saw committed"
+    );
+    assert!(s.exit_detail.is_some());
 }
