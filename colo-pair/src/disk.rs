@@ -49,8 +49,9 @@ impl<B: BlockBackend> SharedPrimaryDisk<B> {
         }
     }
 
-    /// A guest write. `Err(EpochFull)`: nothing was written; hold the request, the driver checkpoints at
-    /// once, then retry.
+    /// A guest write. `Err(EpochFull)`: nothing was written; hold the request and retry it after the next
+    /// checkpoint. The driver starts that checkpoint at its next entry (any `handle_*` call, or
+    /// `checkpoint_now` if the VMM wants it at once from another thread's notice).
     pub fn write(&self, offset: u64, data: Bytes) -> Result<WriteStatus, Error> {
         let r = lock(&self.inner.disk).write(offset, data);
         if matches!(r, Err(Error::EpochFull { .. })) {

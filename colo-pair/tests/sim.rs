@@ -221,16 +221,20 @@ impl FakeVm {
         self.mem.write_obj(v, GuestAddress(gpa)).unwrap();
     }
 
-    fn disk_write(&self, offset: u64, fill: u64) {
+    /// Writes a block; `false`: the disk refused it for now (the epoch or overlay is full), retry later.
+    fn disk_write(&self, offset: u64, fill: u64) -> bool {
         let mut block = vec![0u8; PAGE as usize];
         for c in block.chunks_mut(8) {
             c.copy_from_slice(&fill.to_le_bytes());
         }
-        match &self.disk {
-            Port::Primary(d) => {
-                d.write(offset, Bytes::from(block)).unwrap();
-            }
-            Port::Secondary(d) => d.write(offset, &block).unwrap(),
+        let r = match &self.disk {
+            Port::Primary(d) => d.write(offset, Bytes::from(block)).map(|_| ()),
+            Port::Secondary(d) => d.write(offset, &block),
+        };
+        match r {
+            Ok(()) => true,
+            Err(colo_block::Error::EpochFull { .. } | colo_block::Error::OverlayFull { .. }) => false,
+            Err(e) => panic!("guest disk write: {e}"),
         }
     }
 
@@ -254,9 +258,10 @@ impl FakeVm {
         if steps.is_multiple_of(NOISE_EVERY) {
             // Reads the clock: PVM and SVM see different values, write them and send them out.
             let noise = self.entropy.next();
-            self.write_u64(250 * PAGE, noise);
-            self.disk_write(200 * PAGE, noise);
-            self.emit(9, &noise.to_le_bytes());
+            if self.disk_write(200 * PAGE, noise) {
+                self.write_u64(250 * PAGE, noise);
+                self.emit(9, &noise.to_le_bytes());
+            }
         }
         if let Some(frame) = self.regs.rx.pop_front() {
             self.serve(&frame);
@@ -283,8 +288,12 @@ impl FakeVm {
         }
         let v = match op {
             1 => {
+                if !self.disk_write(PAGE * key as u64, value) {
+                    // The device holds the request; the guest retries it at its next step.
+                    self.regs.rx.push_front(frame.to_vec());
+                    return;
+                }
                 self.write_u64(PAGE * (1 + key as u64), value);
-                self.disk_write(PAGE * key as u64, value);
                 value
             }
             2 => {
@@ -572,12 +581,13 @@ impl Sim {
     /// A pair with guests and client seeded by `seed`; `arbiter`: both nodes ask this one (else each has
     /// its own `NoArbiter`).
     fn with(cfg: PairConfig, seed: u64, arbiter: Option<SimArbiter>) -> Sim {
+        Self::with_disk(cfg, seed, arbiter, PrimaryConfig::default())
+    }
+
+    fn with_disk(cfg: PairConfig, seed: u64, arbiter: Option<SimArbiter>, disk: PrimaryConfig) -> Sim {
         let base = Instant::now();
         let (p_end, s_end) = pipe();
-        let pdisk = SharedPrimaryDisk::new(PrimaryDisk::new(
-            MemBackend::new(DISK).unwrap(),
-            PrimaryConfig::default(),
-        ));
+        let pdisk = SharedPrimaryDisk::new(PrimaryDisk::new(MemBackend::new(DISK).unwrap(), disk));
         let sdisk = SharedSecondaryDisk::new(
             SecondaryDisk::new(
                 MemBackend::new(DISK).unwrap(),
@@ -1413,4 +1423,31 @@ fn threads_and_unix_sockets_checkpoint_then_fail_over() {
         "the secondary committed every checkpoint the primary saw committed"
     );
     assert!(s.exit_detail.is_some());
+}
+
+#[test]
+fn a_full_disk_epoch_forces_a_checkpoint_and_the_held_write_completes() {
+    let disk = PrimaryConfig {
+        epoch_limit: Some(colo_block::EpochLimit {
+            block_size: PAGE,
+            max_blocks: 3,
+        }),
+        ..PrimaryConfig::default()
+    };
+    let mut cfg = config();
+    cfg.checkpoint_interval = Duration::from_secs(3600);
+    let mut sim = Sim::with_disk(cfg, 11, None, disk);
+    let mut epoch_full = 0;
+    for _ in 0..2000 {
+        let before = sim.primary.as_ref().unwrap().status().checkpoints;
+        sim.step(false);
+        let p = sim.primary.as_ref().unwrap();
+        if p.status().checkpoints > before && p.last_trigger() == Some(colo_pair::Trigger::EpochFull) {
+            epoch_full += 1;
+        }
+    }
+    sim.drain();
+    assert!(epoch_full >= 5, "{epoch_full} checkpoints for a full disk epoch");
+    assert!(sim.client.answered > 200);
+    sim.check_survivor();
 }
