@@ -34,7 +34,8 @@ pub struct SecondaryPair<V: Vm, D, H, A> {
     cfg: PairConfig,
     origin: Instant,
     vm: V,
-    cache: RamCache,
+    /// The RAM cache (one guest RAM); freed at promotion.
+    cache: Option<RamCache>,
     svm_log: Box<dyn DirtyLog + Send>,
     disk: SharedSecondaryDisk<D, H, A>,
     link: Box<dyn Link + Send>,
@@ -92,7 +93,7 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
             cfg,
             origin: now,
             vm,
-            cache,
+            cache: Some(cache),
             svm_log,
             disk,
             link,
@@ -408,11 +409,14 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
             epoch: batch.epoch,
             source,
         };
+        let Some(cache) = &mut self.cache else {
+            return Ok(());
+        };
         for p in &batch.pages {
             if p.is_zero() {
-                self.cache.receive_zero(p.gpa, 1).map_err(ram_err)?;
+                cache.receive_zero(p.gpa, 1).map_err(ram_err)?;
             } else {
-                self.cache.receive(p.gpa, &p.data).map_err(ram_err)?;
+                cache.receive(p.gpa, &p.data).map_err(ram_err)?;
             }
         }
         Ok(())
@@ -421,9 +425,11 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
     /// Flushes the RAM cache, loads device state and commits the block checkpoint.
     fn load_checkpoint(&mut self, now: Instant, epoch: u64) -> std::result::Result<(), PairError> {
         let mut guest = GuestRam::new(self.vm.memory()).map_err(|source| PairError::Ram { epoch, source })?;
-        self.cache
-            .flush(&mut guest, &mut self.svm_log)
-            .map_err(|source| PairError::Ram { epoch, source })?;
+        if let Some(cache) = &mut self.cache {
+            cache
+                .flush(&mut guest, &mut self.svm_log)
+                .map_err(|source| PairError::Ram { epoch, source })?;
+        }
         let devices = std::mem::take(&mut self.devices);
         self.vm.load_state(&devices).map_err(|source| PairError::Vm {
             op: "load state",
@@ -581,9 +587,10 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
     fn promote(&mut self, now: Instant, token: FenceToken) -> Result<()> {
         self.link_ok = false;
         while self.session.poll_action().is_some() {}
-        // A partly received checkpoint is dropped: its pages stay in the RAM cache, never flushed; the SVM
-        // runs on from its own state, which is what the client has seen.
+        // A partly received checkpoint is dropped with the RAM cache (never flushed); the SVM runs on from
+        // its own state, which is what the client has seen.
         self.devices.clear();
+        self.cache = None;
         let committed = self.disk.lock().failover();
         committed.map_err(|source| PairError::Block {
             what: "failover commit",
