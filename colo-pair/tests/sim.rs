@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use colo_block::{MemBackend, MemStore, PrimaryConfig, PrimaryDisk, SecondaryDisk};
 use colo_failover::{Arbiter, ArbiterError, Decision, FenceGate, FenceToken, Grant, NoArbiter};
-use colo_net::build::{Endpoint, udp};
+use colo_net::build::{Endpoint, TcpSpec, tcp, udp};
+use colo_net::packet::tcp_flags;
 use colo_pair::{
     DeviceState, Output, PairConfig, Phase, PrimaryPair, Release, SecondaryPair, SharedPrimaryDisk,
     SharedSecondaryDisk, Vm, VmError,
@@ -36,6 +37,8 @@ const CLIENT: Endpoint = Endpoint {
     port: 40000,
 };
 const PAYLOAD_AT: usize = 14 + 20 + 8;
+const TCP_PORT: u16 = 80;
+const CLIENT_ISN: u32 = 0xfff0_0000;
 
 // ---------- an in-memory byte pipe (both directions), closable from either side ----------
 
@@ -198,6 +201,7 @@ struct FakeVm {
     disk: Port,
     tx: Vec<Bytes>,
     shutdown: bool,
+    noise: bool,
 }
 
 impl FakeVm {
@@ -210,6 +214,7 @@ impl FakeVm {
             disk,
             tx: Vec::new(),
             shutdown: false,
+            noise: true,
         }
     }
 
@@ -255,7 +260,7 @@ impl FakeVm {
         let steps = self.regs.steps;
         // Background work: a scratch page per step (the SVM's own dirty pages, rolled back at checkpoints).
         self.write_u64((128 + steps % 64) * PAGE, steps);
-        if steps.is_multiple_of(NOISE_EVERY) {
+        if self.noise && steps.is_multiple_of(NOISE_EVERY) {
             // Reads the clock: PVM and SVM see different values, write them and send them out.
             let noise = self.entropy.next();
             if self.disk_write(200 * PAGE, noise) {
@@ -269,29 +274,37 @@ impl FakeVm {
     }
 
     fn serve(&mut self, frame: &[u8]) {
+        if frame.get(23) == Some(&6) {
+            return self.serve_tcp(frame);
+        }
         let Some(p) = frame.get(PAYLOAD_AT..PAYLOAD_AT + 18) else {
             return;
         };
+        match self.kv(p) {
+            Kv::Answer(resp) => self.emit(7, &resp),
+            Kv::Retry => self.regs.rx.push_front(frame.to_vec()),
+            Kv::Ignore => {}
+        }
+    }
+
+    /// The key-value service: one 18-byte request in, a 17-byte answer out.
+    fn kv(&mut self, p: &[u8]) -> Kv {
         let seq = u64::from_le_bytes(p[0..8].try_into().unwrap());
         let (op, key) = (p[8], p[9] % KEYS);
         let value = u64::from_le_bytes(p[10..18].try_into().unwrap());
         let last = self.read_u64(0);
         if seq < last {
-            return;
+            return Kv::Ignore;
         }
         if seq == last {
             // A retransmission: answer again with the stored response.
-            let mut resp = [0u8; 17];
-            self.mem.read_slice(&mut resp, GuestAddress(64)).unwrap();
-            self.emit(7, &resp);
-            return;
+            return Kv::Answer(self.last_response());
         }
         let v = match op {
             1 => {
                 if !self.disk_write(PAGE * key as u64, value) {
                     // The device holds the request; the guest retries it at its next step.
-                    self.regs.rx.push_front(frame.to_vec());
-                    return;
+                    return Kv::Retry;
                 }
                 self.write_u64(PAGE * (1 + key as u64), value);
                 value
@@ -308,7 +321,83 @@ impl FakeVm {
         resp[9..17].copy_from_slice(&v.to_le_bytes());
         self.write_u64(0, seq);
         self.mem.write_slice(&resp, GuestAddress(64)).unwrap();
-        self.emit(7, &resp);
+        Kv::Answer(resp)
+    }
+
+    fn last_response(&self) -> [u8; 17] {
+        let mut resp = [0u8; 17];
+        self.mem.read_slice(&mut resp, GuestAddress(64)).unwrap();
+        resp
+    }
+
+    fn tcp_out(&mut self, seq: u32, ack: u32, flags: u8, payload: &[u8]) {
+        let mut src = GUEST;
+        src.port = TCP_PORT;
+        let mut spec = TcpSpec::data(src, CLIENT, seq, ack, payload);
+        spec.flags = flags;
+        spec.ip_id = self.regs.steps as u16;
+        self.tx.push(Bytes::from(tcp(&spec)));
+    }
+
+    /// A minimal TCP server for one client connection; its state lives in guest RAM (page 80). The ISN
+    /// comes from the host clock, so the PVM and the SVM choose different ones.
+    fn serve_tcp(&mut self, frame: &[u8]) {
+        if frame.len() < 54 {
+            return;
+        }
+        let seq = u32::from_be_bytes(frame[38..42].try_into().unwrap());
+        let ack = u32::from_be_bytes(frame[42..46].try_into().unwrap());
+        let doff = usize::from(frame[46] >> 4) * 4;
+        let flags = frame[47];
+        let payload = frame.get(34 + doff..).unwrap_or(&[]);
+        let base = 80 * PAGE;
+        let (mut state, isn, mut snd_nxt, mut rcv_nxt) = (
+            self.read_u64(base),
+            self.read_u64(base + 8) as u32,
+            self.read_u64(base + 16) as u32,
+            self.read_u64(base + 24) as u32,
+        );
+        let last_seq = self.read_u64(base + 32) as u32;
+        if flags & tcp_flags::SYN != 0 {
+            let isn = if state == 0 {
+                let isn = self.entropy.next() as u32;
+                self.write_u64(base, 1);
+                self.write_u64(base + 8, isn as u64);
+                self.write_u64(base + 16, isn.wrapping_add(1) as u64);
+                self.write_u64(base + 24, seq.wrapping_add(1) as u64);
+                isn
+            } else {
+                isn
+            };
+            let rcv = self.read_u64(base + 24) as u32;
+            self.tcp_out(isn, rcv, tcp_flags::SYN | tcp_flags::ACK, &[]);
+            return;
+        }
+        if state == 1 && flags & tcp_flags::ACK != 0 && ack == isn.wrapping_add(1) {
+            state = 2;
+            self.write_u64(base, 2);
+        }
+        if state != 2 || payload.len() < 18 {
+            return;
+        }
+        if seq == rcv_nxt {
+            match self.kv(&payload[..18]) {
+                Kv::Retry => self.regs.rx.push_front(frame.to_vec()),
+                Kv::Ignore => {}
+                Kv::Answer(resp) => {
+                    rcv_nxt = rcv_nxt.wrapping_add(18);
+                    self.tcp_out(snd_nxt, rcv_nxt, tcp_flags::ACK | tcp_flags::PSH, &resp);
+                    self.write_u64(base + 32, snd_nxt as u64);
+                    snd_nxt = snd_nxt.wrapping_add(17);
+                    self.write_u64(base + 16, snd_nxt as u64);
+                    self.write_u64(base + 24, rcv_nxt as u64);
+                }
+            }
+        } else if colo_net::tcp::seq_lt(seq, rcv_nxt) && snd_nxt != isn.wrapping_add(1) {
+            // The client retransmits a request whose answer it lost: send the answer again.
+            let resp = self.last_response();
+            self.tcp_out(last_seq, rcv_nxt, tcp_flags::ACK | tcp_flags::PSH, &resp);
+        }
     }
 
     fn store(&self) -> Vec<u64> {
@@ -352,9 +441,16 @@ impl Vm for FakeVm {
     }
 }
 
+enum Kv {
+    Answer([u8; 17]),
+    Retry,
+    Ignore,
+}
+
 // ---------- the client: one request at a time, retransmits, checks every answer ----------
 
 struct Pending {
+    tcp_seq: u32,
     seq: u64,
     op: u8,
     key: u8,
@@ -374,6 +470,76 @@ struct Client {
     gate: FenceGate,
     ticks_seen: u64,
     shutdown_requested: bool,
+    /// Speak TCP (one connection for the whole run) instead of UDP.
+    tcp: Option<TcpClient>,
+}
+
+/// The client's end of its one TCP connection to the guest.
+struct TcpClient {
+    established: bool,
+    syn_sent: Option<u64>,
+    /// Next sequence number of the client's stream.
+    nxt: u32,
+    /// Next byte expected from the guest (in the PVM's sequence space, whoever answers).
+    rcv: u32,
+    /// Pure ACKs to send.
+    out: Vec<Bytes>,
+    /// Guest segments beyond what was expected (a wrong sequence translation would show here).
+    out_of_window: u64,
+}
+
+impl TcpClient {
+    fn new() -> Self {
+        TcpClient {
+            established: false,
+            syn_sent: None,
+            nxt: CLIENT_ISN.wrapping_add(1),
+            rcv: 0,
+            out: Vec::new(),
+            out_of_window: 0,
+        }
+    }
+
+    fn segment(&self, seq: u32, flags: u8, payload: &[u8]) -> Bytes {
+        let mut dst = GUEST;
+        dst.port = TCP_PORT;
+        let mut spec = TcpSpec::data(CLIENT, dst, seq, self.rcv, payload);
+        spec.flags = flags;
+        Bytes::from(tcp(&spec))
+    }
+
+    /// A segment from the guest: the in-order payload, if any.
+    fn receive(&mut self, frame: &[u8]) -> Option<Vec<u8>> {
+        let seq = u32::from_be_bytes(frame[38..42].try_into().unwrap());
+        let flags = frame[47];
+        let doff = usize::from(frame[46] >> 4) * 4;
+        let payload = &frame[34 + doff..];
+        if flags & tcp_flags::SYN != 0 {
+            if !self.established {
+                self.rcv = seq.wrapping_add(1);
+                self.established = true;
+            }
+            let ack = self.segment(self.nxt, tcp_flags::ACK, &[]);
+            self.out.push(ack);
+            return None;
+        }
+        if payload.is_empty() {
+            return None;
+        }
+        if seq == self.rcv {
+            self.rcv = self.rcv.wrapping_add(payload.len() as u32);
+            let ack = self.segment(self.nxt, tcp_flags::ACK, &[]);
+            self.out.push(ack);
+            return Some(payload.to_vec());
+        }
+        if colo_net::tcp::seq_lt(seq, self.rcv) {
+            let ack = self.segment(self.nxt, tcp_flags::ACK, &[]);
+            self.out.push(ack);
+        } else {
+            self.out_of_window += 1;
+        }
+        None
+    }
 }
 
 impl Client {
@@ -389,25 +555,42 @@ impl Client {
             gate: FenceGate::new(),
             ticks_seen: 0,
             shutdown_requested: false,
+            tcp: None,
         }
     }
 
-    fn frame(p: &Pending) -> Bytes {
+    fn frame(&self, p: &Pending) -> Bytes {
         let mut payload = p.seq.to_le_bytes().to_vec();
         payload.push(p.op);
         payload.push(p.key);
         payload.extend(p.value.to_le_bytes());
-        Bytes::from(udp(CLIENT, GUEST, 1, &payload))
+        match &self.tcp {
+            Some(c) => c.segment(p.tcp_seq, tcp_flags::ACK | tcp_flags::PSH, &payload),
+            None => Bytes::from(udp(CLIENT, GUEST, 1, &payload)),
+        }
     }
 
     /// What the client sends at `t` (ms), if anything.
     fn tick(&mut self, t: u64, quiet: bool) -> Option<Bytes> {
-        match &mut self.pending {
-            Some(p) if t >= p.sent + 300 => {
-                p.sent = t;
-                self.retransmits += 1;
-                Some(Self::frame(p))
+        if let Some(c) = &mut self.tcp
+            && !c.established
+        {
+            // Connect (and retry the SYN) first.
+            if t >= 50 && c.syn_sent.is_none_or(|at| t >= at + 300) {
+                c.syn_sent = Some(t);
+                return Some(c.segment(CLIENT_ISN, tcp_flags::SYN, &[]));
             }
+            return None;
+        }
+        if let Some(p) = &mut self.pending
+            && t >= p.sent + 300
+        {
+            p.sent = t;
+            self.retransmits += 1;
+            let p = self.pending.as_ref()?;
+            return Some(self.frame(p));
+        }
+        match &mut self.pending {
             Some(_) => None,
             None if quiet || !t.is_multiple_of(2) => None,
             None => {
@@ -420,9 +603,13 @@ impl Client {
                     value: r >> 16,
                     sent: t,
                     first_sent: t,
+                    tcp_seq: self.tcp.as_ref().map_or(0, |c| c.nxt),
                 };
+                if let Some(c) = &mut self.tcp {
+                    c.nxt = c.nxt.wrapping_add(18);
+                }
                 self.next_seq += 1;
-                let f = Self::frame(&p);
+                let f = self.frame(&p);
                 self.pending = Some(p);
                 Some(f)
             }
@@ -431,12 +618,20 @@ impl Client {
 
     fn receive(&mut self, frame: &[u8], failed_over: bool) {
         let port = u16::from_be_bytes([frame[34], frame[35]]);
-        let payload = &frame[PAYLOAD_AT..];
         if port == 9 {
             self.ticks_seen += 1;
             return;
         }
-        assert_eq!(port, 7, "frame from an unknown port");
+        let payload = if let Some(c) = &mut self.tcp {
+            assert_eq!(port, TCP_PORT, "frame from an unknown port");
+            match c.receive(frame) {
+                Some(p) => p,
+                None => return,
+            }
+        } else {
+            assert_eq!(port, 7, "frame from an unknown port");
+            frame[PAYLOAD_AT..].to_vec()
+        };
         let seq = u64::from_le_bytes(payload[0..8].try_into().unwrap());
         let key = payload[8];
         let v = u64::from_le_bytes(payload[9..17].try_into().unwrap());
@@ -673,9 +868,16 @@ impl Sim {
             .gate
             .check(token)
             .expect("released output carries a current fencing token");
-        let port = u16::from_be_bytes([frame[34], frame[35]]);
-        let key = (port, frame[PAYLOAD_AT..].to_vec());
+        let key = port_payload(&frame);
         match release {
+            Release::Compared if frame[23] == 6 => {
+                // TCP: a retransmission is released on the strength of the bytes compared before.
+                assert!(
+                    self.svm_sent.contains_key(&key),
+                    "a compared release the SVM never produced"
+                );
+                *self.released.entry("compared").or_default() += 1;
+            }
             Release::Compared => {
                 let n = self.svm_sent.get_mut(&key).filter(|n| **n > 0);
                 *n.expect("a compared release the SVM never produced") -= 1;
@@ -705,7 +907,11 @@ impl Sim {
         self.t += 1;
         let now = self.now();
         // The client, through the switch.
-        if let Some(f) = self.client.tick(self.t, quiet) {
+        let mut frames: Vec<Bytes> = self.client.tick(self.t, quiet).into_iter().collect();
+        if let Some(c) = &mut self.client.tcp {
+            frames.append(&mut c.out);
+        }
+        for f in frames {
             if self.client_to_secondary {
                 if let Some(s) = &mut self.secondary {
                     s.client_input(now, f).unwrap();
@@ -793,8 +999,7 @@ impl Sim {
         let Some(s) = &mut self.secondary else { return };
         s.vm_mut().step();
         for f in std::mem::take(&mut s.vm_mut().tx) {
-            let port = u16::from_be_bytes([f[34], f[35]]);
-            *self.svm_sent.entry((port, f[PAYLOAD_AT..].to_vec())).or_default() += 1;
+            *self.svm_sent.entry(port_payload(&f)).or_default() += 1;
             s.guest_output(now, f).unwrap();
         }
         if s.poll_timeout().is_some_and(|d| d <= now) {
@@ -951,6 +1156,17 @@ fn checkpoints_keep_the_pair_identical_and_release_only_compared_or_committed_ou
     assert!(p.bytes_sent > RAM as u64, "at least the initial RAM went out");
     assert!(p.compare.unwrap().mismatches > 0);
     sim.check_survivor();
+}
+
+/// The guest port and the payload of a UDP or TCP frame.
+fn port_payload(frame: &[u8]) -> (u16, Vec<u8>) {
+    let port = u16::from_be_bytes([frame[34], frame[35]]);
+    let at = if frame[23] == 6 {
+        34 + usize::from(frame[46] >> 4) * 4
+    } else {
+        PAYLOAD_AT
+    };
+    (port, frame[at..].to_vec())
 }
 
 /// PVM frames the comparator holds now.
@@ -1450,4 +1666,66 @@ fn a_full_disk_epoch_forces_a_checkpoint_and_the_held_write_completes() {
     assert!(epoch_full >= 5, "{epoch_full} checkpoints for a full disk epoch");
     assert!(sim.client.answered > 200);
     sim.check_survivor();
+}
+
+fn tcp_sim(seed: u64, noise: bool) -> Sim {
+    let mut cfg = config();
+    if !noise {
+        // No checkpoint after the first: the rewriter's offsets stay in force until the failover.
+        cfg.checkpoint_interval = Duration::from_secs(3600);
+    }
+    let mut sim = Sim::with(cfg, seed, Some(SimArbiter::default()));
+    sim.client.tcp = Some(TcpClient::new());
+    for vm in [
+        sim.primary.as_mut().unwrap().vm_mut(),
+        sim.secondary.as_mut().unwrap().vm_mut(),
+    ] {
+        vm.noise = noise;
+    }
+    sim
+}
+
+fn tcp_primary_killed(noise: bool) {
+    for seed in 0..3 {
+        let mut sim = tcp_sim(seed, noise);
+        sim.run(1000);
+        assert!(sim.client.tcp.as_ref().unwrap().established);
+        assert!(
+            sim.client.answered > 100,
+            "{} answers over TCP",
+            sim.client.answered
+        );
+        sim.kill_primary(Kill::Crash);
+        sim.run(1500);
+        sim.drain();
+        let c = sim.client.tcp.as_ref().unwrap();
+        eprintln!("released {:?}", sim.released);
+        assert_eq!(
+            c.out_of_window, 0,
+            "the promoted SVM answers in the PVM's sequence space"
+        );
+        assert!(
+            sim.client.answered_after_failover > 100,
+            "the same connection goes on"
+        );
+        let s = sim.secondary.as_ref().unwrap().status();
+        assert_eq!(s.phase, Phase::Alone);
+        if !noise {
+            assert_eq!(
+                s.checkpoints, 1,
+                "only the initial checkpoint: offsets were in use"
+            );
+        }
+        sim.check_survivor();
+    }
+}
+
+#[test]
+fn tcp_through_the_rewriter_the_same_connection_survives_a_primary_crash() {
+    tcp_primary_killed(false);
+}
+
+#[test]
+fn tcp_with_checkpoints_the_same_connection_survives_a_primary_crash() {
+    tcp_primary_killed(true);
 }
