@@ -355,6 +355,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
             p99_pause: self.pauses.percentile(99),
             bytes_sent: self.bytes_sent,
             compare: Some(self.cmp.stats()),
+            rewrite: None,
             exit_detail: self.exit_detail.clone(),
             checkpoint_interval: self.cfg.checkpoint_interval,
         }

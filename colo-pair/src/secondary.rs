@@ -323,6 +323,7 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
             p99_pause: self.pauses.percentile(99),
             bytes_sent: self.bytes_sent,
             compare: None,
+            rewrite: Some(self.rewriter.stats()),
             exit_detail: self.exit_detail.clone(),
             checkpoint_interval: self.cfg.checkpoint_interval,
         }

@@ -81,6 +81,8 @@ pub struct PairStatus {
     pub bytes_sent: u64,
     /// Comparator counters (primary only).
     pub compare: Option<colo_net::Stats>,
+    /// TCP rewriter counters (secondary only).
+    pub rewrite: Option<colo_net::rewriter::RewriterStats>,
     /// Why COLO ended, if it did (a channel error's text, "operator", "heartbeat lost").
     pub exit_detail: Option<String>,
     /// The checkpoint interval in force.

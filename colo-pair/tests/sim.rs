@@ -1729,3 +1729,27 @@ fn tcp_through_the_rewriter_the_same_connection_survives_a_primary_crash() {
 fn tcp_with_checkpoints_the_same_connection_survives_a_primary_crash() {
     tcp_primary_killed(true);
 }
+
+#[test]
+fn secondary_lost_before_the_first_checkpoint_the_primary_runs_alone() {
+    let mut sim = Sim::new(config());
+    sim.kill_secondary(Kill::Crash);
+    sim.run(1000);
+    sim.drain();
+    let p = sim.primary.as_ref().unwrap().status();
+    assert_eq!(p.phase, Phase::Alone);
+    assert_eq!(p.checkpoints, 0);
+    assert!(sim.client.answered > 100);
+    sim.check_survivor();
+}
+
+#[test]
+fn primary_lost_before_the_first_checkpoint_the_secondary_has_nothing_to_run() {
+    let mut sim = Sim::new(config());
+    sim.kill_primary(Kill::Crash);
+    sim.run(1000);
+    let s = sim.secondary.as_ref().unwrap();
+    assert_eq!(s.phase(), Phase::Stopped);
+    assert!(s.is_paused(), "a guest without a consistent copy never runs");
+    assert!(!sim.promoted);
+}
