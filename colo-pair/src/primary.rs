@@ -1,0 +1,711 @@
+//! The primary side: runs the guest whose output reaches the client.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use colo_block::{BlockBackend, Outgoing};
+use colo_failover::{Action as NodeAction, Arbiter, Event as NodeEvent, FenceToken, Node};
+use colo_net::{Action as NetAction, Backpressure, Comparator, Time};
+use colo_proto::message::encoded_len;
+use colo_proto::{BlockWrite, Message, OutputFrame, PagePhase, PrimaryAction, PrimarySession, Reason};
+use colo_ram::{DirtyLog, GuestRam, PAGE_SIZE, PageRun, PrimaryRam, RamLayout};
+
+use crate::config::PairConfig;
+use crate::disk::SharedPrimaryDisk;
+use crate::error::{PairError, Result};
+use crate::status::{PairStatus, Pauses, Phase, Side, Trigger};
+use crate::vm::{Link, Output, Release, Vm};
+
+/// Largest block write message (discards are sent as zero writes of at most this size).
+const MAX_BLOCK_MESSAGE: u64 = 1 << 20;
+
+/// The primary of a COLO pair: drives the checkpoint transaction (colo-proto), dirty-page collection
+/// (colo-ram), write forwarding (colo-block), output comparison (colo-net) and failover (colo-failover).
+///
+/// Sans-IO apart from the [`Link`] it sends on and the [`Vm`] it pauses: the VMM feeds it what arrives
+/// (peer messages, client frames, guest frames) with the current time, calls
+/// [`handle_timeout`](Self::handle_timeout) at [`poll_timeout`](Self::poll_timeout), and carries out the
+/// [`Output`]s it drains with [`poll_output`](Self::poll_output).
+pub struct PrimaryPair<V: Vm, B: BlockBackend> {
+    cfg: PairConfig,
+    origin: Instant,
+    vm: V,
+    ram: PrimaryRam<Box<dyn DirtyLog + Send>>,
+    disk: SharedPrimaryDisk<B>,
+    link: Box<dyn Link + Send>,
+    session: PrimarySession,
+    cmp: Comparator,
+    node: Node,
+    arbiter: Box<dyn Arbiter + Send>,
+    phase: Phase,
+    outputs: VecDeque<Output>,
+    /// PVM frames the comparator handed back (queue full), offered again after the checkpoint.
+    held: VecDeque<Bytes>,
+    /// Released frames waiting for a fencing token (output suspended).
+    unstamped: VecDeque<(Bytes, Release)>,
+    suspended: bool,
+    paused: bool,
+    link_ok: bool,
+    next_checkpoint: Instant,
+    wanted: Option<Trigger>,
+    last_trigger: Option<Trigger>,
+    heartbeat_seq: u64,
+    checkpoints: u64,
+    mismatch_checkpoints: u64,
+    pauses: Pauses,
+    bytes_sent: u64,
+    exit_detail: Option<String>,
+}
+
+impl<V: Vm, B: BlockBackend> std::fmt::Debug for PrimaryPair<V, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrimaryPair")
+            .field("phase", &self.phase)
+            .field("session", &self.session.state_name())
+            .field("epoch", &self.session.committed_epoch())
+            .finish()
+    }
+}
+
+impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
+    /// Starts protecting `vm` (running) over `link`, after the VMM's handshake on it.
+    ///
+    /// `dirty_log` tracks `vm`'s memory (KVM's log OR the VMM's own writes); `disk` is the guest's disk,
+    /// whose content the secondary's disk already equals (both copied from one image). The whole of guest
+    /// RAM is sent at once as pre-copy pages; the first checkpoint, started as soon as the secondary is
+    /// ready, completes the migration.
+    pub fn new(
+        cfg: PairConfig,
+        now: Instant,
+        vm: V,
+        dirty_log: Box<dyn DirtyLog + Send>,
+        disk: SharedPrimaryDisk<B>,
+        link: Box<dyn Link + Send>,
+        arbiter: Box<dyn Arbiter + Send>,
+    ) -> Result<Self> {
+        let layout = RamLayout::of(vm.memory()).map_err(|source| PairError::Ram { epoch: 0, source })?;
+        let ram = PrimaryRam::new(layout, dirty_log, cfg.collect);
+        disk.lock()
+            .start_replication()
+            .map_err(|source| PairError::Block {
+                what: "start replication",
+                source,
+            })?;
+        let cmp = Comparator::new(cfg.compare.clone(), Time::ZERO)?;
+        let mut node = Node::new(cfg.failover)?;
+        node.handle_event(now, NodeEvent::Protect)?;
+        let session = PrimarySession::new(cfg.session, now);
+        let next_checkpoint = now + cfg.checkpoint_interval;
+        let mut pair = PrimaryPair {
+            cfg,
+            origin: now,
+            vm,
+            ram,
+            disk,
+            link,
+            session,
+            cmp,
+            node,
+            arbiter,
+            phase: Phase::Syncing,
+            outputs: VecDeque::new(),
+            held: VecDeque::new(),
+            unstamped: VecDeque::new(),
+            suspended: false,
+            paused: false,
+            link_ok: true,
+            next_checkpoint,
+            wanted: Some(Trigger::Initial),
+            last_trigger: None,
+            heartbeat_seq: 0,
+            checkpoints: 0,
+            mismatch_checkpoints: 0,
+            pauses: Pauses::default(),
+            bytes_sent: 0,
+            exit_detail: None,
+        };
+        pair.ram
+            .mark_all()
+            .map_err(|source| PairError::Ram { epoch: 0, source })?;
+        pair.send_ram(now, PagePhase::Precopy, 0)?;
+        pair.drive_node(now)?;
+        Ok(pair)
+    }
+
+    fn net_time(&self, now: Instant) -> Time {
+        Time::from_nanos(
+            u64::try_from(now.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX),
+        )
+    }
+
+    /// The guest.
+    pub fn vm(&self) -> &V {
+        &self.vm
+    }
+
+    /// The guest, mutably (to run it, in a simulation).
+    pub fn vm_mut(&mut self) -> &mut V {
+        &mut self.vm
+    }
+
+    /// The guest's disk.
+    pub fn disk(&self) -> &SharedPrimaryDisk<B> {
+        &self.disk
+    }
+
+    /// Where the pair stands.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// The checkpoint session's state, for logs ("running", "receiving RAM", ...).
+    pub fn session_state(&self) -> &'static str {
+        self.session.state_name()
+    }
+
+    /// The next thing for the VMM to do.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must run next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t = [self.node.poll_timeout(), self.session.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min();
+        let mut add = |i: Instant| t = Some(t.map_or(i, |t| t.min(i)));
+        if matches!(self.phase, Phase::Syncing | Phase::Colo) {
+            add(self.origin + Duration::from_nanos(self.cmp.poll_timeout().as_nanos()));
+            if self.phase == Phase::Colo {
+                add(self.next_checkpoint);
+            }
+            if self.wanted.is_some() && self.session.is_idle() {
+                add(self.origin);
+            }
+        }
+        t
+    }
+
+    /// Runs every timer due at `now`: heartbeats and failover, the session's deadlines, the comparator's
+    /// stale scan, queued disk writes, and the periodic checkpoint.
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<()> {
+        self.node.handle_timeout(now);
+        self.drive_node(now)?;
+        if self.session.poll_timeout().is_some_and(|d| d <= now) {
+            // A missed deadline fails the session; the failure comes out as an action.
+            let _ = self.session.handle_timeout(now);
+            self.drive_session(now)?;
+        }
+        if matches!(self.phase, Phase::Syncing | Phase::Colo) {
+            let t = self.net_time(now);
+            self.cmp.handle_tick(t);
+            self.drain_compare(now, None);
+        }
+        self.pump_disk(now)?;
+        self.maybe_checkpoint(now)?;
+        self.drive_node(now)
+    }
+
+    /// A message from the secondary, in arrival order.
+    pub fn handle_message(&mut self, now: Instant, msg: Message) -> Result<()> {
+        if !matches!(self.phase, Phase::Syncing | Phase::Colo) {
+            // The partner was given up: what it still says is stale.
+            return Ok(());
+        }
+        let _ = self.node.handle_event(now, NodeEvent::HeartbeatReceived);
+        match msg {
+            Message::Heartbeat { .. } => {}
+            Message::OutputFrame(f) => {
+                let t = self.net_time(now);
+                self.cmp.handle_secondary(t, f.data);
+                self.drain_compare(now, None);
+            }
+            Message::FailoverNotice { reason } => {
+                self.link_lost(now, format!("the secondary is failing over ({reason:?})"));
+            }
+            m if m.is_session_message() => {
+                // An error here also comes out as `PrimaryAction::Failed`.
+                let _ = self.session.handle_message(now, m);
+                self.drive_session(now)?;
+            }
+            m => {
+                return Err(PairError::Unexpected {
+                    what: format!("{:?}", m.kind()),
+                    state: self.phase.name(),
+                });
+            }
+        }
+        self.drive_node(now)?;
+        self.pump_disk(now)?;
+        self.maybe_checkpoint(now)
+    }
+
+    /// The VMM's receiver saw the channel fail or close.
+    pub fn link_failed(&mut self, now: Instant, detail: &str) -> Result<()> {
+        self.link_lost(now, detail.to_string());
+        self.drive_session(now)?;
+        self.drive_node(now)
+    }
+
+    /// A frame from the client: to the PVM, and mirrored to the SVM while protected.
+    pub fn client_input(&mut self, now: Instant, frame: Bytes) -> Result<()> {
+        match self.phase {
+            Phase::Syncing | Phase::Colo => {
+                self.outputs.push_back(Output::ToGuest(frame.clone()));
+                let msg = Message::OutputFrame(OutputFrame {
+                    interface: self.cfg.interface,
+                    data: frame,
+                });
+                self.send(now, &msg);
+                self.drive_node(now)?;
+            }
+            Phase::FailingOver | Phase::Alone => self.outputs.push_back(Output::ToGuest(frame)),
+            Phase::Stopped | Phase::ShutDown => {}
+        }
+        Ok(())
+    }
+
+    /// A frame the PVM sent.
+    ///
+    /// `Err(OutputFull)`: too many frames are held; the frame was not taken (offer it again later).
+    pub fn guest_output(&mut self, now: Instant, frame: Bytes) -> Result<()> {
+        let held = self.held.len() + self.unstamped.len();
+        if held >= crate::MAX_HELD_FRAMES {
+            return Err(PairError::OutputFull { held });
+        }
+        match self.phase {
+            Phase::Syncing | Phase::Colo if self.held.is_empty() => {
+                let t = self.net_time(now);
+                if let Err(Backpressure(f)) = self.cmp.handle_primary(t, frame) {
+                    self.held.push_back(f);
+                }
+                self.drain_compare(now, None);
+                self.maybe_checkpoint(now)?;
+                self.drive_node(now)?;
+            }
+            Phase::Syncing | Phase::Colo | Phase::FailingOver => self.held.push_back(frame),
+            Phase::Alone => self.emit(now, frame, Release::Alone),
+            Phase::Stopped | Phase::ShutDown => {}
+        }
+        Ok(())
+    }
+
+    /// The guest shut down: tell the secondary, release what is queued, and finish.
+    pub fn guest_shutdown(&mut self, now: Instant) -> Result<()> {
+        if matches!(self.phase, Phase::Syncing | Phase::Colo) {
+            self.send(now, &Message::GuestShutdown);
+            let t = self.net_time(now);
+            self.cmp.checkpoint(t);
+            self.drain_compare_as(now, Release::Failover);
+            while let Some(f) = self.held.pop_front() {
+                self.emit(now, f, Release::Failover);
+            }
+        }
+        self.link_ok = false;
+        let _ = self.node.handle_event(now, NodeEvent::Stop);
+        self.drive_node(now)?;
+        self.phase = Phase::ShutDown;
+        self.outputs.push_back(Output::GuestShutdown);
+        Ok(())
+    }
+
+    /// The operator's "failover now": stop replicating and run alone (after winning the arbiter).
+    pub fn failover_now(&mut self, now: Instant) -> Result<()> {
+        self.node.handle_event(now, NodeEvent::FailoverCommand)?;
+        self.exit_detail = Some("operator command".into());
+        self.drive_node(now)
+    }
+
+    /// Changes the periodic checkpoint interval; like QEMU, a checkpoint follows at once.
+    pub fn set_checkpoint_interval(&mut self, now: Instant, interval: Duration) -> Result<()> {
+        self.cfg.checkpoint_interval = interval;
+        self.next_checkpoint = now + interval;
+        self.checkpoint_now(now)
+    }
+
+    /// Asks for a checkpoint as soon as the session is idle.
+    pub fn checkpoint_now(&mut self, now: Instant) -> Result<()> {
+        if !matches!(self.phase, Phase::Syncing | Phase::Colo) {
+            return Err(PairError::BadCommand {
+                command: "checkpoint",
+                state: self.phase.name(),
+            });
+        }
+        self.wanted.get_or_insert(Trigger::Command);
+        self.maybe_checkpoint(now)
+    }
+
+    /// Why the last checkpoint was started.
+    pub fn last_trigger(&self) -> Option<Trigger> {
+        self.last_trigger
+    }
+
+    /// The status report.
+    pub fn status(&self) -> PairStatus {
+        PairStatus {
+            side: Side::Primary,
+            phase: self.phase,
+            failover: self.node.status(),
+            epoch: self.session.committed_epoch(),
+            checkpoints: self.checkpoints,
+            mismatch_checkpoints: self.mismatch_checkpoints,
+            last_pause: self.pauses.last(),
+            p99_pause: self.pauses.percentile(99),
+            bytes_sent: self.bytes_sent,
+            compare: Some(self.cmp.stats()),
+            rewrite: None,
+            exit_detail: self.exit_detail.clone(),
+            checkpoint_interval: self.cfg.checkpoint_interval,
+        }
+    }
+
+    // ---- internals ----
+
+    fn send(&mut self, now: Instant, msg: &Message) -> bool {
+        if !self.link_ok {
+            return false;
+        }
+        match self.link.send(msg) {
+            Ok(()) => {
+                self.bytes_sent += encoded_len(msg).unwrap_or(0) as u64;
+                true
+            }
+            Err(e) => {
+                self.link_lost(now, e.to_string());
+                false
+            }
+        }
+    }
+
+    /// The channel is unusable: the session fails and the failover machine counts the partner as lost.
+    fn link_lost(&mut self, now: Instant, detail: String) {
+        if !self.link_ok {
+            return;
+        }
+        self.link_ok = false;
+        self.exit_detail.get_or_insert(detail.clone());
+        self.session.fail(colo_proto::Error::Local(detail));
+        let _ = self.node.handle_event(now, NodeEvent::ChannelError);
+    }
+
+    fn pause_guest(&mut self) -> Result<()> {
+        if !self.paused {
+            self.vm
+                .pause()
+                .map_err(|source| PairError::Vm { op: "pause", source })?;
+            self.paused = true;
+        }
+        Ok(())
+    }
+
+    fn resume_guest(&mut self) -> Result<()> {
+        if self.paused {
+            self.vm
+                .resume()
+                .map_err(|source| PairError::Vm { op: "resume", source })?;
+            self.paused = false;
+        }
+        Ok(())
+    }
+
+    fn maybe_checkpoint(&mut self, now: Instant) -> Result<()> {
+        if self.disk.take_epoch_full() {
+            self.wanted.get_or_insert(Trigger::EpochFull);
+        }
+        let due = self.phase == Phase::Colo && now >= self.next_checkpoint;
+        if !self.link_ok
+            || !matches!(self.phase, Phase::Syncing | Phase::Colo)
+            || !self.session.is_idle()
+            || !(due || self.wanted.is_some())
+        {
+            return Ok(());
+        }
+        let trigger = self.wanted.take().unwrap_or(Trigger::Periodic);
+        if matches!(trigger, Trigger::Compare(_)) {
+            self.mismatch_checkpoints += 1;
+        }
+        self.last_trigger = Some(trigger);
+        self.next_checkpoint = now + self.cfg.checkpoint_interval;
+        self.session.start_checkpoint(now)?;
+        self.drive_session(now)
+    }
+
+    fn drive_session(&mut self, now: Instant) -> Result<()> {
+        while let Some(action) = self.session.poll_action() {
+            if !matches!(self.phase, Phase::Syncing | Phase::Colo) {
+                continue;
+            }
+            match action {
+                PrimaryAction::Send(m) => {
+                    self.send(now, &m);
+                }
+                PrimaryAction::PauseGuest => self.pause_guest()?,
+                PrimaryAction::SendRam { epoch } => {
+                    // Close the disk epoch: every write of it goes out before the session's barrier.
+                    self.disk.lock().end_epoch().map_err(|source| PairError::Block {
+                        what: "end epoch",
+                        source,
+                    })?;
+                    self.pump_disk(now)?;
+                    self.ram
+                        .take_log()
+                        .map_err(|source| PairError::Ram { epoch, source })?;
+                    if self.send_ram(now, PagePhase::Checkpoint, epoch)? {
+                        let _ = self.session.ram_sent(now);
+                    }
+                }
+                PrimaryAction::SendDeviceState { epoch } => {
+                    let states = self.vm.save_state().map_err(|source| PairError::Vm {
+                        op: "save state",
+                        source,
+                    })?;
+                    let refs: Vec<(u32, &[u8])> = states.iter().map(|s| (s.id, &s.data[..])).collect();
+                    let sent = self.link_ok
+                        && self
+                            .link
+                            .send_vmstate(epoch, &refs, self.cfg.device_chunk)
+                            .is_ok();
+                    drop(refs);
+                    if sent {
+                        self.bytes_sent += states.iter().map(|s| s.data.len() as u64 + 48).sum::<u64>();
+                        let _ = self.session.device_state_sent(now);
+                    } else {
+                        self.link_lost(now, format!("sending device state of epoch {epoch}"));
+                    }
+                }
+                PrimaryAction::ReleaseOutput { epoch } => {
+                    let t = self.net_time(now);
+                    self.cmp.checkpoint(t);
+                    self.drain_compare(now, Some(epoch));
+                    self.offer_held(now);
+                }
+                PrimaryAction::ResumeGuest => self.resume_guest()?,
+                PrimaryAction::CheckpointDone { paused, .. } => {
+                    self.checkpoints += 1;
+                    self.pauses.push(paused);
+                    if self.phase == Phase::Syncing {
+                        self.phase = Phase::Colo;
+                        self.node.handle_event(now, NodeEvent::SyncCompleted)?;
+                    }
+                    self.next_checkpoint = now + self.cfg.checkpoint_interval;
+                }
+                PrimaryAction::PeerClosed(reason) => {
+                    self.link_lost(now, format!("the secondary left ({reason:?})"));
+                }
+                PrimaryAction::Failed(e) => self.link_lost(now, e.to_string()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Collects the pending pages and sends them. Returns whether they went out.
+    fn send_ram(&mut self, now: Instant, phase: PagePhase, epoch: u64) -> Result<bool> {
+        if !self.link_ok {
+            return Ok(false);
+        }
+        let ram_err = |source| PairError::Ram { epoch, source };
+        let (result, bytes) = {
+            let guest = GuestRam::new(self.vm.memory()).map_err(ram_err)?;
+            let collection = self.ram.collect(&guest).map_err(ram_err)?;
+            let mut entries: Vec<(u64, &[u8])> = Vec::new();
+            let mut bytes = 0u64;
+            for run in collection {
+                match run.map_err(ram_err)? {
+                    PageRun::Data { gpa, data } => {
+                        bytes += data.len() as u64 + 8;
+                        entries.push((gpa, data));
+                    }
+                    PageRun::Zero { gpa, pages } => {
+                        bytes += 8 * pages as u64;
+                        entries.extend((0..pages as u64).map(|i| (gpa + i * PAGE_SIZE as u64, &[][..])));
+                    }
+                }
+            }
+            (
+                self.link.send_pages(phase, epoch, PAGE_SIZE as u32, &entries),
+                bytes,
+            )
+        };
+        match result {
+            Ok(()) => {
+                self.bytes_sent += bytes;
+                Ok(true)
+            }
+            Err(e) => {
+                self.link_lost(now, e.to_string());
+                Ok(false)
+            }
+        }
+    }
+
+    /// Sends every queued disk write (barriers are implied by the session's `BlockBarrier`).
+    fn pump_disk(&mut self, now: Instant) -> Result<()> {
+        while self.link_ok {
+            let out = self
+                .disk
+                .lock()
+                .poll_outgoing()
+                .map_err(|source| PairError::Block {
+                    what: "poll outgoing",
+                    source,
+                })?;
+            match out {
+                None => break,
+                Some(Outgoing::Write(rec)) => {
+                    let msg = Message::BlockWrite(BlockWrite {
+                        epoch: rec.epoch,
+                        disk: 0,
+                        offset: rec.offset,
+                        data: rec.data,
+                    });
+                    self.send(now, &msg);
+                }
+                Some(Outgoing::Discard(rec)) => {
+                    // colo-proto has no discard message: the secondary gets zeros, which read the same.
+                    let mut off = 0;
+                    while off < rec.len {
+                        let n = (rec.len - off).min(MAX_BLOCK_MESSAGE);
+                        let msg = Message::BlockWrite(BlockWrite {
+                            epoch: rec.epoch,
+                            disk: 0,
+                            offset: rec.offset + off,
+                            data: Bytes::from(vec![0u8; n as usize]),
+                        });
+                        self.send(now, &msg);
+                        off += n;
+                    }
+                }
+                Some(Outgoing::Barrier { .. } | Outgoing::SyncChunk { .. } | Outgoing::SyncDone) => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn drain_compare(&mut self, now: Instant, checkpoint: Option<u64>) {
+        let release = checkpoint.map_or(Release::Compared, |epoch| Release::Checkpoint { epoch });
+        self.drain_compare_as(now, release);
+    }
+
+    fn drain_compare_as(&mut self, now: Instant, release: Release) {
+        while let Some(a) = self.cmp.poll_action() {
+            match a {
+                NetAction::Release(f) => self.emit(now, f, release),
+                NetAction::DropSecondary(_) => {}
+                NetAction::RequestCheckpoint(reason) => {
+                    self.wanted.get_or_insert(Trigger::Compare(reason));
+                }
+            }
+        }
+    }
+
+    /// Offers the frames the comparator refused again (after a checkpoint emptied its queues).
+    fn offer_held(&mut self, now: Instant) {
+        let t = self.net_time(now);
+        while let Some(f) = self.held.pop_front() {
+            if let Err(Backpressure(f)) = self.cmp.handle_primary(t, f) {
+                self.held.push_front(f);
+                break;
+            }
+        }
+        self.drain_compare(now, None);
+    }
+
+    fn emit(&mut self, now: Instant, frame: Bytes, release: Release) {
+        match self.node.output_token(now) {
+            Some(token) if !self.suspended && self.unstamped.is_empty() => {
+                self.outputs.push_back(Output::ToClient {
+                    frame,
+                    token,
+                    release,
+                })
+            }
+            _ => self.unstamped.push_back((frame, release)),
+        }
+    }
+
+    fn drive_node(&mut self, now: Instant) -> Result<()> {
+        while let Some(notice) = self.node.poll_notice() {
+            if let colo_failover::Notice::PeerLost { cause } = notice {
+                self.exit_detail.get_or_insert(format!("partner lost: {cause:?}"));
+            }
+        }
+        while let Some(action) = self.node.poll_action() {
+            match action {
+                NodeAction::SendHeartbeat => {
+                    self.heartbeat_seq += 1;
+                    let m = Message::Heartbeat {
+                        seq: self.heartbeat_seq,
+                    };
+                    self.send(now, &m);
+                }
+                NodeAction::AcquireArbiter => {
+                    let answer = self.arbiter.acquire();
+                    let _ = self.node.handle_arbiter(now, answer);
+                }
+                NodeAction::RenewArbiter => {
+                    let answer = self.arbiter.renew();
+                    let _ = self.node.handle_arbiter(now, answer);
+                }
+                NodeAction::ReleaseArbiter => {
+                    let _ = self.arbiter.release();
+                }
+                NodeAction::Promote { .. } => {}
+                NodeAction::ContinueAlone { token } => self.go_alone(now, token)?,
+                NodeAction::SuspendOutput => self.suspended = true,
+                NodeAction::StopGuest => {
+                    self.pause_guest()?;
+                    self.link_ok = false;
+                    self.phase = Phase::Stopped;
+                    self.outputs.push_back(Output::StopGuest);
+                }
+            }
+        }
+        if matches!(self.phase, Phase::Syncing | Phase::Colo) {
+            let st = self.node.status();
+            if self.phase == Phase::Syncing && self.node.is_primary_alone(now) {
+                // Lost before the first checkpoint: the machine goes straight to running alone.
+                let token = self.node.output_token(now).unwrap_or(FenceToken::ZERO);
+                self.go_alone(now, token)?;
+            } else if st.failover != colo_failover::FailoverStatus::None {
+                self.phase = Phase::FailingOver;
+                self.link_lost(now, "failover".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The secondary is gone: stop replicating, release what the comparator holds, run alone.
+    fn go_alone(&mut self, now: Instant, token: FenceToken) -> Result<()> {
+        if self.link_ok {
+            // Tell a still-living secondary to stop rather than promote (operator failover).
+            let _ = self.link.send(&Message::FailoverNotice {
+                reason: Reason::Operator,
+            });
+        }
+        self.link_ok = false;
+        while self.session.poll_action().is_some() {}
+        let _ = self.disk.lock().stop_replication();
+        self.phase = Phase::Alone;
+        self.suspended = false;
+        let t = self.net_time(now);
+        self.cmp.checkpoint(t);
+        let stamped: Vec<(Bytes, Release)> = self.unstamped.drain(..).collect();
+        for (f, r) in stamped {
+            self.outputs.push_back(Output::ToClient {
+                frame: f,
+                token,
+                release: r,
+            });
+        }
+        self.drain_compare_as(now, Release::Failover);
+        while let Some(f) = self.held.pop_front() {
+            self.emit(now, f, Release::Failover);
+        }
+        self.resume_guest()?;
+        let _ = self.node.handle_event(now, NodeEvent::TakeoverDone);
+        self.outputs.push_back(Output::ContinuedAlone { token });
+        Ok(())
+    }
+}

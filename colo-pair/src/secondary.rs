@@ -1,0 +1,609 @@
+//! The secondary side: runs the shadow guest, whose output is only compared until it is promoted.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use colo_block::{BlockBackend, OverlayStore, WriteId, WriteRecord};
+use colo_failover::{Action as NodeAction, Arbiter, Event as NodeEvent, FenceToken, Node};
+use colo_net::{Rewriter, Time};
+use colo_proto::message::encoded_len;
+use colo_proto::{Message, OutputFrame, PageBatch, SecondaryAction, SecondarySession};
+use colo_ram::{DirtyLog, GuestRam, PAGE_SIZE, RamCache, RamLayout};
+
+use crate::config::PairConfig;
+use crate::disk::SharedSecondaryDisk;
+use crate::error::{PairError, Result};
+use crate::status::{PairStatus, Pauses, Phase, Side};
+use crate::vm::{DeviceState, Link, Output, Release, Vm};
+
+/// The error code a secondary sends in `Message::Error` when it gives up on its own (its copy can no longer
+/// follow the primary): the primary then runs alone.
+pub const SECONDARY_FAILED: u32 = 0x5ec0_0001;
+
+/// How often the rewriter's held frames and closed connections are expired.
+const EXPIRE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The secondary of a COLO pair: applies checkpoints (colo-proto session, colo-ram RAM cache with union
+/// flush, device state), follows the primary's disk (colo-block hidden store and active overlay), rewrites
+/// the SVM's TCP sequence numbers and forwards its output to the primary's comparator (colo-net), and
+/// promotes the SVM when the primary is lost and the arbiter agrees (colo-failover).
+///
+/// Driven like [`PrimaryPair`](crate::PrimaryPair).
+pub struct SecondaryPair<V: Vm, D, H, A> {
+    cfg: PairConfig,
+    origin: Instant,
+    vm: V,
+    /// The RAM cache (one guest RAM); freed at promotion.
+    cache: Option<RamCache>,
+    svm_log: Box<dyn DirtyLog + Send>,
+    disk: SharedSecondaryDisk<D, H, A>,
+    link: Box<dyn Link + Send>,
+    session: SecondarySession,
+    rewriter: Rewriter,
+    node: Node,
+    arbiter: Box<dyn Arbiter + Send>,
+    phase: Phase,
+    outputs: VecDeque<Output>,
+    /// Output waiting for the promotion (or a valid lease).
+    unstamped: VecDeque<Bytes>,
+    paused: bool,
+    paused_at: Option<Instant>,
+    link_ok: bool,
+    devices: Vec<DeviceState>,
+    next_write_id: u64,
+    next_expire: Instant,
+    heartbeat_seq: u64,
+    checkpoints: u64,
+    pauses: Pauses,
+    bytes_sent: u64,
+    exit_detail: Option<String>,
+}
+
+impl<V: Vm, D, H, A> std::fmt::Debug for SecondaryPair<V, D, H, A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecondaryPair")
+            .field("phase", &self.phase)
+            .field("session", &self.session.state_name())
+            .field("epoch", &self.session.committed_epoch())
+            .finish()
+    }
+}
+
+impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, D, H, A> {
+    /// Starts shadowing over `link` (after the VMM's handshake). `vm` has not run yet: its RAM comes from
+    /// the primary, and the first checkpoint starts it. `svm_log` tracks `vm`'s memory; `disk` holds the
+    /// same image as the primary's disk.
+    pub fn new(
+        cfg: PairConfig,
+        now: Instant,
+        vm: V,
+        svm_log: Box<dyn DirtyLog + Send>,
+        disk: SharedSecondaryDisk<D, H, A>,
+        link: Box<dyn Link + Send>,
+        arbiter: Box<dyn Arbiter + Send>,
+    ) -> Result<Self> {
+        let layout = RamLayout::of(vm.memory()).map_err(|source| PairError::Ram { epoch: 0, source })?;
+        let cache = RamCache::new(layout, cfg.flush).map_err(|source| PairError::Ram { epoch: 0, source })?;
+        let rewriter = Rewriter::new(cfg.rewriter.clone())?;
+        let mut node = Node::new(cfg.failover)?;
+        node.handle_event(now, NodeEvent::Join)?;
+        let session = SecondarySession::new(cfg.session, now);
+        let mut pair = SecondaryPair {
+            cfg,
+            origin: now,
+            vm,
+            cache: Some(cache),
+            svm_log,
+            disk,
+            link,
+            session,
+            rewriter,
+            node,
+            arbiter,
+            phase: Phase::Syncing,
+            outputs: VecDeque::new(),
+            unstamped: VecDeque::new(),
+            paused: true,
+            paused_at: None,
+            link_ok: true,
+            devices: Vec::new(),
+            next_write_id: 0,
+            next_expire: now + EXPIRE_INTERVAL,
+            heartbeat_seq: 0,
+            checkpoints: 0,
+            pauses: Pauses::default(),
+            bytes_sent: 0,
+            exit_detail: None,
+        };
+        pair.drive_session(now)?;
+        pair.drive_node(now)?;
+        Ok(pair)
+    }
+
+    fn net_time(&self, now: Instant) -> Time {
+        Time::from_nanos(
+            u64::try_from(now.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX),
+        )
+    }
+
+    /// The guest.
+    pub fn vm(&self) -> &V {
+        &self.vm
+    }
+
+    /// The guest, mutably.
+    pub fn vm_mut(&mut self) -> &mut V {
+        &mut self.vm
+    }
+
+    /// The guest's disk.
+    pub fn disk(&self) -> &SharedSecondaryDisk<D, H, A> {
+        &self.disk
+    }
+
+    /// Where the pair stands.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// The checkpoint session's state, for logs ("running", "receiving RAM", ...).
+    pub fn session_state(&self) -> &'static str {
+        self.session.state_name()
+    }
+
+    /// Whether the guest is paused (or has not been started by the first checkpoint yet).
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// The next thing for the VMM to do.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must run next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        [
+            self.node.poll_timeout(),
+            self.session.poll_timeout(),
+            Some(self.next_expire),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Runs every timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<()> {
+        self.node.handle_timeout(now);
+        self.drive_node(now)?;
+        if self.session.poll_timeout().is_some_and(|d| d <= now) {
+            let _ = self.session.handle_timeout(now);
+            self.drive_session(now)?;
+        }
+        if now >= self.next_expire {
+            self.next_expire = now + EXPIRE_INTERVAL;
+            let t = self.net_time(now);
+            self.rewriter.expire(t);
+            self.drain_input();
+        }
+        // An SVM write refused for lack of overlay room waits for the next checkpoint; colo-proto has no
+        // message to ask the primary for one early.
+        let _ = self.disk.take_overlay_full();
+        self.drive_node(now)
+    }
+
+    /// A message from the primary, in arrival order.
+    pub fn handle_message(&mut self, now: Instant, msg: Message) -> Result<()> {
+        if !matches!(self.phase, Phase::Syncing | Phase::Colo) {
+            return Ok(());
+        }
+        let _ = self.node.handle_event(now, NodeEvent::HeartbeatReceived);
+        match msg {
+            Message::Heartbeat { .. } => {}
+            Message::BlockWrite(w) => {
+                let rec = WriteRecord {
+                    id: WriteId(self.next_write_id),
+                    epoch: w.epoch,
+                    offset: w.offset,
+                    data: w.data,
+                };
+                self.next_write_id += 1;
+                let r = self.disk.lock().apply(&rec);
+                if let Err(e) = r {
+                    self.give_up(
+                        now,
+                        format!("applying the primary's write at {}: {e}", rec.offset),
+                    )?;
+                }
+            }
+            Message::OutputFrame(f) => {
+                // The client's frames, mirrored by the primary.
+                let t = self.net_time(now);
+                self.rewriter.client_input(t, BytesMut::from(&f.data[..]));
+                self.drain_input();
+            }
+            Message::GuestShutdown => {
+                self.link_ok = false;
+                let _ = self.node.handle_event(now, NodeEvent::Stop);
+                self.pause_guest(now)?;
+                self.phase = Phase::ShutDown;
+                self.exit_detail = Some("the guest shut down on the primary".into());
+                self.outputs.push_back(Output::GuestShutdown);
+            }
+            Message::FailoverNotice { reason } => {
+                // The primary runs on alone: this copy must not be promoted.
+                self.link_ok = false;
+                let _ = self.node.handle_event(now, NodeEvent::Stop);
+                self.pause_guest(now)?;
+                self.phase = Phase::Stopped;
+                self.exit_detail = Some(format!("the primary continues alone ({reason:?})"));
+                self.outputs.push_back(Output::StopGuest);
+            }
+            m if m.is_session_message() => {
+                let _ = self.session.handle_message(now, m);
+                self.drive_session(now)?;
+            }
+            m => {
+                return Err(PairError::Unexpected {
+                    what: format!("{:?}", m.kind()),
+                    state: self.phase.name(),
+                });
+            }
+        }
+        self.drive_node(now)
+    }
+
+    /// The VMM's receiver saw the channel fail or close.
+    pub fn link_failed(&mut self, now: Instant, detail: &str) -> Result<()> {
+        self.link_lost(now, detail.to_string());
+        self.drive_session(now)?;
+        self.drive_node(now)
+    }
+
+    /// A frame the SVM sent: through the rewriter to the primary's comparator, or to the client once
+    /// promoted. `Err(OutputFull)`: not taken, offer it again later.
+    pub fn guest_output(&mut self, now: Instant, frame: Bytes) -> Result<()> {
+        let t = self.net_time(now);
+        match self.phase {
+            Phase::Syncing | Phase::Colo => {
+                let mut buf = BytesMut::from(&frame[..]);
+                self.rewriter.secondary_output(t, &mut buf);
+                let msg = Message::OutputFrame(OutputFrame {
+                    interface: self.cfg.interface,
+                    data: buf.freeze(),
+                });
+                self.send(now, &msg);
+                self.drive_node(now)?;
+            }
+            Phase::FailingOver | Phase::Alone => {
+                if self.unstamped.len() >= crate::MAX_HELD_FRAMES {
+                    return Err(PairError::OutputFull {
+                        held: self.unstamped.len(),
+                    });
+                }
+                let mut buf = BytesMut::from(&frame[..]);
+                self.rewriter.secondary_output(t, &mut buf);
+                self.unstamped.push_back(buf.freeze());
+                self.flush_unstamped(now);
+            }
+            Phase::Stopped | Phase::ShutDown => {}
+        }
+        Ok(())
+    }
+
+    /// A frame from the client, once promoted (before, the client's frames come mirrored by the primary).
+    pub fn client_input(&mut self, now: Instant, frame: Bytes) -> Result<()> {
+        if matches!(self.phase, Phase::Alone | Phase::FailingOver) {
+            let t = self.net_time(now);
+            self.rewriter.client_input(t, BytesMut::from(&frame[..]));
+            self.drain_input();
+        }
+        Ok(())
+    }
+
+    /// The operator's "failover now": promote the SVM (after winning the arbiter).
+    pub fn failover_now(&mut self, now: Instant) -> Result<()> {
+        self.node.handle_event(now, NodeEvent::FailoverCommand)?;
+        self.exit_detail = Some("operator command".into());
+        self.drive_node(now)
+    }
+
+    /// The status report.
+    pub fn status(&self) -> PairStatus {
+        PairStatus {
+            side: Side::Secondary,
+            phase: self.phase,
+            failover: self.node.status(),
+            epoch: self.session.committed_epoch(),
+            checkpoints: self.checkpoints,
+            mismatch_checkpoints: 0,
+            last_pause: self.pauses.last(),
+            p99_pause: self.pauses.percentile(99),
+            bytes_sent: self.bytes_sent,
+            compare: None,
+            rewrite: Some(self.rewriter.stats()),
+            exit_detail: self.exit_detail.clone(),
+            checkpoint_interval: self.cfg.checkpoint_interval,
+        }
+    }
+
+    // ---- internals ----
+
+    fn send(&mut self, now: Instant, msg: &Message) -> bool {
+        if !self.link_ok {
+            return false;
+        }
+        match self.link.send(msg) {
+            Ok(()) => {
+                self.bytes_sent += encoded_len(msg).unwrap_or(0) as u64;
+                true
+            }
+            Err(e) => {
+                self.link_lost(now, e.to_string());
+                false
+            }
+        }
+    }
+
+    fn link_lost(&mut self, now: Instant, detail: String) {
+        if !self.link_ok {
+            return;
+        }
+        self.link_ok = false;
+        self.exit_detail.get_or_insert(detail.clone());
+        self.session.fail(colo_proto::Error::Local(detail));
+        let _ = self.node.handle_event(now, NodeEvent::ChannelError);
+    }
+
+    /// This copy cannot follow the primary any more: tell it (it runs on alone) and stop.
+    fn give_up(&mut self, now: Instant, detail: String) -> Result<()> {
+        let msg = Message::Error {
+            code: SECONDARY_FAILED,
+            text: detail.clone(),
+        };
+        self.send(now, &msg);
+        self.link_ok = false;
+        self.exit_detail = Some(detail);
+        let _ = self.node.handle_event(now, NodeEvent::Stop);
+        while self.session.poll_action().is_some() {}
+        self.pause_guest(now)?;
+        self.phase = Phase::Stopped;
+        self.outputs.push_back(Output::StopGuest);
+        Ok(())
+    }
+
+    fn pause_guest(&mut self, now: Instant) -> Result<()> {
+        if !self.paused {
+            self.vm
+                .pause()
+                .map_err(|source| PairError::Vm { op: "pause", source })?;
+            self.paused = true;
+            self.paused_at = Some(now);
+        }
+        Ok(())
+    }
+
+    fn resume_guest(&mut self, now: Instant) -> Result<()> {
+        if self.paused {
+            self.vm
+                .resume()
+                .map_err(|source| PairError::Vm { op: "resume", source })?;
+            self.paused = false;
+            if let Some(at) = self.paused_at.take() {
+                self.pauses.push(now.saturating_duration_since(at));
+            }
+        }
+        Ok(())
+    }
+
+    fn store_ram(&mut self, batch: &PageBatch) -> std::result::Result<(), PairError> {
+        if batch.page_size as usize != PAGE_SIZE {
+            return Err(PairError::PageSize {
+                epoch: batch.epoch,
+                found: batch.page_size,
+                expected: PAGE_SIZE as u32,
+            });
+        }
+        let ram_err = |source| PairError::Ram {
+            epoch: batch.epoch,
+            source,
+        };
+        let Some(cache) = &mut self.cache else {
+            return Ok(());
+        };
+        for p in &batch.pages {
+            if p.is_zero() {
+                cache.receive_zero(p.gpa, 1).map_err(ram_err)?;
+            } else {
+                cache.receive(p.gpa, &p.data).map_err(ram_err)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes the RAM cache, loads device state and commits the block checkpoint.
+    fn load_checkpoint(&mut self, now: Instant, epoch: u64) -> std::result::Result<(), PairError> {
+        let mut guest = GuestRam::new(self.vm.memory()).map_err(|source| PairError::Ram { epoch, source })?;
+        if let Some(cache) = &mut self.cache {
+            cache
+                .flush(&mut guest, &mut self.svm_log)
+                .map_err(|source| PairError::Ram { epoch, source })?;
+        }
+        let devices = std::mem::take(&mut self.devices);
+        self.vm.load_state(&devices).map_err(|source| PairError::Vm {
+            op: "load state",
+            source,
+        })?;
+        let block = |source| PairError::Block {
+            what: "checkpoint",
+            source,
+        };
+        {
+            let mut disk = self.disk.lock();
+            let disk_epoch = disk.epoch();
+            disk.handle_barrier(disk_epoch).map_err(block)?;
+            disk.checkpoint().map_err(block)?;
+        }
+        self.rewriter.checkpoint();
+        self.drain_input();
+        let _ = self.session.checkpoint_loaded(now);
+        let _ = now;
+        Ok(())
+    }
+
+    fn drive_session(&mut self, now: Instant) -> Result<()> {
+        while let Some(action) = self.session.poll_action() {
+            if !matches!(self.phase, Phase::Syncing | Phase::Colo) {
+                continue;
+            }
+            match action {
+                SecondaryAction::Send(m) => {
+                    self.send(now, &m);
+                }
+                SecondaryAction::PauseGuest => self.pause_guest(now)?,
+                SecondaryAction::StoreRam(batch) => {
+                    if let Err(e) = self.store_ram(&batch) {
+                        self.give_up(now, e.to_string())?;
+                    }
+                }
+                SecondaryAction::StoreDeviceState(chunk) => {
+                    if chunk.offset == 0 {
+                        // The session checked `total` against its cap and the chunk order.
+                        let cap = usize::try_from(chunk.total).unwrap_or(usize::MAX).min(1 << 20);
+                        self.devices.push(DeviceState {
+                            id: chunk.device_id,
+                            data: Vec::with_capacity(cap),
+                        });
+                    }
+                    if let Some(d) = self.devices.last_mut() {
+                        d.data.extend_from_slice(&chunk.data);
+                    }
+                }
+                SecondaryAction::FlushRamCache { epoch } => {
+                    let _ = self.node.handle_event(now, NodeEvent::CheckpointLoadStarted);
+                    // Flush, device load and block commit happen together, before anything else arrives.
+                    if let Err(e) = self.load_checkpoint(now, epoch) {
+                        self.give_up(now, format!("loading checkpoint {epoch}: {e}"))?;
+                    }
+                    let _ = self.node.handle_event(now, NodeEvent::CheckpointLoadFinished);
+                }
+                SecondaryAction::LoadDeviceState { .. } | SecondaryAction::CommitBlockCheckpoint { .. } => {}
+                SecondaryAction::ResumeGuest => self.resume_guest(now)?,
+                SecondaryAction::CheckpointDone { .. } => {
+                    self.checkpoints += 1;
+                    if self.phase == Phase::Syncing {
+                        self.phase = Phase::Colo;
+                        self.node.handle_event(now, NodeEvent::SyncCompleted)?;
+                    }
+                }
+                SecondaryAction::PeerClosed(reason) => {
+                    self.link_lost(now, format!("the primary left ({reason:?})"));
+                }
+                SecondaryAction::Failed(e) => self.link_lost(now, e.to_string()),
+            }
+        }
+        Ok(())
+    }
+
+    fn drain_input(&mut self) {
+        while let Some(f) = self.rewriter.poll_input() {
+            self.outputs.push_back(Output::ToGuest(f.freeze()));
+        }
+    }
+
+    fn flush_unstamped(&mut self, now: Instant) {
+        if self.phase != Phase::Alone {
+            return;
+        }
+        if let Some(token) = self.node.output_token(now) {
+            while let Some(frame) = self.unstamped.pop_front() {
+                self.outputs.push_back(Output::ToClient {
+                    frame,
+                    token,
+                    release: Release::Alone,
+                });
+            }
+        }
+    }
+
+    fn drive_node(&mut self, now: Instant) -> Result<()> {
+        while let Some(notice) = self.node.poll_notice() {
+            if let colo_failover::Notice::PeerLost { cause } = notice {
+                self.exit_detail.get_or_insert(format!("partner lost: {cause:?}"));
+            }
+        }
+        while let Some(action) = self.node.poll_action() {
+            match action {
+                NodeAction::SendHeartbeat => {
+                    self.heartbeat_seq += 1;
+                    let m = Message::Heartbeat {
+                        seq: self.heartbeat_seq,
+                    };
+                    self.send(now, &m);
+                }
+                NodeAction::AcquireArbiter => {
+                    let answer = self.arbiter.acquire();
+                    let _ = self.node.handle_arbiter(now, answer);
+                }
+                NodeAction::RenewArbiter => {
+                    let answer = self.arbiter.renew();
+                    let _ = self.node.handle_arbiter(now, answer);
+                }
+                NodeAction::ReleaseArbiter => {
+                    let _ = self.arbiter.release();
+                }
+                NodeAction::Promote { token } => self.promote(now, token)?,
+                NodeAction::ContinueAlone { .. } => {}
+                NodeAction::SuspendOutput => {}
+                NodeAction::StopGuest => {
+                    self.pause_guest(now)?;
+                    self.link_ok = false;
+                    self.phase = Phase::Stopped;
+                    self.outputs.push_back(Output::StopGuest);
+                }
+            }
+        }
+        match self.phase {
+            Phase::Syncing if self.node.status().role == colo_failover::Role::None => {
+                // Lost the primary before the first checkpoint: no consistent copy to run.
+                self.link_lost(now, "primary lost before the first checkpoint".into());
+                while self.session.poll_action().is_some() {}
+                self.pause_guest(now)?;
+                self.phase = Phase::Stopped;
+                self.outputs.push_back(Output::StopGuest);
+            }
+            Phase::Colo if self.node.status().failover != colo_failover::FailoverStatus::None => {
+                self.phase = Phase::FailingOver;
+                self.link_lost(now, "failover".into());
+            }
+            _ => {}
+        }
+        self.flush_unstamped(now);
+        Ok(())
+    }
+
+    /// The primary is gone and the arbiter agreed: the SVM becomes the primary.
+    fn promote(&mut self, now: Instant, token: FenceToken) -> Result<()> {
+        self.link_ok = false;
+        while self.session.poll_action().is_some() {}
+        // A partly received checkpoint is dropped with the RAM cache (never flushed); the SVM runs on from
+        // its own state, which is what the client has seen.
+        self.devices.clear();
+        self.cache = None;
+        let committed = self.disk.lock().failover();
+        committed.map_err(|source| PairError::Block {
+            what: "failover commit",
+            source,
+        })?;
+        self.rewriter.failover();
+        self.drain_input();
+        self.phase = Phase::Alone;
+        self.resume_guest(now)?;
+        let _ = self.node.handle_event(now, NodeEvent::TakeoverDone);
+        self.outputs.push_back(Output::Promoted { token });
+        self.flush_unstamped(now);
+        Ok(())
+    }
+}

@@ -1,0 +1,1755 @@
+//! Deterministic simulation of a COLO pair: two in-process fake guests (vm-memory RAM, a colo-block disk,
+//! UDP frames), the drivers of this crate, an in-memory channel carrying real colo-proto frames, a client
+//! with its own model of the guest's key-value store, and a switch. Virtual time, seeded divergence.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use colo_block::{MemBackend, MemStore, PrimaryConfig, PrimaryDisk, SecondaryDisk};
+use colo_failover::{Arbiter, ArbiterError, Decision, FenceGate, FenceToken, Grant, NoArbiter};
+use colo_net::build::{Endpoint, TcpSpec, tcp, udp};
+use colo_net::packet::tcp_flags;
+use colo_pair::{
+    DeviceState, Output, PairConfig, Phase, PrimaryPair, Release, SecondaryPair, SharedPrimaryDisk,
+    SharedSecondaryDisk, Vm, VmError,
+};
+use colo_proto::{BlockWrite, Channel, Message, PROTOCOL_VERSION, PagePhase};
+use colo_ram::AtomicBitmapLog;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes as _, GuestAddress, GuestMemoryMmap};
+
+const RAM: usize = 1 << 20;
+const DISK: u64 = 1 << 20;
+const KEYS: u8 = 64;
+const PAGE: u64 = 4096;
+const NOISE_EVERY: u64 = 37;
+const GUEST: Endpoint = Endpoint {
+    mac: [2, 0, 0, 0, 0, 2],
+    ip: [10, 0, 0, 2],
+    port: 7,
+};
+const CLIENT: Endpoint = Endpoint {
+    mac: [2, 0, 0, 0, 0, 1],
+    ip: [10, 0, 0, 1],
+    port: 40000,
+};
+const PAYLOAD_AT: usize = 14 + 20 + 8;
+const TCP_PORT: u16 = 80;
+const CLIENT_ISN: u32 = 0xfff0_0000;
+
+// ---------- an in-memory byte pipe (both directions), closable from either side ----------
+
+#[derive(Default)]
+struct PipeState {
+    data: [VecDeque<u8>; 2],
+    closed: [bool; 2],
+}
+
+#[derive(Clone)]
+struct End {
+    state: Arc<Mutex<PipeState>>,
+    side: usize,
+}
+
+fn pipe() -> (End, End) {
+    let state = Arc::new(Mutex::new(PipeState::default()));
+    (
+        End {
+            state: state.clone(),
+            side: 0,
+        },
+        End { state, side: 1 },
+    )
+}
+
+impl End {
+    fn lock(&self) -> MutexGuard<'_, PipeState> {
+        self.state.lock().unwrap()
+    }
+    fn available(&self) -> usize {
+        self.lock().data[1 - self.side].len()
+    }
+    fn peer_closed(&self) -> bool {
+        self.lock().closed[1 - self.side]
+    }
+    fn close(&self) {
+        self.lock().closed[self.side] = true;
+    }
+    /// Loses whatever is in flight to this end.
+    fn discard_incoming(&self) {
+        self.lock().data[1 - self.side].clear();
+    }
+
+    /// A crash in the middle of a write: the peer gets only the first half of what is in flight to it.
+    fn tear_outgoing(&self) {
+        let mut s = self.lock();
+        let q = &mut s.data[self.side];
+        let keep = q.len() / 2;
+        q.truncate(keep);
+    }
+}
+
+impl Read for End {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut s = self.lock();
+        let q = &mut s.data[1 - self.side];
+        if q.is_empty() {
+            return if s.closed[1 - self.side] {
+                Ok(0)
+            } else {
+                Err(io::ErrorKind::WouldBlock.into())
+            };
+        }
+        let n = buf.len().min(q.len());
+        for (d, b) in buf.iter_mut().zip(q.drain(..n)) {
+            *d = b;
+        }
+        Ok(n)
+    }
+}
+
+impl Write for End {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut s = self.lock();
+        if s.closed[1 - self.side] || s.closed[self.side] {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        s.data[self.side].extend(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn channel(end: &End) -> Channel<End> {
+    let mut ch = Channel::new(end.clone());
+    ch.set_version(PROTOCOL_VERSION);
+    // Small page frames, so that a torn checkpoint leaves whole page frames in the secondary's RAM cache.
+    ch.set_batch_pages(4);
+    ch
+}
+
+// ---------- the fake guest: a key-value service whose whole state lives in RAM and on disk ----------
+
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+enum Port {
+    Primary(SharedPrimaryDisk<MemBackend>),
+    Secondary(SharedSecondaryDisk<MemBackend, MemStore, MemStore>),
+}
+
+/// Registers (device state): everything else is in guest RAM.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Regs {
+    steps: u64,
+    rx: VecDeque<Vec<u8>>,
+}
+
+impl Regs {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = self.steps.to_le_bytes().to_vec();
+        v.extend((self.rx.len() as u32).to_le_bytes());
+        for f in &self.rx {
+            v.extend((f.len() as u32).to_le_bytes());
+            v.extend(f);
+        }
+        v
+    }
+    fn decode(b: &[u8]) -> Result<Regs, VmError> {
+        let take = |b: &mut &[u8], n: usize| -> Result<Vec<u8>, VmError> {
+            if b.len() < n {
+                return Err("short device state".into());
+            }
+            let (h, t) = b.split_at(n);
+            *b = t;
+            Ok(h.to_vec())
+        };
+        let mut b = b;
+        let steps = u64::from_le_bytes(take(&mut b, 8)?.try_into().map_err(|_| "steps")?);
+        let n = u32::from_le_bytes(take(&mut b, 4)?.try_into().map_err(|_| "count")?);
+        let mut rx = VecDeque::new();
+        for _ in 0..n {
+            let len = u32::from_le_bytes(take(&mut b, 4)?.try_into().map_err(|_| "len")?);
+            rx.push_back(take(&mut b, len as usize)?);
+        }
+        if !b.is_empty() {
+            return Err("trailing device state".into());
+        }
+        Ok(Regs { steps, rx })
+    }
+}
+
+struct FakeVm {
+    mem: GuestMemoryMmap<AtomicBitmap>,
+    regs: Regs,
+    running: bool,
+    /// Host-side nondeterminism (a clock the guest reads): seeded differently per side, not guest state.
+    entropy: XorShift,
+    disk: Port,
+    tx: Vec<Bytes>,
+    shutdown: bool,
+    noise: bool,
+}
+
+impl FakeVm {
+    fn new(seed: u64, disk: Port) -> Self {
+        FakeVm {
+            mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM)]).unwrap(),
+            regs: Regs::default(),
+            running: false,
+            entropy: XorShift(seed | 1),
+            disk,
+            tx: Vec::new(),
+            shutdown: false,
+            noise: true,
+        }
+    }
+
+    fn read_u64(&self, gpa: u64) -> u64 {
+        self.mem.read_obj(GuestAddress(gpa)).unwrap()
+    }
+
+    fn write_u64(&self, gpa: u64, v: u64) {
+        self.mem.write_obj(v, GuestAddress(gpa)).unwrap();
+    }
+
+    /// Writes a block; `false`: the disk refused it for now (the epoch or overlay is full), retry later.
+    fn disk_write(&self, offset: u64, fill: u64) -> bool {
+        let mut block = vec![0u8; PAGE as usize];
+        for c in block.chunks_mut(8) {
+            c.copy_from_slice(&fill.to_le_bytes());
+        }
+        let r = match &self.disk {
+            Port::Primary(d) => d.write(offset, Bytes::from(block)).map(|_| ()),
+            Port::Secondary(d) => d.write(offset, &block),
+        };
+        match r {
+            Ok(()) => true,
+            Err(colo_block::Error::EpochFull { .. } | colo_block::Error::OverlayFull { .. }) => false,
+            Err(e) => panic!("guest disk write: {e}"),
+        }
+    }
+
+    fn emit(&mut self, port: u16, payload: &[u8]) {
+        let mut src = GUEST;
+        src.port = port;
+        // The IP id comes from the step counter: the two guests choose different ones.
+        self.tx
+            .push(Bytes::from(udp(src, CLIENT, self.regs.steps as u16, payload)));
+    }
+
+    /// Runs one step of the guest, if it runs.
+    fn step(&mut self) {
+        if !self.running || self.shutdown {
+            return;
+        }
+        self.regs.steps += 1;
+        let steps = self.regs.steps;
+        // Background work: a scratch page per step (the SVM's own dirty pages, rolled back at checkpoints).
+        self.write_u64((128 + steps % 64) * PAGE, steps);
+        if self.noise && steps.is_multiple_of(NOISE_EVERY) {
+            // Reads the clock: PVM and SVM see different values, write them and send them out.
+            let noise = self.entropy.next();
+            if self.disk_write(200 * PAGE, noise) {
+                self.write_u64(250 * PAGE, noise);
+                self.emit(9, &noise.to_le_bytes());
+            }
+        }
+        if let Some(frame) = self.regs.rx.pop_front() {
+            self.serve(&frame);
+        }
+    }
+
+    fn serve(&mut self, frame: &[u8]) {
+        if frame.get(23) == Some(&6) {
+            return self.serve_tcp(frame);
+        }
+        let Some(p) = frame.get(PAYLOAD_AT..PAYLOAD_AT + 18) else {
+            return;
+        };
+        match self.kv(p) {
+            Kv::Answer(resp) => self.emit(7, &resp),
+            Kv::Retry => self.regs.rx.push_front(frame.to_vec()),
+            Kv::Ignore => {}
+        }
+    }
+
+    /// The key-value service: one 18-byte request in, a 17-byte answer out.
+    fn kv(&mut self, p: &[u8]) -> Kv {
+        let seq = u64::from_le_bytes(p[0..8].try_into().unwrap());
+        let (op, key) = (p[8], p[9] % KEYS);
+        let value = u64::from_le_bytes(p[10..18].try_into().unwrap());
+        let last = self.read_u64(0);
+        if seq < last {
+            return Kv::Ignore;
+        }
+        if seq == last {
+            // A retransmission: answer again with the stored response.
+            return Kv::Answer(self.last_response());
+        }
+        let v = match op {
+            1 => {
+                if !self.disk_write(PAGE * key as u64, value) {
+                    // The device holds the request; the guest retries it at its next step.
+                    return Kv::Retry;
+                }
+                self.write_u64(PAGE * (1 + key as u64), value);
+                value
+            }
+            2 => {
+                self.shutdown = true;
+                0
+            }
+            _ => self.read_u64(PAGE * (1 + key as u64)),
+        };
+        let mut resp = [0u8; 17];
+        resp[0..8].copy_from_slice(&seq.to_le_bytes());
+        resp[8] = key;
+        resp[9..17].copy_from_slice(&v.to_le_bytes());
+        self.write_u64(0, seq);
+        self.mem.write_slice(&resp, GuestAddress(64)).unwrap();
+        Kv::Answer(resp)
+    }
+
+    fn last_response(&self) -> [u8; 17] {
+        let mut resp = [0u8; 17];
+        self.mem.read_slice(&mut resp, GuestAddress(64)).unwrap();
+        resp
+    }
+
+    fn tcp_out(&mut self, seq: u32, ack: u32, flags: u8, payload: &[u8]) {
+        let mut src = GUEST;
+        src.port = TCP_PORT;
+        let mut spec = TcpSpec::data(src, CLIENT, seq, ack, payload);
+        spec.flags = flags;
+        spec.ip_id = self.regs.steps as u16;
+        self.tx.push(Bytes::from(tcp(&spec)));
+    }
+
+    /// A minimal TCP server for one client connection; its state lives in guest RAM (page 80). The ISN
+    /// comes from the host clock, so the PVM and the SVM choose different ones.
+    fn serve_tcp(&mut self, frame: &[u8]) {
+        if frame.len() < 54 {
+            return;
+        }
+        let seq = u32::from_be_bytes(frame[38..42].try_into().unwrap());
+        let ack = u32::from_be_bytes(frame[42..46].try_into().unwrap());
+        let doff = usize::from(frame[46] >> 4) * 4;
+        let flags = frame[47];
+        let payload = frame.get(34 + doff..).unwrap_or(&[]);
+        let base = 80 * PAGE;
+        let (mut state, isn, mut snd_nxt, mut rcv_nxt) = (
+            self.read_u64(base),
+            self.read_u64(base + 8) as u32,
+            self.read_u64(base + 16) as u32,
+            self.read_u64(base + 24) as u32,
+        );
+        let last_seq = self.read_u64(base + 32) as u32;
+        if flags & tcp_flags::SYN != 0 {
+            let isn = if state == 0 {
+                let isn = self.entropy.next() as u32;
+                self.write_u64(base, 1);
+                self.write_u64(base + 8, isn as u64);
+                self.write_u64(base + 16, isn.wrapping_add(1) as u64);
+                self.write_u64(base + 24, seq.wrapping_add(1) as u64);
+                isn
+            } else {
+                isn
+            };
+            let rcv = self.read_u64(base + 24) as u32;
+            self.tcp_out(isn, rcv, tcp_flags::SYN | tcp_flags::ACK, &[]);
+            return;
+        }
+        if state == 1 && flags & tcp_flags::ACK != 0 && ack == isn.wrapping_add(1) {
+            state = 2;
+            self.write_u64(base, 2);
+        }
+        if state != 2 || payload.len() < 18 {
+            return;
+        }
+        if seq == rcv_nxt {
+            match self.kv(&payload[..18]) {
+                Kv::Retry => self.regs.rx.push_front(frame.to_vec()),
+                Kv::Ignore => {}
+                Kv::Answer(resp) => {
+                    rcv_nxt = rcv_nxt.wrapping_add(18);
+                    self.tcp_out(snd_nxt, rcv_nxt, tcp_flags::ACK | tcp_flags::PSH, &resp);
+                    self.write_u64(base + 32, snd_nxt as u64);
+                    snd_nxt = snd_nxt.wrapping_add(17);
+                    self.write_u64(base + 16, snd_nxt as u64);
+                    self.write_u64(base + 24, rcv_nxt as u64);
+                }
+            }
+        } else if colo_net::tcp::seq_lt(seq, rcv_nxt) && snd_nxt != isn.wrapping_add(1) {
+            // The client retransmits a request whose answer it lost: send the answer again.
+            let resp = self.last_response();
+            self.tcp_out(last_seq, rcv_nxt, tcp_flags::ACK | tcp_flags::PSH, &resp);
+        }
+    }
+
+    fn store(&self) -> Vec<u64> {
+        (0..KEYS).map(|k| self.read_u64(PAGE * (1 + k as u64))).collect()
+    }
+
+    fn ram(&self) -> Vec<u8> {
+        let mut v = vec![0u8; RAM];
+        self.mem.read_slice(&mut v, GuestAddress(0)).unwrap();
+        v
+    }
+}
+
+impl Vm for FakeVm {
+    type Memory = GuestMemoryMmap<AtomicBitmap>;
+    fn memory(&self) -> &Self::Memory {
+        &self.mem
+    }
+    fn pause(&mut self) -> Result<(), VmError> {
+        self.running = false;
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), VmError> {
+        self.running = true;
+        Ok(())
+    }
+    fn save_state(&mut self) -> Result<Vec<DeviceState>, VmError> {
+        Ok(vec![DeviceState {
+            id: 0,
+            data: self.regs.encode(),
+        }])
+    }
+    fn load_state(&mut self, state: &[DeviceState]) -> Result<(), VmError> {
+        match state {
+            [DeviceState { id: 0, data }] => {
+                self.regs = Regs::decode(data)?;
+                Ok(())
+            }
+            _ => Err(format!("expected one device, got {}", state.len()).into()),
+        }
+    }
+}
+
+enum Kv {
+    Answer([u8; 17]),
+    Retry,
+    Ignore,
+}
+
+// ---------- the client: one request at a time, retransmits, checks every answer ----------
+
+struct Pending {
+    tcp_seq: u32,
+    seq: u64,
+    op: u8,
+    key: u8,
+    value: u64,
+    sent: u64,
+    first_sent: u64,
+}
+
+struct Client {
+    model: HashMap<u8, u64>,
+    next_seq: u64,
+    pending: Option<Pending>,
+    rng: XorShift,
+    answered: u64,
+    answered_after_failover: u64,
+    retransmits: u64,
+    gate: FenceGate,
+    ticks_seen: u64,
+    shutdown_requested: bool,
+    /// Speak TCP (one connection for the whole run) instead of UDP.
+    tcp: Option<TcpClient>,
+}
+
+/// The client's end of its one TCP connection to the guest.
+struct TcpClient {
+    established: bool,
+    syn_sent: Option<u64>,
+    /// Next sequence number of the client's stream.
+    nxt: u32,
+    /// Next byte expected from the guest (in the PVM's sequence space, whoever answers).
+    rcv: u32,
+    /// Pure ACKs to send.
+    out: Vec<Bytes>,
+    /// Guest segments beyond what was expected (a wrong sequence translation would show here).
+    out_of_window: u64,
+}
+
+impl TcpClient {
+    fn new() -> Self {
+        TcpClient {
+            established: false,
+            syn_sent: None,
+            nxt: CLIENT_ISN.wrapping_add(1),
+            rcv: 0,
+            out: Vec::new(),
+            out_of_window: 0,
+        }
+    }
+
+    fn segment(&self, seq: u32, flags: u8, payload: &[u8]) -> Bytes {
+        let mut dst = GUEST;
+        dst.port = TCP_PORT;
+        let mut spec = TcpSpec::data(CLIENT, dst, seq, self.rcv, payload);
+        spec.flags = flags;
+        Bytes::from(tcp(&spec))
+    }
+
+    /// A segment from the guest: the in-order payload, if any.
+    fn receive(&mut self, frame: &[u8]) -> Option<Vec<u8>> {
+        let seq = u32::from_be_bytes(frame[38..42].try_into().unwrap());
+        let flags = frame[47];
+        let doff = usize::from(frame[46] >> 4) * 4;
+        let payload = &frame[34 + doff..];
+        if flags & tcp_flags::SYN != 0 {
+            if !self.established {
+                self.rcv = seq.wrapping_add(1);
+                self.established = true;
+            }
+            let ack = self.segment(self.nxt, tcp_flags::ACK, &[]);
+            self.out.push(ack);
+            return None;
+        }
+        if payload.is_empty() {
+            return None;
+        }
+        if seq == self.rcv {
+            self.rcv = self.rcv.wrapping_add(payload.len() as u32);
+            let ack = self.segment(self.nxt, tcp_flags::ACK, &[]);
+            self.out.push(ack);
+            return Some(payload.to_vec());
+        }
+        if colo_net::tcp::seq_lt(seq, self.rcv) {
+            let ack = self.segment(self.nxt, tcp_flags::ACK, &[]);
+            self.out.push(ack);
+        } else {
+            self.out_of_window += 1;
+        }
+        None
+    }
+}
+
+impl Client {
+    fn new(seed: u64) -> Self {
+        Client {
+            model: HashMap::new(),
+            next_seq: 1,
+            pending: None,
+            rng: XorShift(0x1234_5678_9abc_def1 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+            answered: 0,
+            answered_after_failover: 0,
+            retransmits: 0,
+            gate: FenceGate::new(),
+            ticks_seen: 0,
+            shutdown_requested: false,
+            tcp: None,
+        }
+    }
+
+    fn frame(&self, p: &Pending) -> Bytes {
+        let mut payload = p.seq.to_le_bytes().to_vec();
+        payload.push(p.op);
+        payload.push(p.key);
+        payload.extend(p.value.to_le_bytes());
+        match &self.tcp {
+            Some(c) => c.segment(p.tcp_seq, tcp_flags::ACK | tcp_flags::PSH, &payload),
+            None => Bytes::from(udp(CLIENT, GUEST, 1, &payload)),
+        }
+    }
+
+    /// What the client sends at `t` (ms), if anything.
+    fn tick(&mut self, t: u64, quiet: bool) -> Option<Bytes> {
+        if let Some(c) = &mut self.tcp
+            && !c.established
+        {
+            // Connect (and retry the SYN) first.
+            if t >= 50 && c.syn_sent.is_none_or(|at| t >= at + 300) {
+                c.syn_sent = Some(t);
+                return Some(c.segment(CLIENT_ISN, tcp_flags::SYN, &[]));
+            }
+            return None;
+        }
+        if let Some(p) = &mut self.pending
+            && t >= p.sent + 300
+        {
+            p.sent = t;
+            self.retransmits += 1;
+            let p = self.pending.as_ref()?;
+            return Some(self.frame(p));
+        }
+        match &mut self.pending {
+            Some(_) => None,
+            None if quiet || !t.is_multiple_of(2) => None,
+            None => {
+                let r = self.rng.next();
+                let shutdown = self.shutdown_requested;
+                let p = Pending {
+                    seq: self.next_seq,
+                    op: if shutdown { 2 } else { !r.is_multiple_of(3) as u8 },
+                    key: ((r >> 8) % KEYS as u64) as u8,
+                    value: r >> 16,
+                    sent: t,
+                    first_sent: t,
+                    tcp_seq: self.tcp.as_ref().map_or(0, |c| c.nxt),
+                };
+                if let Some(c) = &mut self.tcp {
+                    c.nxt = c.nxt.wrapping_add(18);
+                }
+                self.next_seq += 1;
+                let f = self.frame(&p);
+                self.pending = Some(p);
+                Some(f)
+            }
+        }
+    }
+
+    fn receive(&mut self, frame: &[u8], failed_over: bool) {
+        let port = u16::from_be_bytes([frame[34], frame[35]]);
+        if port == 9 {
+            self.ticks_seen += 1;
+            return;
+        }
+        let payload = if let Some(c) = &mut self.tcp {
+            assert_eq!(port, TCP_PORT, "frame from an unknown port");
+            match c.receive(frame) {
+                Some(p) => p,
+                None => return,
+            }
+        } else {
+            assert_eq!(port, 7, "frame from an unknown port");
+            frame[PAYLOAD_AT..].to_vec()
+        };
+        let seq = u64::from_le_bytes(payload[0..8].try_into().unwrap());
+        let key = payload[8];
+        let v = u64::from_le_bytes(payload[9..17].try_into().unwrap());
+        let Some(p) = &self.pending else { return };
+        if seq != p.seq {
+            assert!(seq < p.seq, "answer to a request never sent: {seq}");
+            return; // a late duplicate
+        }
+        assert_eq!(key, p.key, "answer for the wrong key");
+        match p.op {
+            1 => {
+                assert_eq!(v, p.value, "SET acknowledged with another value");
+                self.model.insert(key, v);
+            }
+            0 => assert_eq!(
+                v,
+                self.model.get(&key).copied().unwrap_or(0),
+                "GET contradicts the client's model (seq {seq}, key {key})"
+            ),
+            _ => {}
+        }
+        let _ = p.first_sent;
+        self.pending = None;
+        self.answered += 1;
+        if failed_over {
+            self.answered_after_failover += 1;
+        }
+    }
+}
+
+// ---------- a simulated arbiter with witness/etcd semantics (one holder, growing tokens) ----------
+
+#[derive(Default)]
+struct ArbiterState {
+    holder: Option<(&'static str, FenceToken)>,
+    next: u64,
+}
+
+#[derive(Clone, Default)]
+struct SimArbiter(Arc<Mutex<ArbiterState>>);
+
+impl SimArbiter {
+    fn client(&self, node: &'static str) -> SimArbiterClient {
+        SimArbiterClient {
+            shared: self.clone(),
+            node,
+        }
+    }
+}
+
+struct SimArbiterClient {
+    shared: SimArbiter,
+    node: &'static str,
+}
+
+impl Arbiter for SimArbiterClient {
+    fn acquire(&mut self) -> Result<Decision, ArbiterError> {
+        let mut s = self.shared.0.lock().unwrap();
+        match s.holder {
+            Some((n, token)) if n == self.node => Ok(Decision::Granted(Grant { token, ttl: None })),
+            Some((_, token)) => Ok(Decision::Denied { holder: Some(token) }),
+            None => {
+                s.next += 1;
+                let token = FenceToken(s.next);
+                s.holder = Some((self.node, token));
+                Ok(Decision::Granted(Grant { token, ttl: None }))
+            }
+        }
+    }
+    fn renew(&mut self) -> Result<Decision, ArbiterError> {
+        self.acquire()
+    }
+    fn release(&mut self) -> Result<(), ArbiterError> {
+        let mut s = self.shared.0.lock().unwrap();
+        if s.holder.is_some_and(|(n, _)| n == self.node) {
+            s.holder = None;
+        }
+        Ok(())
+    }
+}
+
+// ---------- the harness ----------
+
+type Primary = PrimaryPair<FakeVm, MemBackend>;
+type Secondary = SecondaryPair<FakeVm, MemBackend, MemStore, MemStore>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kill {
+    /// The process dies: its socket closes.
+    Crash,
+    /// The machine freezes or the link is cut: nothing more from it, its socket stays open.
+    Silent,
+}
+
+struct Sim {
+    base: Instant,
+    t: u64,
+    primary: Option<Primary>,
+    secondary: Option<Secondary>,
+    p_end: End,
+    s_end: End,
+    p_rx: Channel<End>,
+    s_rx: Channel<End>,
+    p_link_down: bool,
+    s_link_down: bool,
+    client: Client,
+    /// (port, payload) the SVM has sent, to check compared releases against.
+    svm_sent: HashMap<(u16, Vec<u8>), usize>,
+    /// Who gets the client's frames.
+    client_to_secondary: bool,
+    failed_over: bool,
+    checked_checkpoints: u64,
+    released: HashMap<&'static str, u64>,
+    shutdown_seen: [bool; 2],
+    /// Kill the primary mid-checkpoint once its session is in this state.
+    tear_when: Option<&'static str>,
+    /// Kill the secondary as soon as the comparator holds PVM output.
+    kill_secondary_when_held: Option<Kill>,
+    /// Kill the secondary once the primary's session is in this state.
+    kill_secondary_in: Option<&'static str>,
+    /// The link between the two is cut: bytes are lost in both directions, both nodes live on.
+    partitioned: bool,
+    promoted: bool,
+    stopped: [bool; 2],
+}
+
+fn config() -> PairConfig {
+    let mut cfg = PairConfig {
+        checkpoint_interval: Duration::from_millis(200),
+        ..PairConfig::default()
+    };
+    cfg.compare.datagram_window = 1;
+    cfg.flush.threads = 1;
+    cfg
+}
+
+impl Sim {
+    fn new(cfg: PairConfig) -> Sim {
+        Self::with(cfg, 0, None)
+    }
+
+    /// A pair with guests and client seeded by `seed`; `arbiter`: both nodes ask this one (else each has
+    /// its own `NoArbiter`).
+    fn with(cfg: PairConfig, seed: u64, arbiter: Option<SimArbiter>) -> Sim {
+        Self::with_disk(cfg, seed, arbiter, PrimaryConfig::default())
+    }
+
+    fn with_disk(cfg: PairConfig, seed: u64, arbiter: Option<SimArbiter>, disk: PrimaryConfig) -> Sim {
+        let base = Instant::now();
+        let (p_end, s_end) = pipe();
+        let pdisk = SharedPrimaryDisk::new(PrimaryDisk::new(MemBackend::new(DISK).unwrap(), disk));
+        let sdisk = SharedSecondaryDisk::new(
+            SecondaryDisk::new(
+                MemBackend::new(DISK).unwrap(),
+                MemStore::new(PAGE as usize, 256).unwrap(),
+                MemStore::new(PAGE as usize, 256).unwrap(),
+                0,
+            )
+            .unwrap(),
+        );
+        let mut pvm = FakeVm::new(0x9e37_79b9 ^ seed, Port::Primary(pdisk.clone()));
+        pvm.running = true;
+        // The PVM booted before protection started: some RAM already written.
+        for k in 0..KEYS as u64 {
+            pvm.write_u64(PAGE * (100 + k % 8), k);
+        }
+        let svm = FakeVm::new(0x7f4a_7c15 ^ seed.rotate_left(17), Port::Secondary(sdisk.clone()));
+        let (p_arb, s_arb): (Box<dyn Arbiter + Send>, Box<dyn Arbiter + Send>) = match arbiter {
+            Some(a) => (Box::new(a.client("primary")), Box::new(a.client("secondary"))),
+            None => (
+                Box::new(NoArbiter::unsafe_under_partitions()),
+                Box::new(NoArbiter::unsafe_under_partitions()),
+            ),
+        };
+        let plog = AtomicBitmapLog::new(&pvm.mem).unwrap();
+        let slog = AtomicBitmapLog::new(&svm.mem).unwrap();
+        let secondary = SecondaryPair::new(
+            cfg.clone(),
+            base,
+            svm,
+            Box::new(slog),
+            sdisk,
+            Box::new(channel(&s_end)),
+            s_arb,
+        )
+        .unwrap();
+        let primary = PrimaryPair::new(
+            cfg,
+            base,
+            pvm,
+            Box::new(plog),
+            pdisk,
+            Box::new(channel(&p_end)),
+            p_arb,
+        )
+        .unwrap();
+        Sim {
+            base,
+            t: 0,
+            primary: Some(primary),
+            secondary: Some(secondary),
+            p_rx: channel(&p_end),
+            s_rx: channel(&s_end),
+            p_end,
+            s_end,
+            p_link_down: false,
+            s_link_down: false,
+            client: Client::new(seed),
+            svm_sent: HashMap::new(),
+            client_to_secondary: false,
+            failed_over: false,
+            checked_checkpoints: 0,
+            released: HashMap::new(),
+            shutdown_seen: [false; 2],
+            tear_when: None,
+            kill_secondary_when_held: None,
+            kill_secondary_in: None,
+            partitioned: false,
+            promoted: false,
+            stopped: [false; 2],
+        }
+    }
+
+    fn now(&self) -> Instant {
+        self.base + Duration::from_millis(self.t)
+    }
+
+    fn secondary_epoch(&self) -> Option<u64> {
+        self.secondary.as_ref().map(|s| s.status().epoch)
+    }
+
+    fn release_to_client(&mut self, frame: Bytes, token: colo_failover::FenceToken, release: Release) {
+        self.client
+            .gate
+            .check(token)
+            .expect("released output carries a current fencing token");
+        let key = port_payload(&frame);
+        match release {
+            Release::Compared if frame[23] == 6 => {
+                // TCP: a retransmission is released on the strength of the bytes compared before.
+                assert!(
+                    self.svm_sent.contains_key(&key),
+                    "a compared release the SVM never produced"
+                );
+                *self.released.entry("compared").or_default() += 1;
+            }
+            Release::Compared => {
+                let n = self.svm_sent.get_mut(&key).filter(|n| **n > 0);
+                *n.expect("a compared release the SVM never produced") -= 1;
+                *self.released.entry("compared").or_default() += 1;
+            }
+            Release::Checkpoint { epoch } => {
+                // The secondary holds (and has loaded) the checkpoint that produced this output.
+                if let Some(e) = self.secondary_epoch() {
+                    assert!(e >= epoch, "released at checkpoint {epoch}, secondary at {e}");
+                }
+                *self.released.entry("checkpoint").or_default() += 1;
+            }
+            Release::Failover => *self.released.entry("failover").or_default() += 1,
+            Release::Alone => {
+                assert!(
+                    self.failed_over,
+                    "output released alone while the pair was healthy"
+                );
+                *self.released.entry("alone").or_default() += 1;
+            }
+        }
+        let failed_over = self.failed_over;
+        self.client.receive(&frame, failed_over);
+    }
+
+    fn step(&mut self, quiet: bool) {
+        self.t += 1;
+        let now = self.now();
+        // The client, through the switch.
+        let mut frames: Vec<Bytes> = self.client.tick(self.t, quiet).into_iter().collect();
+        if let Some(c) = &mut self.client.tcp {
+            frames.append(&mut c.out);
+        }
+        for f in frames {
+            if self.client_to_secondary {
+                if let Some(s) = &mut self.secondary {
+                    s.client_input(now, f).unwrap();
+                }
+            } else if let Some(p) = &mut self.primary {
+                p.client_input(now, f).unwrap();
+            }
+        }
+        self.step_primary(now);
+        if let Some(when) = self.tear_when
+            && self.primary.as_ref().is_some_and(|p| p.session_state() == when)
+        {
+            // The primary dies in the middle of writing the checkpoint: half of it reaches the secondary.
+            self.p_end.tear_outgoing();
+            self.kill_primary(Kill::Crash);
+            self.tear_when = None;
+        }
+        if let Some(when) = self.kill_secondary_in
+            && self.primary.as_ref().is_some_and(|p| p.session_state() == when)
+        {
+            self.kill_secondary(Kill::Crash);
+            self.kill_secondary_in = None;
+        }
+        if let Some(how) = self.kill_secondary_when_held
+            && self.primary.is_some()
+            && pvm_held(self) > 0
+        {
+            // The PVM's output waits for the SVM's, which will never come.
+            self.kill_secondary(how);
+            self.kill_secondary_when_held = None;
+        }
+        self.step_secondary(now);
+        self.check_checkpoint();
+    }
+
+    fn step_primary(&mut self, now: Instant) {
+        let Some(p) = &mut self.primary else { return };
+        p.vm_mut().step();
+        for f in std::mem::take(&mut p.vm_mut().tx) {
+            p.guest_output(now, f).unwrap();
+        }
+        if p.vm().shutdown && !matches!(p.phase(), Phase::ShutDown) {
+            p.guest_shutdown(now).unwrap();
+        }
+        if p.poll_timeout().is_some_and(|d| d <= now) {
+            p.handle_timeout(now).unwrap();
+        }
+        if self.partitioned {
+            self.p_end.discard_incoming();
+        }
+        while !self.p_link_down && self.p_end.available() > 0 {
+            match self.p_rx.recv() {
+                Ok(m) => p.handle_message(now, m).unwrap(),
+                Err(e) => {
+                    self.p_link_down = true;
+                    p.link_failed(now, &e.to_string()).unwrap();
+                }
+            }
+        }
+        if !self.p_link_down && self.p_end.peer_closed() && self.p_end.available() == 0 {
+            self.p_link_down = true;
+            p.link_failed(now, "secondary closed the channel").unwrap();
+        }
+        while let Some(o) = self.primary.as_mut().and_then(|p| p.poll_output()) {
+            match o {
+                Output::ToClient {
+                    frame,
+                    token,
+                    release,
+                } => self.release_to_client(frame, token, release),
+                Output::ToGuest(f) => {
+                    if let Some(p) = &mut self.primary {
+                        p.vm_mut().regs.rx.push_back(f.to_vec());
+                    }
+                }
+                Output::ContinuedAlone { .. } => self.failed_over = true,
+                Output::GuestShutdown => self.shutdown_seen[0] = true,
+                Output::StopGuest => self.stopped[0] = true,
+                Output::Promoted { .. } => panic!("unexpected {o:?} on the primary"),
+            }
+        }
+    }
+
+    fn step_secondary(&mut self, now: Instant) {
+        let Some(s) = &mut self.secondary else { return };
+        s.vm_mut().step();
+        for f in std::mem::take(&mut s.vm_mut().tx) {
+            *self.svm_sent.entry(port_payload(&f)).or_default() += 1;
+            s.guest_output(now, f).unwrap();
+        }
+        if s.poll_timeout().is_some_and(|d| d <= now) {
+            s.handle_timeout(now).unwrap();
+        }
+        if self.partitioned {
+            self.s_end.discard_incoming();
+        }
+        while !self.s_link_down && self.s_end.available() > 0 {
+            match self.s_rx.recv() {
+                Ok(m) => s.handle_message(now, m).unwrap(),
+                Err(e) => {
+                    self.s_link_down = true;
+                    s.link_failed(now, &e.to_string()).unwrap();
+                }
+            }
+        }
+        if !self.s_link_down && self.s_end.peer_closed() && self.s_end.available() == 0 {
+            self.s_link_down = true;
+            s.link_failed(now, "primary closed the channel").unwrap();
+        }
+        while let Some(o) = self.secondary.as_mut().and_then(|s| s.poll_output()) {
+            match o {
+                Output::ToClient {
+                    frame,
+                    token,
+                    release,
+                } => self.release_to_client(frame, token, release),
+                Output::ToGuest(f) => {
+                    if let Some(s) = &mut self.secondary {
+                        s.vm_mut().regs.rx.push_back(f.to_vec());
+                    }
+                }
+                Output::Promoted { .. } => {
+                    // The switch now sends the client's frames to the promoted secondary.
+                    self.failed_over = true;
+                    self.promoted = true;
+                    self.client_to_secondary = true;
+                }
+                Output::GuestShutdown => self.shutdown_seen[1] = true,
+                Output::StopGuest => self.stopped[1] = true,
+                Output::ContinuedAlone { .. } => panic!("unexpected {o:?} on the secondary"),
+            }
+        }
+    }
+
+    /// Right after the secondary committed a checkpoint (the primary is still paused, waiting for
+    /// `VmstateLoaded`), both guests must be identical: RAM, registers, disk as each guest sees it.
+    fn check_checkpoint(&mut self) {
+        let (Some(p), Some(s)) = (&self.primary, &self.secondary) else {
+            return;
+        };
+        let committed = s.status().checkpoints;
+        if committed == self.checked_checkpoints || s.phase() != Phase::Colo {
+            return;
+        }
+        self.checked_checkpoints = committed;
+        assert!(
+            !p.vm().running,
+            "the primary resumes only after the secondary loaded"
+        );
+        let epoch = s.status().epoch;
+        assert!(
+            p.vm().ram() == s.vm().ram(),
+            "RAM differs after checkpoint {epoch}"
+        );
+        assert_eq!(
+            p.vm().regs.steps,
+            s.vm().regs.steps,
+            "registers differ after checkpoint {epoch}"
+        );
+        let (mut a, mut b) = (vec![0u8; DISK as usize], vec![0u8; DISK as usize]);
+        p.disk().read(0, &mut a).unwrap();
+        s.disk().read(0, &mut b).unwrap();
+        assert!(a == b, "disk differs after checkpoint {epoch}");
+    }
+
+    fn run(&mut self, ms: u64) {
+        for _ in 0..ms {
+            self.step(false);
+        }
+    }
+
+    /// Stops new requests and runs until the client's last one is answered.
+    fn drain(&mut self) {
+        for _ in 0..5000 {
+            if self.client.pending.is_none() {
+                return;
+            }
+            self.step(true);
+        }
+        panic!("the client's last request was never answered");
+    }
+
+    fn kill_primary(&mut self, how: Kill) {
+        let p = self.primary.take().expect("primary alive");
+        if how == Kill::Crash {
+            self.p_end.close();
+        }
+        drop(p);
+        self.p_link_down = true;
+    }
+
+    fn kill_secondary(&mut self, how: Kill) {
+        let s = self.secondary.take().expect("secondary alive");
+        if how == Kill::Crash {
+            self.s_end.close();
+        }
+        drop(s);
+        self.s_link_down = true;
+    }
+
+    /// The survivor's key-value store and disk equal the client's model.
+    fn check_survivor(&self) {
+        type DiskRead<'a> = Box<dyn Fn(u64, &mut [u8]) + 'a>;
+        let (vm, disk_read): (&FakeVm, DiskRead<'_>) = match (&self.primary, &self.secondary) {
+            (Some(p), None) => (p.vm(), Box::new(|o, b: &mut [u8]| p.disk().read(o, b).unwrap())),
+            (None, Some(s)) => (s.vm(), Box::new(|o, b: &mut [u8]| s.disk().read(o, b).unwrap())),
+            (Some(_), Some(s)) if s.phase() == Phase::Alone => {
+                (s.vm(), Box::new(|o, b: &mut [u8]| s.disk().read(o, b).unwrap()))
+            }
+            (Some(p), Some(_)) => (p.vm(), Box::new(|o, b: &mut [u8]| p.disk().read(o, b).unwrap())),
+            (None, None) => panic!("nobody survived"),
+        };
+        let store = vm.store();
+        for k in 0..KEYS {
+            let want = self.client.model.get(&k).copied().unwrap_or(0);
+            assert_eq!(store[k as usize], want, "key {k} in guest RAM");
+            let mut block = [0u8; 512];
+            disk_read(PAGE * k as u64, &mut block);
+            let got = u64::from_le_bytes(block[..8].try_into().unwrap());
+            assert_eq!(got, want, "key {k} on the guest's disk");
+        }
+    }
+}
+
+#[test]
+fn checkpoints_keep_the_pair_identical_and_release_only_compared_or_committed_output() {
+    let mut sim = Sim::new(config());
+    sim.run(3000);
+    sim.drain();
+    let p = sim.primary.as_ref().unwrap().status();
+    let s = sim.secondary.as_ref().unwrap().status();
+    eprintln!("primary {p:?}\nsecondary {s:?}\nreleased {:?}", sim.released);
+    assert_eq!(p.phase, Phase::Colo);
+    assert_eq!(s.phase, Phase::Colo);
+    assert!(p.checkpoints >= 20, "{} checkpoints", p.checkpoints);
+    assert!(p.mismatch_checkpoints >= 10, "noise must force checkpoints");
+    assert!(sim.checked_checkpoints >= 20);
+    assert!(sim.released.get("compared").copied().unwrap_or(0) > 100);
+    assert!(sim.released.get("checkpoint").copied().unwrap_or(0) > 10);
+    assert!(sim.client.answered > 500, "{} answers", sim.client.answered);
+    assert!(sim.client.ticks_seen > 10);
+    assert!(p.bytes_sent > RAM as u64, "at least the initial RAM went out");
+    assert!(p.compare.unwrap().mismatches > 0);
+    sim.check_survivor();
+}
+
+/// The guest port and the payload of a UDP or TCP frame.
+fn port_payload(frame: &[u8]) -> (u16, Vec<u8>) {
+    let port = u16::from_be_bytes([frame[34], frame[35]]);
+    let at = if frame[23] == 6 {
+        34 + usize::from(frame[46] >> 4) * 4
+    } else {
+        PAYLOAD_AT
+    };
+    (port, frame[at..].to_vec())
+}
+
+/// PVM frames the comparator holds now.
+fn pvm_held(sim: &Sim) -> u64 {
+    let Some(p) = &sim.primary else { return 0 };
+    let c = p.status().compare.unwrap();
+    c.primary_frames
+        - c.released_compared
+        - c.released_at_checkpoint
+        - c.primary_malformed
+        - c.primary_unsupported
+        - c.primary_refused
+}
+
+/// Runs until the secondary has committed a few checkpoints and the client made progress.
+fn warmed_up() -> Sim {
+    let mut sim = Sim::new(config());
+    sim.run(1000);
+    assert!(sim.checked_checkpoints >= 5);
+    assert!(sim.client.answered > 100);
+    sim
+}
+
+fn warmed_up_with(seed: u64) -> Sim {
+    let mut sim = Sim::with(config(), seed, Some(SimArbiter::default()));
+    sim.run(1000);
+    assert!(sim.checked_checkpoints >= 5);
+    sim
+}
+
+fn primary_killed(how: Kill) {
+    for seed in 0..3 {
+        primary_killed_seeded(how, seed);
+    }
+}
+
+fn primary_killed_seeded(how: Kill, seed: u64) {
+    let mut sim = warmed_up_with(seed);
+    let before = sim.client.answered;
+    sim.kill_primary(how);
+    sim.run(2000);
+    sim.drain();
+    let s = sim.secondary.as_ref().unwrap().status();
+    eprintln!("secondary {s:?}\nreleased {:?}", sim.released);
+    assert_eq!(s.phase, Phase::Alone);
+    assert_eq!(s.failover.role, colo_failover::Role::Primary);
+    assert_eq!(s.failover.failover, colo_failover::FailoverStatus::Completed);
+    assert_eq!(s.failover.last_mode, colo_failover::Role::Secondary);
+    assert!(s.exit_detail.is_some());
+    assert!(sim.failed_over);
+    assert!(
+        sim.client.answered_after_failover > 100,
+        "the client goes on with the promoted secondary"
+    );
+    assert!(sim.client.answered > before);
+    assert!(sim.released.get("alone").copied().unwrap_or(0) > 0);
+    sim.check_survivor();
+}
+
+#[test]
+fn primary_crash_the_secondary_takes_over_from_its_own_state() {
+    primary_killed(Kill::Crash);
+}
+
+#[test]
+fn primary_silent_the_secondary_takes_over_after_the_heartbeat_timeout() {
+    primary_killed(Kill::Silent);
+}
+
+fn secondary_killed(how: Kill) {
+    for seed in 0..3 {
+        secondary_killed_seeded(how, seed);
+    }
+}
+
+fn secondary_killed_seeded(how: Kill, seed: u64) {
+    let mut sim = warmed_up_with(seed);
+    // Kill the secondary while the comparator holds PVM output waiting for the SVM's.
+    sim.kill_secondary_when_held = Some(how);
+    sim.run(2000);
+    assert!(sim.secondary.is_none());
+    sim.drain();
+    let p = sim.primary.as_ref().unwrap().status();
+    eprintln!("primary {p:?}\nreleased {:?}", sim.released);
+    assert_eq!(p.phase, Phase::Alone);
+    assert_eq!(p.failover.failover, colo_failover::FailoverStatus::Completed);
+    assert!(sim.failed_over);
+    assert!(
+        sim.released.get("failover").copied().unwrap_or(0) > 0,
+        "the queued output is released"
+    );
+    assert!(sim.client.answered_after_failover > 100);
+    sim.check_survivor();
+}
+
+#[test]
+fn secondary_crash_the_primary_continues_alone_and_releases_queued_output() {
+    secondary_killed(Kill::Crash);
+}
+
+#[test]
+fn secondary_silent_the_primary_continues_alone_after_the_heartbeat_timeout() {
+    secondary_killed(Kill::Silent);
+}
+
+fn primary_killed_in_checkpoint(state: &'static str) {
+    for seed in 0..3 {
+        primary_killed_in_checkpoint_seeded(state, seed);
+    }
+}
+
+fn primary_killed_in_checkpoint_seeded(state: &'static str, seed: u64) {
+    let mut sim = warmed_up_with(seed);
+    let committed = sim.checked_checkpoints;
+    sim.tear_when = Some(state);
+    sim.run(2000);
+    assert!(sim.primary.is_none(), "the primary was killed in state {state}");
+    sim.drain();
+    let s = sim.secondary.as_ref().unwrap().status();
+    eprintln!("secondary {s:?}\nreleased {:?}", sim.released);
+    assert_eq!(s.phase, Phase::Alone);
+    assert!(sim.checked_checkpoints >= committed);
+    assert!(!sim.secondary.as_ref().unwrap().is_paused(), "the SVM runs again");
+    assert!(sim.client.answered_after_failover > 100);
+    sim.check_survivor();
+}
+
+#[test]
+fn primary_killed_while_sending_a_checkpoint() {
+    primary_killed_in_checkpoint("waiting for vmstate-received");
+}
+
+#[test]
+fn primary_killed_after_the_secondary_paused_for_a_checkpoint() {
+    primary_killed_in_checkpoint("waiting for checkpoint-reply");
+}
+
+#[test]
+fn guest_shutdown_on_the_primary_is_mirrored() {
+    let mut sim = warmed_up();
+    sim.client.shutdown_requested = true;
+    sim.drain(); // the pending request
+    for _ in 0..2000 {
+        if sim.shutdown_seen == [true, true] {
+            break;
+        }
+        sim.step(false);
+    }
+    assert_eq!(sim.shutdown_seen, [true, true]);
+    assert_eq!(sim.primary.as_ref().unwrap().phase(), Phase::ShutDown);
+    assert_eq!(sim.secondary.as_ref().unwrap().phase(), Phase::ShutDown);
+    // Nobody fails over after a shutdown.
+    sim.run(1000);
+    assert!(!sim.failed_over);
+}
+
+#[test]
+fn operator_failover_on_the_primary_stops_the_secondary() {
+    let mut sim = warmed_up();
+    let now = sim.now();
+    sim.primary.as_mut().unwrap().failover_now(now).unwrap();
+    sim.run(1000);
+    sim.drain();
+    let p = sim.primary.as_ref().unwrap().status();
+    let s = sim.secondary.as_ref().unwrap().status();
+    assert_eq!(p.phase, Phase::Alone);
+    assert_eq!(p.failover.reason, colo_failover::ExitReason::Request);
+    assert_eq!(
+        s.phase,
+        Phase::Stopped,
+        "a secondary told so stops instead of promoting"
+    );
+    assert!(sim.client.answered_after_failover > 100);
+    sim.check_survivor();
+}
+
+#[test]
+fn operator_failover_on_the_secondary_promotes_it() {
+    let mut sim = warmed_up();
+    let now = sim.now();
+    sim.secondary.as_mut().unwrap().failover_now(now).unwrap();
+    // The operator fences the old primary (as QEMU's lost-heartbeat command presumes).
+    sim.kill_primary(Kill::Crash);
+    sim.run(1000);
+    sim.drain();
+    let s = sim.secondary.as_ref().unwrap().status();
+    assert_eq!(s.phase, Phase::Alone);
+    assert_eq!(s.failover.reason, colo_failover::ExitReason::Request);
+    assert!(sim.client.answered_after_failover > 100);
+    sim.check_survivor();
+    // A second command is refused with a typed error and changes nothing.
+    assert!(sim.secondary.as_mut().unwrap().failover_now(sim.base).is_err());
+}
+
+#[test]
+fn changing_the_interval_checkpoints_at_once_and_then_periodically() {
+    let mut cfg = config();
+    cfg.checkpoint_interval = Duration::from_secs(3600);
+    let mut sim = Sim::new(cfg);
+    sim.run(100);
+    let before = sim.primary.as_ref().unwrap().status().checkpoints;
+    let now = sim.now();
+    let p = sim.primary.as_mut().unwrap();
+    p.set_checkpoint_interval(now, Duration::from_millis(10)).unwrap();
+    assert_eq!(p.last_trigger(), Some(colo_pair::Trigger::Command));
+    assert_eq!(p.status().checkpoint_interval, Duration::from_millis(10));
+    sim.run(500);
+    let st = sim.primary.as_ref().unwrap().status();
+    assert!(st.checkpoints >= before + 20, "{} -> {}", before, st.checkpoints);
+    assert!(st.checkpoints > st.mismatch_checkpoints + 10, "periodic ones too");
+}
+
+#[test]
+fn checkpoints_hold_for_other_seeds() {
+    for seed in 1..4 {
+        let mut sim = Sim::with(config(), seed, None);
+        sim.run(1500);
+        sim.drain();
+        assert!(sim.checked_checkpoints >= 10, "seed {seed}");
+        assert!(sim.client.answered > 200, "seed {seed}");
+        sim.check_survivor();
+    }
+}
+
+#[test]
+fn a_cut_link_gives_one_primary_the_arbiter_fences_the_other() {
+    let mut sim = Sim::with(config(), 7, Some(SimArbiter::default()));
+    sim.run(1000);
+    sim.partitioned = true;
+    // Both lose their partner and ask the arbiter; whoever asks first wins and runs alone, the other is
+    // refused until its patience (5 s) runs out, then stops its guest. Output stamped with the loser's
+    // token would be rejected by the client's fence gate.
+    sim.run(6000);
+    sim.drain();
+    let p = sim.primary.as_ref().unwrap().status();
+    let s = sim.secondary.as_ref().unwrap().status();
+    eprintln!("primary {p:?}\nsecondary {s:?}");
+    let winners = [p.phase, s.phase]
+        .iter()
+        .filter(|&&ph| ph == Phase::Alone)
+        .count();
+    assert_eq!(winners, 1, "exactly one side runs the guest");
+    if p.phase == Phase::Alone {
+        assert_eq!(s.phase, Phase::Stopped);
+        assert!(!sim.promoted && sim.stopped[1]);
+    } else {
+        assert_eq!(p.phase, Phase::Stopped);
+        assert!(sim.promoted && sim.stopped[0]);
+    }
+    assert!(sim.client.answered_after_failover > 100);
+    sim.check_survivor();
+}
+
+#[test]
+fn secondary_killed_while_the_primary_is_paused_in_a_checkpoint() {
+    for seed in 0..3 {
+        let mut sim = warmed_up_with(seed);
+        sim.kill_secondary_in = Some("waiting for vmstate-received");
+        sim.run(1500);
+        assert!(sim.secondary.is_none());
+        sim.drain();
+        let p = sim.primary.as_ref().unwrap();
+        assert_eq!(p.phase(), Phase::Alone);
+        assert!(p.vm().running, "the primary's guest runs again");
+        assert!(sim.client.answered_after_failover > 100);
+        sim.check_survivor();
+    }
+}
+
+#[test]
+fn a_page_batch_of_the_wrong_page_size_stops_the_secondary_with_a_typed_error() {
+    let mut sim = warmed_up();
+    // Stand in for the primary on its end of the channel.
+    sim.kill_primary(Kill::Silent);
+    let e = sim.secondary.as_ref().unwrap().status().epoch + 1;
+    let mut fake = channel(&sim.p_end);
+    fake.send(&Message::CheckpointRequest { epoch: e }).unwrap();
+    fake.send(&Message::VmstateSend { epoch: e }).unwrap();
+    fake.send_pages(PagePhase::Checkpoint, e, 512, &[(0, &[1u8; 512][..])])
+        .unwrap();
+    sim.step(true);
+    let s = sim.secondary.as_ref().unwrap();
+    assert_eq!(s.phase(), Phase::Stopped);
+    let detail = s.status().exit_detail.unwrap();
+    assert!(detail.contains("512-byte pages"), "{detail}");
+    assert!(sim.stopped[1]);
+    assert!(!sim.promoted, "a secondary that gave up does not promote");
+    // The primary's end is told why.
+    let mut told = false;
+    while sim.p_end.available() > 0 {
+        if let Message::Error { code, .. } = sim.p_rx.recv().unwrap() {
+            told = code == colo_pair::SECONDARY_FAILED;
+        }
+    }
+    assert!(told);
+}
+
+#[test]
+fn a_message_the_primary_never_accepts_is_a_typed_error_and_changes_nothing() {
+    let mut sim = warmed_up();
+    let now = sim.now();
+    let p = sim.primary.as_mut().unwrap();
+    let bogus = Message::BlockWrite(BlockWrite {
+        epoch: 1,
+        disk: 0,
+        offset: 0,
+        data: Bytes::from_static(&[0; 512]),
+    });
+    assert!(matches!(
+        p.handle_message(now, bogus),
+        Err(colo_pair::PairError::Unexpected { .. })
+    ));
+    assert_eq!(p.phase(), Phase::Colo);
+    sim.run(500);
+    sim.drain();
+    assert_eq!(sim.primary.as_ref().unwrap().phase(), Phase::Colo);
+    sim.check_survivor();
+}
+
+// ---------- the same drivers on real threads and sockets, run as the README's loop ----------
+
+type Received = Result<Message, colo_proto::Error>;
+
+/// The VMM's reader thread: every message (or the error that ends the stream) goes to the driver's thread.
+fn reader(mut ch: Channel<std::os::unix::net::UnixStream>, tx: std::sync::mpsc::Sender<Received>) {
+    loop {
+        let r = ch.recv();
+        let end = r.is_err();
+        if tx.send(r).is_err() || end {
+            return;
+        }
+    }
+}
+
+fn socket_channel(s: std::os::unix::net::UnixStream) -> Channel<std::os::unix::net::UnixStream> {
+    let mut ch = Channel::new(s);
+    ch.set_version(PROTOCOL_VERSION);
+    ch
+}
+
+#[test]
+fn threads_and_unix_sockets_checkpoint_then_fail_over() {
+    use std::os::unix::net::UnixStream;
+    use std::sync::mpsc::{self, RecvTimeoutError};
+    use std::thread;
+
+    let (a, b) = UnixStream::pair().unwrap();
+    let mut cfg = config();
+    cfg.checkpoint_interval = Duration::from_millis(20);
+    let scfg = cfg.clone();
+    let limit = Duration::from_secs(20);
+
+    let secondary = thread::spawn(move || {
+        let sdisk = SharedSecondaryDisk::new(
+            SecondaryDisk::new(
+                MemBackend::new(DISK).unwrap(),
+                MemStore::new(PAGE as usize, 256).unwrap(),
+                MemStore::new(PAGE as usize, 256).unwrap(),
+                0,
+            )
+            .unwrap(),
+        );
+        let svm = FakeVm::new(5, Port::Secondary(sdisk.clone()));
+        let slog = AtomicBitmapLog::new(&svm.mem).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let rch = socket_channel(b.try_clone().unwrap());
+        thread::spawn(move || reader(rch, tx));
+        let mut s = SecondaryPair::new(
+            scfg,
+            Instant::now(),
+            svm,
+            Box::new(slog),
+            sdisk,
+            Box::new(socket_channel(b)),
+            Box::new(NoArbiter::unsafe_under_partitions()),
+        )
+        .unwrap();
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            let now = Instant::now();
+            s.vm_mut().step();
+            for f in std::mem::take(&mut s.vm_mut().tx) {
+                s.guest_output(now, f).unwrap();
+            }
+            let wait = s
+                .poll_timeout()
+                .map_or(Duration::from_millis(1), |d| d.saturating_duration_since(now))
+                .min(Duration::from_millis(1));
+            match rx.recv_timeout(wait) {
+                Ok(Ok(m)) => s.handle_message(Instant::now(), m).unwrap(),
+                Ok(Err(e)) => s.link_failed(Instant::now(), &e.to_string()).unwrap(),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {}
+            }
+            if s.poll_timeout().is_some_and(|d| d <= Instant::now()) {
+                s.handle_timeout(Instant::now()).unwrap();
+            }
+            while let Some(o) = s.poll_output() {
+                match o {
+                    Output::ToGuest(f) => s.vm_mut().regs.rx.push_back(f.to_vec()),
+                    Output::Promoted { .. } => return Some(s.status()),
+                    _ => {}
+                }
+            }
+        }
+        None
+    });
+
+    let primary = thread::spawn(move || {
+        let pdisk = SharedPrimaryDisk::new(PrimaryDisk::new(
+            MemBackend::new(DISK).unwrap(),
+            PrimaryConfig::default(),
+        ));
+        let mut pvm = FakeVm::new(3, Port::Primary(pdisk.clone()));
+        pvm.running = true;
+        let plog = AtomicBitmapLog::new(&pvm.mem).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let rch = socket_channel(a.try_clone().unwrap());
+        let control = a.try_clone().unwrap();
+        thread::spawn(move || reader(rch, tx));
+        let mut p = PrimaryPair::new(
+            cfg,
+            Instant::now(),
+            pvm,
+            Box::new(plog),
+            pdisk,
+            Box::new(socket_channel(a)),
+            Box::new(NoArbiter::unsafe_under_partitions()),
+        )
+        .unwrap();
+        let started = Instant::now();
+        while p.status().checkpoints < 15 && started.elapsed() < limit {
+            let now = Instant::now();
+            p.vm_mut().step();
+            for f in std::mem::take(&mut p.vm_mut().tx) {
+                p.guest_output(now, f).unwrap();
+            }
+            let wait = p
+                .poll_timeout()
+                .map_or(Duration::from_millis(1), |d| d.saturating_duration_since(now))
+                .min(Duration::from_millis(1));
+            match rx.recv_timeout(wait) {
+                Ok(Ok(m)) => p.handle_message(Instant::now(), m).unwrap(),
+                Ok(Err(e)) => p.link_failed(Instant::now(), &e.to_string()).unwrap(),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {}
+            }
+            if p.poll_timeout().is_some_and(|d| d <= Instant::now()) {
+                p.handle_timeout(Instant::now()).unwrap();
+            }
+            while let Some(o) = p.poll_output() {
+                if let Output::ToGuest(f) = o {
+                    p.vm_mut().regs.rx.push_back(f.to_vec());
+                }
+            }
+        }
+        // The primary process dies: every descriptor of its socket closes.
+        let status = p.status();
+        let _ = control.shutdown(std::net::Shutdown::Both);
+        drop(p);
+        status
+    });
+
+    let p = primary.join().unwrap();
+    let s = secondary.join().unwrap().expect("the secondary promoted itself");
+    eprintln!("primary {p:?}\nsecondary {s:?}");
+    assert!(p.checkpoints >= 15, "{} checkpoints", p.checkpoints);
+    assert!(p.mismatch_checkpoints > 0);
+    assert_eq!(s.phase, Phase::Alone);
+    assert!(
+        s.epoch >= p.epoch,
+        "the secondary committed every checkpoint the primary saw committed"
+    );
+    assert!(s.exit_detail.is_some());
+}
+
+#[test]
+fn a_full_disk_epoch_forces_a_checkpoint_and_the_held_write_completes() {
+    let disk = PrimaryConfig {
+        epoch_limit: Some(colo_block::EpochLimit {
+            block_size: PAGE,
+            max_blocks: 3,
+        }),
+        ..PrimaryConfig::default()
+    };
+    let mut cfg = config();
+    cfg.checkpoint_interval = Duration::from_secs(3600);
+    let mut sim = Sim::with_disk(cfg, 11, None, disk);
+    let mut epoch_full = 0;
+    for _ in 0..2000 {
+        let before = sim.primary.as_ref().unwrap().status().checkpoints;
+        sim.step(false);
+        let p = sim.primary.as_ref().unwrap();
+        if p.status().checkpoints > before && p.last_trigger() == Some(colo_pair::Trigger::EpochFull) {
+            epoch_full += 1;
+        }
+    }
+    sim.drain();
+    assert!(epoch_full >= 5, "{epoch_full} checkpoints for a full disk epoch");
+    assert!(sim.client.answered > 200);
+    sim.check_survivor();
+}
+
+fn tcp_sim(seed: u64, noise: bool) -> Sim {
+    let mut cfg = config();
+    if !noise {
+        // No checkpoint after the first: the rewriter's offsets stay in force until the failover.
+        cfg.checkpoint_interval = Duration::from_secs(3600);
+    }
+    let mut sim = Sim::with(cfg, seed, Some(SimArbiter::default()));
+    sim.client.tcp = Some(TcpClient::new());
+    for vm in [
+        sim.primary.as_mut().unwrap().vm_mut(),
+        sim.secondary.as_mut().unwrap().vm_mut(),
+    ] {
+        vm.noise = noise;
+    }
+    sim
+}
+
+fn tcp_primary_killed(noise: bool) {
+    for seed in 0..3 {
+        let mut sim = tcp_sim(seed, noise);
+        sim.run(1000);
+        assert!(sim.client.tcp.as_ref().unwrap().established);
+        assert!(
+            sim.client.answered > 100,
+            "{} answers over TCP",
+            sim.client.answered
+        );
+        sim.kill_primary(Kill::Crash);
+        sim.run(1500);
+        sim.drain();
+        let c = sim.client.tcp.as_ref().unwrap();
+        eprintln!("released {:?}", sim.released);
+        assert_eq!(
+            c.out_of_window, 0,
+            "the promoted SVM answers in the PVM's sequence space"
+        );
+        assert!(
+            sim.client.answered_after_failover > 100,
+            "the same connection goes on"
+        );
+        let s = sim.secondary.as_ref().unwrap().status();
+        assert_eq!(s.phase, Phase::Alone);
+        if !noise {
+            assert_eq!(
+                s.checkpoints, 1,
+                "only the initial checkpoint: offsets were in use"
+            );
+        }
+        sim.check_survivor();
+    }
+}
+
+#[test]
+fn tcp_through_the_rewriter_the_same_connection_survives_a_primary_crash() {
+    tcp_primary_killed(false);
+}
+
+#[test]
+fn tcp_with_checkpoints_the_same_connection_survives_a_primary_crash() {
+    tcp_primary_killed(true);
+}
+
+#[test]
+fn secondary_lost_before_the_first_checkpoint_the_primary_runs_alone() {
+    let mut sim = Sim::new(config());
+    sim.kill_secondary(Kill::Crash);
+    sim.run(1000);
+    sim.drain();
+    let p = sim.primary.as_ref().unwrap().status();
+    assert_eq!(p.phase, Phase::Alone);
+    assert_eq!(p.checkpoints, 0);
+    assert!(sim.client.answered > 100);
+    sim.check_survivor();
+}
+
+#[test]
+fn primary_lost_before_the_first_checkpoint_the_secondary_has_nothing_to_run() {
+    let mut sim = Sim::new(config());
+    sim.kill_primary(Kill::Crash);
+    sim.run(1000);
+    let s = sim.secondary.as_ref().unwrap();
+    assert_eq!(s.phase(), Phase::Stopped);
+    assert!(s.is_paused(), "a guest without a consistent copy never runs");
+    assert!(!sim.promoted);
+}
