@@ -264,3 +264,155 @@ fn checkpoints_run_and_the_client_gets_correct_answers_through_the_pair() {
     p.primary.quit();
     p.secondary.quit();
 }
+
+#[test]
+fn failover_command_on_the_secondary_stops_the_primary_and_the_same_connection_continues() {
+    if !kvm_or_skip("failover_command_on_the_secondary_stops_the_primary_and_the_same_connection_continues") {
+        return;
+    }
+    let p = pair(&["--checkpoint-ms", "200"]);
+    let mut m = Model::connect(&p);
+    m.work(60);
+    let a = p.secondary.ctl(Request::Failover);
+    assert_eq!(a["ok"], true, "{a}");
+    assert_eq!(a["phase"], "alone", "{a}");
+    let ss = p.secondary.colo();
+    assert_eq!(ss["node_role"], "primary", "{ss}");
+    assert_eq!(ss["failover"]["reason"], "request", "{ss}");
+    // The old primary stopped before the secondary took over, and stays stopped.
+    let ps = p
+        .primary
+        .wait_status("stopped primary", T, |s| s["phase"] == "stopped");
+    assert!(
+        ps["failover"]["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("takes over"),
+        "{ps}"
+    );
+    assert_eq!(p.primary.ctl(Request::Status)["state"], "paused");
+    // The same TCP connection goes on, answered by the promoted guest, with every earlier write there.
+    m.work(60);
+    m.check_all();
+    assert!(p.secondary.has_log("COLO: promoted"));
+    // A second failover is refused and changes nothing.
+    assert_eq!(p.secondary.ctl(Request::Failover)["ok"], false);
+    p.primary.quit();
+    p.secondary.quit();
+}
+
+#[test]
+fn failover_command_on_the_primary_stops_the_secondary_and_the_primary_goes_on() {
+    if !kvm_or_skip("failover_command_on_the_primary_stops_the_secondary_and_the_primary_goes_on") {
+        return;
+    }
+    let p = pair(&["--checkpoint-ms", "200"]);
+    let mut m = Model::connect(&p);
+    m.work(30);
+    let a = p.primary.ctl(Request::Failover);
+    assert_eq!(a["ok"], true, "{a}");
+    p.secondary
+        .wait_status("stopped secondary", T, |s| s["phase"] == "stopped");
+    assert_eq!(p.primary.colo()["phase"], "alone");
+    m.work(30);
+    m.check_all();
+    p.secondary.quit();
+    p.primary.quit();
+}
+
+#[test]
+fn secondary_killed_the_primary_goes_on_alone_and_releases_queued_output() {
+    if !kvm_or_skip("secondary_killed_the_primary_goes_on_alone_and_releases_queued_output") {
+        return;
+    }
+    // Long interval: output waits in the comparator unless the secondary's copy matches it.
+    let mut p = pair(&["--checkpoint-ms", "60000", "--heartbeat-timeout-ms", "500"]);
+    let mut m = Model::connect(&p);
+    m.work(40);
+    p.secondary.kill();
+    let t0 = Instant::now();
+    // Requests sent now are answered once the primary has given the secondary up.
+    m.work(40);
+    eprintln!("first answers after the kill within {:?}", t0.elapsed());
+    let ps = p.primary.wait_status("alone", T, |s| s["phase"] == "alone");
+    assert_eq!(ps["failover"]["state"], "completed", "{ps}");
+    assert_eq!(ps["failover"]["reason"], "error", "{ps}");
+    assert!(p.primary.has_log("COLO: continuing alone"));
+    m.check_all();
+    p.primary.quit();
+}
+
+#[test]
+fn guest_shutdown_on_the_primary_is_mirrored_and_both_exit() {
+    if !kvm_or_skip("guest_shutdown_on_the_primary_is_mirrored_and_both_exit") {
+        return;
+    }
+    let mut p = pair(&["--checkpoint-ms", "200"]);
+    let mut m = Model::connect(&p);
+    m.work(10);
+    let _ = m.c.request("POWEROFF", Duration::from_secs(5));
+    let ps = p.primary.wait_exit(T);
+    let ss = p.secondary.wait_exit(T);
+    assert!(ps.success() && ss.success(), "primary {ps}, secondary {ss}");
+    assert!(p.secondary.has_log("shut down on the primary"));
+}
+
+#[test]
+fn quitting_either_side_of_an_active_pair_never_hangs() {
+    if !kvm_or_skip("quitting_either_side_of_an_active_pair_never_hangs") {
+        return;
+    }
+    // Quitting the primary: the secondary sees the link go and takes over.
+    let p = pair(&["--checkpoint-ms", "50"]);
+    let mut m = Model::connect(&p);
+    m.work(20);
+    let Pair {
+        primary, secondary, ..
+    } = p;
+    primary.quit();
+    secondary.wait_status("takeover", T, |s| s["phase"] == "alone");
+    m.work(20);
+    m.check_all();
+    secondary.quit();
+    // Quitting the secondary: the primary goes on alone; then it quits too.
+    let p = pair(&["--checkpoint-ms", "50"]);
+    let Pair {
+        primary, secondary, ..
+    } = p;
+    secondary.quit();
+    primary.wait_status("alone", T, |s| s["phase"] == "alone");
+    primary.quit();
+}
+
+#[test]
+fn set_interval_takes_effect_and_checkpoint_runs_one_now() {
+    if !kvm_or_skip("set_interval_takes_effect_and_checkpoint_runs_one_now") {
+        return;
+    }
+    let p = pair(&["--checkpoint-ms", "60000"]);
+    let c0 = num(&p.primary.colo()["checkpoints"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        num(&p.primary.colo()["checkpoints"]),
+        c0,
+        "no periodic checkpoint at 60 s"
+    );
+    let a = p.primary.ctl(Request::Checkpoint);
+    assert_eq!(a["ok"], true, "{a}");
+    p.primary
+        .wait_status("commanded checkpoint", T, |s| num(&s["checkpoints"]) > c0);
+    let a = p.primary.ctl(Request::SetInterval { ms: 50 });
+    assert_eq!(a["ok"], true, "{a}");
+    let st = p.primary.colo();
+    assert_eq!(st["interval_ms"], 50);
+    let c1 = num(&st["checkpoints"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    let c2 = num(&p.primary.colo()["checkpoints"]);
+    assert!(c2 >= c1 + 5, "{c1} -> {c2} checkpoints in 1 s at 50 ms");
+    // The secondary refuses what only the primary can do; a bad interval is refused.
+    assert_eq!(p.secondary.ctl(Request::SetInterval { ms: 10 })["ok"], false);
+    assert_eq!(p.secondary.ctl(Request::Checkpoint)["ok"], false);
+    assert_eq!(p.primary.ctl(Request::SetInterval { ms: 0 })["ok"], false);
+    p.primary.quit();
+    p.secondary.quit();
+}

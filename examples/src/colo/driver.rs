@@ -492,6 +492,8 @@ impl<P: PairDriver> Driver<P> {
         };
         self.settle(Ok(()))?;
         let phase = phase_name(self.pair.status().phase);
+        // The operator reads the status next: show the command's effect there first.
+        self.publish(true);
         let _ = reply.send(match err {
             None => json!({ "ok": true, "phase": phase }),
             Some(e) => json!({ "ok": false, "error": e, "phase": phase }),
@@ -539,6 +541,7 @@ impl<P: PairDriver> Driver<P> {
                     ms(st.last_pause)
                 ),
             }
+            self.publish(true);
         }
         if st.phase != self.last_phase {
             tracing::info!(
