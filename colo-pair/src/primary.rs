@@ -353,6 +353,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
             mismatch_checkpoints: self.mismatch_checkpoints,
             last_pause: self.pauses.last(),
             p99_pause: self.pauses.percentile(99),
+            pause_p50: self.pauses.percentile(50),
             bytes_sent: self.bytes_sent,
             compare: Some(self.cmp.stats()),
             rewrite: None,

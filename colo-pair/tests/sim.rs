@@ -1155,6 +1155,7 @@ fn checkpoints_keep_the_pair_identical_and_release_only_compared_or_committed_ou
     assert!(sim.client.ticks_seen > 10);
     assert!(p.bytes_sent > RAM as u64, "at least the initial RAM went out");
     assert!(p.compare.unwrap().mismatches > 0);
+    assert!(p.pause_p50 <= p.p99_pause && s.pause_p50 <= s.p99_pause);
     sim.check_survivor();
 }
 
