@@ -54,6 +54,8 @@ pub enum Trigger {
     Compare(colo_net::CheckpointReason),
     /// The disk's epoch limit (the secondary's hidden store would overflow).
     EpochFull,
+    /// The secondary asked for it (its active overlay is full, or its rewriter table under pressure).
+    Secondary(colo_proto::WantReason),
     /// An operator command (or a changed interval).
     Command,
 }

@@ -967,7 +967,7 @@ impl Sim {
                 Ok(m) => p.handle_message(now, m).unwrap(),
                 Err(e) => {
                     self.p_link_down = true;
-                    p.link_failed(now, &e.to_string()).unwrap();
+                    p.channel_error(now, &e).unwrap();
                 }
             }
         }
@@ -1013,7 +1013,7 @@ impl Sim {
                 Ok(m) => s.handle_message(now, m).unwrap(),
                 Err(e) => {
                     self.s_link_down = true;
-                    s.link_failed(now, &e.to_string()).unwrap();
+                    s.channel_error(now, &e).unwrap();
                 }
             }
         }
