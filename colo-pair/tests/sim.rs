@@ -212,6 +212,9 @@ struct FakeVm {
     held_tx: Vec<Bytes>,
     /// Writes that had to wait for an ack.
     waited: u64,
+    /// Host timing: the guest opens its TCP connection to the client at this step (the SVM's vCPU may
+    /// reach that point later than the PVM's).
+    connect_at: Option<u64>,
 }
 
 impl FakeVm {
@@ -228,6 +231,33 @@ impl FakeVm {
             awaiting: Vec::new(),
             held_tx: Vec::new(),
             waited: 0,
+            connect_at: None,
+        }
+    }
+
+    /// A guest-opened connection: SYN when the guest gets there, again every 300 steps until answered.
+    /// The state shares page 80 with the server side (3: SYN sent, 2: established).
+    fn connect(&mut self) {
+        let base = 80 * PAGE;
+        let steps = self.regs.steps;
+        if self.connect_at.is_none_or(|at| steps < at) {
+            return;
+        }
+        match self.read_u64(base) {
+            0 => {
+                let isn = self.entropy.next() as u32;
+                self.write_u64(base, 3);
+                self.write_u64(base + 8, isn as u64);
+                self.write_u64(base + 16, isn.wrapping_add(1) as u64);
+                self.write_u64(base + 40, steps);
+                self.tcp_out(isn, 0, tcp_flags::SYN, &[]);
+            }
+            3 if steps >= self.read_u64(base + 40) + 300 => {
+                self.write_u64(base + 40, steps);
+                let isn = self.read_u64(base + 8) as u32;
+                self.tcp_out(isn, 0, tcp_flags::SYN, &[]);
+            }
+            _ => {}
         }
     }
 
@@ -303,6 +333,7 @@ impl FakeVm {
                 self.emit(9, &noise.to_le_bytes());
             }
         }
+        self.connect();
         if let Some(frame) = self.regs.rx.pop_front() {
             self.serve(&frame);
         }
@@ -393,6 +424,18 @@ impl FakeVm {
             self.read_u64(base + 24) as u32,
         );
         let last_seq = self.read_u64(base + 32) as u32;
+        if flags & tcp_flags::SYN != 0 && flags & tcp_flags::ACK != 0 {
+            // The client's answer to the guest's own SYN.
+            if state == 3 && ack == isn.wrapping_add(1) {
+                self.write_u64(base, 2);
+                self.write_u64(base + 24, seq.wrapping_add(1) as u64);
+            }
+            if state >= 2 {
+                let rcv = self.read_u64(base + 24) as u32;
+                self.tcp_out(snd_nxt, rcv, tcp_flags::ACK, &[]);
+            }
+            return;
+        }
         if flags & tcp_flags::SYN != 0 {
             let isn = if state == 0 {
                 let isn = self.entropy.next() as u32;
@@ -521,6 +564,8 @@ struct TcpClient {
     out: Vec<Bytes>,
     /// Guest segments beyond what was expected (a wrong sequence translation would show here).
     out_of_window: u64,
+    /// The guest opens the connection; the client answers its SYN.
+    guest_opens: bool,
 }
 
 impl TcpClient {
@@ -532,6 +577,7 @@ impl TcpClient {
             rcv: 0,
             out: Vec::new(),
             out_of_window: 0,
+            guest_opens: false,
         }
     }
 
@@ -554,8 +600,12 @@ impl TcpClient {
                 self.rcv = seq.wrapping_add(1);
                 self.established = true;
             }
-            let ack = self.segment(self.nxt, tcp_flags::ACK, &[]);
-            self.out.push(ack);
+            let answer = if self.guest_opens {
+                self.segment(CLIENT_ISN, tcp_flags::SYN | tcp_flags::ACK, &[])
+            } else {
+                self.segment(self.nxt, tcp_flags::ACK, &[])
+            };
+            self.out.push(answer);
             return None;
         }
         if payload.is_empty() {
@@ -610,6 +660,9 @@ impl Client {
         if let Some(c) = &mut self.tcp
             && !c.established
         {
+            if c.guest_opens {
+                return None;
+            }
             // Connect (and retry the SYN) first.
             if t >= 50 && c.syn_sent.is_none_or(|at| t >= at + 300) {
                 c.syn_sent = Some(t);
@@ -793,6 +846,8 @@ struct Sim {
     stopped: [bool; 2],
     /// Sync-mode writes completed (each checked against the secondary's applied writes).
     writes_completed: u64,
+    /// When (ms) the secondary received a primary ISN.
+    isn_notices: Vec<u64>,
 }
 
 /// Variations of the pair's disks.
@@ -923,6 +978,7 @@ impl Sim {
             promoted: false,
             stopped: [false; 2],
             writes_completed: 0,
+            isn_notices: Vec::new(),
         }
     }
 
@@ -1098,7 +1154,12 @@ impl Sim {
         }
         while !self.s_link_down && self.s_end.available() > 0 {
             match self.s_rx.recv() {
-                Ok(m) => s.handle_message(now, m).unwrap(),
+                Ok(m) => {
+                    if matches!(m, Message::PrimaryIsn(_)) {
+                        self.isn_notices.push(self.t);
+                    }
+                    s.handle_message(now, m).unwrap()
+                }
                 Err(e) => {
                     self.s_link_down = true;
                     s.channel_error(now, &e).unwrap();
@@ -2053,6 +2114,48 @@ fn a_protocol_error_from_a_live_primary_stops_the_secondary_instead_of_promoting
         let p = sim.primary.as_ref().unwrap();
         assert_eq!(p.phase(), Phase::Alone, "the primary goes on alone");
         assert!(sim.client.answered_after_failover > 100);
+        sim.check_survivor();
+    }
+}
+
+#[test]
+fn a_guest_opened_tcp_connection_survives_a_primary_crash_through_the_rewriter() {
+    for seed in 0..3 {
+        let mut sim = tcp_sim(seed, false);
+        sim.client.tcp.as_mut().unwrap().guest_opens = true;
+        // The SVM's vCPU reaches the connect 30 steps after the PVM's.
+        sim.primary.as_mut().unwrap().vm_mut().connect_at = Some(60);
+        sim.secondary.as_mut().unwrap().vm_mut().connect_at = Some(90);
+        sim.run(1000);
+        assert!(sim.client.tcp.as_ref().unwrap().established);
+        assert!(sim.client.answered > 100, "{} answers", sim.client.answered);
+        // The PVM's ISN reached the rewriter before the SVM's SYN did.
+        let svm_syn_at = sim.t - (sim.primary.as_ref().unwrap().vm().regs.steps - 90);
+        assert!(
+            sim.isn_notices.first().is_some_and(|&t| t < svm_syn_at),
+            "primary ISN notices at {:?}, SVM SYN at about {svm_syn_at}",
+            sim.isn_notices
+        );
+        let s = sim.secondary.as_ref().unwrap().status();
+        assert!(s.rewrite.unwrap().offsets_learned >= 1);
+        sim.kill_primary(Kill::Crash);
+        sim.run(1500);
+        sim.drain();
+        let c = sim.client.tcp.as_ref().unwrap();
+        assert_eq!(
+            c.out_of_window, 0,
+            "the promoted SVM answers in the PVM's sequence space"
+        );
+        assert!(
+            sim.client.answered_after_failover > 100,
+            "the same connection goes on"
+        );
+        let s = sim.secondary.as_ref().unwrap().status();
+        assert_eq!(s.phase, Phase::Alone);
+        assert_eq!(
+            s.checkpoints, 1,
+            "only the initial checkpoint: the offset was in use"
+        );
         sim.check_survivor();
     }
 }
