@@ -7,16 +7,21 @@
 //! # Journal format
 //!
 //! ```text
-//! offset 0     superblock A (512 bytes)    written when its sequence number is even
-//! offset 512   superblock B (512 bytes)    written when its sequence number is odd
+//! offset 0     superblock A (512 bytes)    the two copies: the newer one is current (see below)
+//! offset 512   superblock B (512 bytes)
 //! offset 4096  slot 0: header (512 bytes) + data (block_size bytes)
 //!              slot 1: ...
 //! ```
 //!
 //! A superblock holds a magic, a format version, the block size, a sequence number, the current record
 //! generation and a state (`open` or `committing`), protected by a CRC32. Every change of superblock writes
-//! a copy with the next sequence number (open picks the valid copy with the higher one); a torn superblock write therefore leaves the
-//! previous superblock intact and valid. Precisely: the copy last known durable is never overwritten; a
+//! a copy with the next sequence number (open picks the valid copy with the newer one); a torn superblock
+//! write therefore leaves the previous superblock intact and valid. Sequence numbers wrap around and are
+//! compared as serial numbers (the newer is the one a wrapping difference below 2^63 ahead): the two copies
+//! of a journal differ by the few superblock writes between two flushes, so any value is valid, and every
+//! number the store writes is one that open accepts. (A range bound on open would be crossed by the store's
+//! own next write, and a crash right after a flushed commit mark would then leave a journal that no longer
+//! opens.) Precisely: the copy last known durable is never overwritten; a
 //! superblock written without a flush is replaced in place by the next one. A slot header holds a magic, the record generation, the block index
 //! and the CRC32 of the data, itself protected by a CRC32. Slots are filled in order from slot 0; on open the
 //! store takes slots until the first one that is not a complete, current-generation record. `clear` starts a
@@ -280,9 +285,12 @@ pub const JOURNAL_HEADER_BYTES: u64 = 4096;
 const SLOT_HEADER: usize = SECTOR_SIZE as usize;
 const STATE_OPEN: u32 = 0;
 const STATE_COMMITTING: u32 = 1;
-/// Largest superblock sequence number a journal accepts. Each `clear` uses one, so a real journal never gets
-/// near it; a damaged or crafted superblock beyond it would make the next sequence number overflow.
-const MAX_SEQ: u64 = u64::MAX / 2;
+
+/// True when sequence number `seq` is newer than `than`: at most 2^63 - 1 steps ahead of it, wrapping
+/// (serial number arithmetic). Of two copies 2^63 apart, neither is newer.
+fn seq_newer(seq: u64, than: u64) -> bool {
+    (seq.wrapping_sub(than) as i64) > 0
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Superblock {
@@ -380,7 +388,8 @@ fn unique_u64(salt: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-/// Reads both superblock copies: the valid one with the higher sequence number and its slot.
+/// Reads both superblock copies: the valid one with the newer sequence number (copy A when neither is
+/// newer) and its slot.
 fn read_superblock<B: BlockBackend>(backend: &B) -> Result<Option<(Superblock, u64)>> {
     if backend.len() < JOURNAL_HEADER_BYTES {
         return Ok(None);
@@ -390,7 +399,7 @@ fn read_superblock<B: BlockBackend>(backend: &B) -> Result<Option<(Superblock, u
     let a = Superblock::decode(&two[..SECTOR_SIZE as usize]);
     let b = Superblock::decode(&two[SECTOR_SIZE as usize..]);
     Ok(match (a, b) {
-        (Some(a), Some(b)) if b.seq > a.seq => Some((b, 1)),
+        (Some(a), Some(b)) if seq_newer(b.seq, a.seq) => Some((b, 1)),
         (Some(a), _) => Some((a, 0)),
         (None, Some(b)) => Some((b, 1)),
         (None, None) => None,
@@ -434,13 +443,11 @@ impl<B: BlockBackend> JournalStore<B> {
     pub fn format(mut backend: B, block_size: usize) -> Result<Self> {
         check_block_size(block_size)?;
         let capacity = Self::capacity_for(backend.len(), block_size)?;
-        // Continue the sequence of any journal the device held before, so none of its records can
-        // match the new generation; a fresh id guards against records whose superblocks are gone.
-        let previous = read_superblock(&backend)
-            .ok()
-            .flatten()
-            .filter(|(sb, _)| sb.seq <= MAX_SEQ);
-        let seq = previous.map_or(0, |(sb, _)| sb.seq) + 1;
+        // Continue the sequence of any journal the device held before, so the new superblock is newer than
+        // the previous journal's current one, which stays in the other copy; a fresh id and generation
+        // make sure none of its records (or those of a journal whose superblocks are gone) match.
+        let previous = read_superblock(&backend).ok().flatten();
+        let seq = previous.map_or(0, |(sb, _)| sb.seq).wrapping_add(1);
         let journal_id = unique_u64(seq);
         let sb = Superblock {
             block_size: block_size as u32,
@@ -481,12 +488,6 @@ impl<B: BlockBackend> JournalStore<B> {
         if sb.state != STATE_OPEN && sb.state != STATE_COMMITTING {
             return Err(Error::CorruptJournal {
                 reason: "unknown state in superblock",
-                slot: None,
-            });
-        }
-        if sb.seq > MAX_SEQ {
-            return Err(Error::CorruptJournal {
-                reason: "superblock sequence number out of range",
                 slot: None,
             });
         }
@@ -537,7 +538,7 @@ impl<B: BlockBackend> JournalStore<B> {
         let sb = Superblock {
             journal_id: self.sb.journal_id,
             block_size: self.sb.block_size,
-            seq: self.sb.seq + 1,
+            seq: self.sb.seq.wrapping_add(1),
             generation,
             state,
         };
