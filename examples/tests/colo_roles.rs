@@ -27,13 +27,12 @@ struct Vmm {
 }
 
 impl Vmm {
-    fn spawn(dir: &Path, name: &'static str, switch: &Path, extra: &[&str]) -> Self {
+    fn spawn_on(dir: &Path, name: &'static str, switch: &Path, disk: &Path, extra: &[&str]) -> Self {
         let control = dir.join(format!("{name}.ctl"));
-        let disk = disk(dir, &format!("{name}.img"), 8);
         let mut child = Command::new(env!("CARGO_BIN_EXE_colo-vmm"))
             .arg("run")
             .arg("--disk")
-            .arg(&disk)
+            .arg(disk)
             .arg("--switch")
             .arg(switch)
             .arg("--nic-socket")
@@ -150,15 +149,27 @@ struct Pair {
 /// A pair in COLO (checkpoint 1 committed on both sides).
 fn pair(extra: &[&str]) -> Pair {
     let tmp = tempfile::tempdir().unwrap();
+    let sw = Switch::spawn(&tmp.path().join("switch")).unwrap();
+    pair_in(tmp, sw, extra)
+}
+
+/// A pair on `primary.img` and `secondary.img` in `tmp` (fresh zero images unless they exist).
+fn pair_in(tmp: tempfile::TempDir, sw: SwitchHandle, extra: &[&str]) -> Pair {
     let dir = tmp.path().to_path_buf();
-    let sw = Switch::spawn(&dir.join("switch")).unwrap();
+    let image = |name: &str| {
+        let p = dir.join(format!("{name}.img"));
+        if !p.exists() {
+            disk(&dir, &format!("{name}.img"), 8);
+        }
+        p
+    };
     let addr = free_addr();
     let mut s_args = vec!["--role", "secondary", "--colo-listen", &addr];
     s_args.extend_from_slice(extra);
-    let secondary = Vmm::spawn(&dir, "secondary", sw.path(), &s_args);
+    let secondary = Vmm::spawn_on(&dir, "secondary", sw.path(), &image("secondary"), &s_args);
     let mut p_args = vec!["--role", "primary", "--colo-peer", &addr];
     p_args.extend_from_slice(extra);
-    let primary = Vmm::spawn(&dir, "primary", sw.path(), &p_args);
+    let primary = Vmm::spawn_on(&dir, "primary", sw.path(), &image("primary"), &p_args);
     for v in [&primary, &secondary] {
         v.wait_status("COLO", T, |s| {
             s["phase"] == "colo" && s["checkpoints"].as_u64() >= Some(1)
@@ -183,7 +194,11 @@ struct Model {
 
 impl Model {
     fn connect(p: &Pair) -> Self {
-        let c = KvClient::connect(p.sw.path(), &p.dir.join("client"), &ClientConfig::default(), T).unwrap();
+        Self::connect_to(p.sw.path(), &p.dir.join("client"))
+    }
+
+    fn connect_to(switch: &Path, port: &Path) -> Self {
+        let c = KvClient::connect(switch, port, &ClientConfig::default(), T).unwrap();
         Self {
             c,
             store: HashMap::new(),
@@ -415,4 +430,75 @@ fn set_interval_takes_effect_and_checkpoint_runs_one_now() {
     assert_eq!(p.primary.ctl(Request::SetInterval { ms: 0 })["ok"], false);
     p.primary.quit();
     p.secondary.quit();
+}
+
+#[test]
+fn the_secondary_gets_the_primarys_disk_and_after_a_failover_its_image_holds_every_write() {
+    if !kvm_or_skip("the_secondary_gets_the_primarys_disk_and_after_a_failover_its_image_holds_every_write") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let sw = Switch::spawn(&dir.join("switch")).unwrap();
+    // Before COLO: the guest runs alone on the primary's image and writes 40 records.
+    let img = disk(&dir, "primary.img", 8);
+    disk(&dir, "secondary.img", 8);
+    let alone = Vmm::spawn_on(&dir, "alone", sw.path(), &img, &[]);
+    let t0 = Instant::now();
+    while !alone.has_log("log replayed") {
+        assert!(t0.elapsed() < T, "the lone guest did not boot");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut m = Model::connect_to(sw.path(), &dir.join("client0"));
+    for i in 0..40 {
+        m.set(&format!("old{i}"), &format!("o{i}"));
+    }
+    drop(m.c);
+    alone.quit();
+    // The pair: the secondary's image is all zeros; the initial sync copies the primary's.
+    let p = pair_in(tmp, sw, &["--checkpoint-ms", "100"]);
+    let mut m2 = Model::connect(&p);
+    m2.seq = 40;
+    m2.work(60);
+    // The primary dies; the promoted secondary goes on writing on its own image.
+    let Pair {
+        _dir: tmp,
+        dir,
+        sw,
+        mut primary,
+        secondary,
+    } = p;
+    primary.kill();
+    m2.work(60);
+    secondary.quit();
+    drop(m2.c);
+    // A fresh VMM on the secondary's image replays the log: the old records and every COLO write.
+    let after = Vmm::spawn_on(&dir, "after", sw.path(), &dir.join("secondary.img"), &[]);
+    let t0 = Instant::now();
+    let replayed = loop {
+        if let Some(l) = after
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains("log replayed"))
+        {
+            break l.clone();
+        }
+        assert!(
+            t0.elapsed() < T,
+            "the guest did not boot on the secondary's image"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(replayed.contains(&format!("{} records", m2.seq)), "{replayed}");
+    let mut m3 = Model::connect_to(sw.path(), &dir.join("client3"));
+    m3.seq = m2.seq;
+    m3.store = m2.store.clone();
+    for i in 0..40 {
+        m3.store.insert(format!("old{i}"), format!("o{i}"));
+    }
+    m3.check_all();
+    after.quit();
+    drop(tmp);
 }
