@@ -502,3 +502,52 @@ fn the_secondary_gets_the_primarys_disk_and_after_a_failover_its_image_holds_eve
     after.quit();
     drop(tmp);
 }
+
+#[test]
+fn a_full_disk_epoch_holds_the_write_until_a_forced_checkpoint_and_nothing_is_lost() {
+    if !kvm_or_skip("a_full_disk_epoch_holds_the_write_until_a_forced_checkpoint_and_nothing_is_lost") {
+        return;
+    }
+    // Two 4 KiB blocks per epoch: the log's writes fill an epoch every few SETs. No periodic checkpoint.
+    let p = pair(&["--checkpoint-ms", "60000", "--overlay-blocks", "2"]);
+    let c0 = num(&p.primary.colo()["checkpoints"]);
+    let mut m = Model::connect(&p);
+    m.work(150);
+    m.check_all();
+    let st = p.primary.colo();
+    assert!(num(&st["checkpoints"]) > c0 + 3, "forced checkpoints: {st}");
+    assert!(
+        p.primary.has_log("(disk epoch full)") || p.primary.has_log("secondary asked"),
+        "a checkpoint was started by the disk"
+    );
+    p.primary.quit();
+    p.secondary.quit();
+}
+
+#[test]
+fn with_a_witness_the_promoted_secondary_holds_the_lease() {
+    if !kvm_or_skip("with_a_witness_the_promoted_secondary_holds_the_lease") {
+        return;
+    }
+    use colo_failover::witness::{WitnessConfig, WitnessServer};
+    let w = WitnessServer::bind_fresh("127.0.0.1:0", WitnessConfig::default())
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let arb = format!("witness={}", w.addr());
+    let p = pair(&["--checkpoint-ms", "200", "--arbiter", &arb]);
+    assert!(!p.primary.has_log("NO ARBITER"));
+    let mut m = Model::connect(&p);
+    m.work(30);
+    assert_eq!(w.holder(), None, "nobody holds the lease while the pair is healthy");
+    let a = p.secondary.ctl(Request::Failover);
+    assert_eq!(a["ok"], true, "{a}");
+    let (holder, token, _) = w.holder().expect("a holder");
+    assert_eq!(holder, "secondary");
+    assert_eq!(p.secondary.colo()["failover"]["token"], token.0);
+    p.primary.wait_status("stopped primary", T, |s| s["phase"] == "stopped");
+    m.work(30);
+    m.check_all();
+    p.primary.quit();
+    p.secondary.quit();
+}
