@@ -539,13 +539,18 @@ fn with_a_witness_the_promoted_secondary_holds_the_lease() {
     assert!(!p.primary.has_log("NO ARBITER"));
     let mut m = Model::connect(&p);
     m.work(30);
-    assert_eq!(w.holder(), None, "nobody holds the lease while the pair is healthy");
+    assert_eq!(
+        w.holder(),
+        None,
+        "nobody holds the lease while the pair is healthy"
+    );
     let a = p.secondary.ctl(Request::Failover);
     assert_eq!(a["ok"], true, "{a}");
     let (holder, token, _) = w.holder().expect("a holder");
     assert_eq!(holder, "secondary");
     assert_eq!(p.secondary.colo()["failover"]["token"], token.0);
-    p.primary.wait_status("stopped primary", T, |s| s["phase"] == "stopped");
+    p.primary
+        .wait_status("stopped primary", T, |s| s["phase"] == "stopped");
     m.work(30);
     m.check_all();
     p.primary.quit();

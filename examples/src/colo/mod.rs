@@ -417,7 +417,7 @@ pub fn run(mut machine: MachineConfig, cfg: ColoConfig, control: Option<&Path>) 
                 SecondaryDisk::new(image, store()?, store()?, 0)
             };
             let disk = SharedSecondaryDisk::new(sd.map_err(disk_err)?);
-            let block = Box::new(SecondaryBlock::new(disk.clone()));
+            let block = Box::new(SecondaryBlock::new(disk.clone(), events_tx.clone()));
             (SideDisk::Secondary(disk, durable), block)
         }
     };
