@@ -359,8 +359,11 @@ impl<P: PairDriver> Driver<P> {
         };
         tracing::debug!("event {what}");
         let r = self.handle_inner(ev);
-        if t0.elapsed() > Duration::from_millis(20) {
-            tracing::warn!("COLO: handling {what} took {:?}", t0.elapsed());
+        let took = t0.elapsed();
+        if took > Duration::from_millis(250) {
+            tracing::warn!("COLO: handling {what} took {took:?}");
+        } else if took > Duration::from_millis(20) {
+            tracing::debug!("COLO: handling {what} took {took:?}");
         }
         r
     }

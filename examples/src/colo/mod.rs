@@ -498,7 +498,7 @@ pub fn run(mut machine: MachineConfig, cfg: ColoConfig, control: Option<&Path>) 
         .map_err(io("starting the reader thread"))?;
     let pair_cfg = cfg.pair_config();
     link.driver_tick();
-    link.spawn_heartbeats(pair_cfg.failover.heartbeat_interval)
+    link.spawn_heartbeats(pair_cfg.failover.heartbeat_interval, cfg.heartbeat_timeout)
         .map_err(io("starting the heartbeat thread"))?;
 
     let vm = ColoVm::new(machine.clone(), rx.clone());
