@@ -1636,6 +1636,34 @@ fn a_message_the_primary_never_accepts_is_a_typed_error_and_changes_nothing() {
     sim.check_survivor();
 }
 
+#[test]
+fn a_secondary_taking_over_by_command_makes_the_primary_stop_and_release_nothing_more() {
+    let mut sim = warmed_up();
+    let now = sim.now();
+    let p = sim.primary.as_mut().unwrap();
+    let notice = Message::FailoverNotice {
+        reason: colo_proto::Reason::Operator,
+    };
+    p.handle_message(now, notice).unwrap();
+    assert_eq!(p.phase(), Phase::Stopped);
+    assert!(!p.vm().running, "the primary's guest is paused for good");
+    let outs: Vec<Output> = std::iter::from_fn(|| p.poll_output()).collect();
+    assert!(outs.contains(&Output::StopGuest), "{outs:?}");
+    assert!(
+        !outs.iter().any(|o| matches!(o, Output::ToClient { .. })),
+        "nothing held is released: the new primary produces that output itself"
+    );
+    // What still arrives changes nothing; the link's end is not a reason to run alone.
+    p.guest_output(now, Bytes::from_static(&[0; 60])).unwrap();
+    p.link_failed(now, "the secondary closed the link").unwrap();
+    p.handle_timeout(now + Duration::from_secs(10)).unwrap();
+    assert_eq!(p.phase(), Phase::Stopped);
+    assert!(!p.vm().running);
+    assert!(p.poll_output().is_none());
+    let st = p.status();
+    assert!(st.exit_detail.unwrap_or_default().contains("takes over"));
+}
+
 // ---------- the same drivers on real threads and sockets, run as the README's loop ----------
 
 type Received = Result<Message, colo_proto::Error>;
