@@ -1637,6 +1637,31 @@ fn a_message_the_primary_never_accepts_is_a_typed_error_and_changes_nothing() {
 }
 
 #[test]
+fn operator_takeover_on_the_secondary_stops_the_live_primary_first() {
+    let mut sim = warmed_up();
+    let now = sim.now();
+    sim.secondary.as_mut().unwrap().ask_primary_to_stop(now).unwrap();
+    sim.run(50);
+    assert_eq!(sim.primary.as_ref().unwrap().phase(), Phase::Stopped);
+    assert!(!sim.primary.as_ref().unwrap().vm().running);
+    // The primary has stopped (its VMM closes the link): the secondary takes over.
+    let now = sim.now();
+    let s = sim.secondary.as_mut().unwrap();
+    s.failover_now(now).unwrap();
+    sim.run(1000);
+    sim.drain();
+    let s = sim.secondary.as_ref().unwrap().status();
+    assert_eq!(s.phase, Phase::Alone);
+    assert_eq!(s.failover.reason, colo_failover::ExitReason::Request);
+    assert!(sim.client.answered_after_failover > 100);
+    assert_eq!(sim.primary.as_ref().unwrap().phase(), Phase::Stopped);
+    sim.check_survivor();
+    // Only a secondary in COLO can ask.
+    let now = sim.now();
+    assert!(sim.secondary.as_mut().unwrap().ask_primary_to_stop(now).is_err());
+}
+
+#[test]
 fn a_secondary_taking_over_by_command_makes_the_primary_stop_and_release_nothing_more() {
     let mut sim = warmed_up();
     let now = sim.now();
