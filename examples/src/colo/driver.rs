@@ -359,22 +359,25 @@ impl<P: PairDriver> Driver<P> {
 
     fn handle(&mut self, ev: Event) -> Result<(), ColoError> {
         let t0 = Instant::now();
-        let what = match &ev {
-            Event::Peer(Ok(m)) => format!("{:?}", m.kind()),
-            Event::Peer(Err(_)) => "peer error".into(),
-            Event::Client(_) => "client".into(),
-            Event::GuestTx(_) => "guest tx".into(),
-            Event::Wake => "wake".into(),
-            Event::Command(..) => "command".into(),
-            Event::Quit => "quit".into(),
+        let kind = match &ev {
+            Event::Peer(Ok(m)) => Some(m.kind()),
+            _ => None,
         };
-        tracing::debug!("event {what}");
+        let name = match &ev {
+            Event::Peer(Ok(_)) => "peer message",
+            Event::Peer(Err(_)) => "peer error",
+            Event::Client(_) => "client frame",
+            Event::GuestTx(_) => "guest frame",
+            Event::Wake => "wake-up",
+            Event::Command(..) => "command",
+            Event::Quit => "quit",
+        };
         let r = self.handle_inner(ev);
         let took = t0.elapsed();
         if took > Duration::from_millis(250) {
-            tracing::warn!("COLO: handling {what} took {took:?}");
+            tracing::warn!("COLO: handling a {name} {kind:?} took {took:?}");
         } else if took > Duration::from_millis(20) {
-            tracing::debug!("COLO: handling {what} took {took:?}");
+            tracing::debug!("COLO: handling a {name} {kind:?} took {took:?}");
         }
         r
     }
