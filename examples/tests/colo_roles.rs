@@ -59,8 +59,9 @@ impl Vmm {
             control,
             log,
         };
+        // The socket file appears at bind(), a moment before listen(): wait for an answer, not the file.
         let t0 = Instant::now();
-        while !v.control.exists() {
+        while control::request(&v.control, &Request::Status, T).is_err() {
             assert!(t0.elapsed() < T, "{name}: no control socket");
             std::thread::sleep(Duration::from_millis(10));
         }

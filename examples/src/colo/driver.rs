@@ -81,6 +81,8 @@ pub trait PairDriver {
     fn poll_output(&mut self) -> Option<Output>;
     /// See [`PrimaryPair::status`].
     fn status(&self) -> PairStatus;
+    /// See [`PrimaryPair::phase`].
+    fn phase(&self) -> Phase;
     /// See [`PrimaryPair::failover_now`].
     fn failover_now(&mut self, now: Instant) -> colo_pair::Result<()>;
     /// See [`PrimaryPair::set_checkpoint_interval`] (primary only).
@@ -125,6 +127,9 @@ macro_rules! common_calls {
         }
         fn status(&self) -> PairStatus {
             Self::status(self)
+        }
+        fn phase(&self) -> Phase {
+            Self::phase(self)
         }
         fn failover_now(&mut self, now: Instant) -> colo_pair::Result<()> {
             Self::failover_now(self, now)
@@ -408,7 +413,7 @@ impl<P: PairDriver> Driver<P> {
             }
             Event::Client(frame) => {
                 let r = self.pair.client_input(now, frame);
-                self.settle(r)?;
+                self.settle_frame(r)?;
             }
             Event::GuestTx(frame) => {
                 self.tx_waiting.fetch_sub(1, Ordering::Relaxed);
@@ -438,7 +443,7 @@ impl<P: PairDriver> Driver<P> {
                 self.retry_tx.push_front(frame);
                 Ok(())
             }
-            r => self.settle(r),
+            r => self.settle_frame(r),
         }
     }
 
@@ -525,6 +530,17 @@ impl<P: PairDriver> Driver<P> {
 
     /// After every call into the pair: judge its result, carry out its outputs, note what changed.
     fn settle(&mut self, r: colo_pair::Result<()>) -> Result<(), ColoError> {
+        self.settle_as(r, true)
+    }
+
+    /// [`settle`](Self::settle) after a frame in either direction: a checkpoint cannot have completed
+    /// (that takes a message from the peer), so only a phase change is looked for (the full status sorts
+    /// the pause window for its percentiles: too dear per frame).
+    fn settle_frame(&mut self, r: colo_pair::Result<()>) -> Result<(), ColoError> {
+        self.settle_as(r, false)
+    }
+
+    fn settle_as(&mut self, r: colo_pair::Result<()>, full: bool) -> Result<(), ColoError> {
         match r {
             Ok(()) => {}
             Err(e @ PairError::Vm { .. }) => return Err(ColoError::Pair(e)),
@@ -532,6 +548,9 @@ impl<P: PairDriver> Driver<P> {
         }
         while let Some(out) = self.pair.poll_output() {
             self.output(out)?;
+        }
+        if !full && self.pair.phase() == self.last_phase {
+            return Ok(());
         }
         let st = self.pair.status();
         if st.checkpoints > self.seen_checkpoints {
