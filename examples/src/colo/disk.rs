@@ -12,7 +12,7 @@ use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 use bytes::Bytes;
-use colo_block::{MemStore, RawFile};
+use colo_block::{MemStore, RawFile, WriteStatus};
 use colo_pair::{SharedPrimaryDisk, SharedSecondaryDisk};
 
 use super::driver::Event;
@@ -118,7 +118,12 @@ impl DiskBackend for PrimaryBlock {
 
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         match self.disk.write(offset, Bytes::copy_from_slice(buf)) {
-            Ok(_) => Ok(()),
+            // `run` sets colo-block's Async completion mode: a write is complete once on the local disk.
+            // (Sync mode would need the device to complete requests later, from `take_completed`.)
+            Ok(WriteStatus::Completed) => Ok(()),
+            Ok(WriteStatus::AwaitingAck(id)) => Err(io::Error::other(format!(
+                "write {id:?} awaits the secondary's acknowledgement: Sync completion mode is not supported here"
+            ))),
             Err(colo_block::Error::EpochFull { .. }) => {
                 // The driver starts the checkpoint at its next entry; wake it now.
                 let _ = self.wake.send(Event::Wake);

@@ -581,6 +581,16 @@ impl<P: PairDriver> Driver<P> {
                     .map(|d| format!(" ({d})"))
                     .unwrap_or_default()
             );
+            if matches!(self.last_phase, Phase::Syncing | Phase::Colo)
+                && matches!(st.phase, Phase::FailingOver | Phase::Alone | Phase::Stopped)
+            {
+                tracing::info!(
+                    "COLO: failover: {} (state {:?}, reason {:?})",
+                    st.exit_detail.as_deref().unwrap_or("partner lost"),
+                    st.failover.failover,
+                    st.failover.reason
+                );
+            }
             self.last_phase = st.phase;
             if !matches!(st.phase, Phase::Syncing | Phase::Colo) {
                 // The partner is given up: make sure it sees that, and stop the heartbeats.
