@@ -412,6 +412,9 @@ impl<P: PairDriver> Driver<P> {
                 }
             }
             Event::Client(frame) => {
+                if let Some(sw) = &self.switch {
+                    sw.taken();
+                }
                 let r = self.pair.client_input(now, frame);
                 self.settle_frame(r)?;
             }
@@ -722,6 +725,7 @@ impl<P: PairDriver> Driver<P> {
             "nic_rx_dropped": self.rx.dropped(),
             "output_undeliverable": self.undeliverable,
             "switch_send_errors": self.switch.as_ref().map_or(0, SwitchPort::send_errors),
+            "client_frames_dropped": self.switch.as_ref().map_or(0, SwitchPort::dropped),
             "held_guest_frames": self.retry_tx.len(),
         })
     }
