@@ -24,7 +24,7 @@ pub type SecondaryImage = SharedSecondaryDisk<SvmImage, MemStore, MemStore>;
 /// The secondary's image file. While it only shadows the primary its flushes are skipped: its overlays
 /// live in memory, so a crash of this host loses the shadow anyway (the primary, whose flushes are real,
 /// holds the durable copy), and an fsync at every checkpoint would cost the pair hundreds of
-/// milliseconds of pause here. Once promoted it is durable again ([`SvmImage::make_durable`]).
+/// milliseconds of pause here. Once promoted it is durable again ([`DurableSwitch::make_durable`]).
 #[derive(Debug)]
 pub struct SvmImage {
     file: RawFile,
@@ -32,7 +32,7 @@ pub struct SvmImage {
 }
 
 impl SvmImage {
-    /// Wraps the image; flushes are skipped until the returned switch is set (see [`SvmImage::make_durable`]).
+    /// Wraps the image; flushes are skipped until the returned switch is set (see [`DurableSwitch::make_durable`]).
     pub fn new(file: RawFile) -> (Self, DurableSwitch) {
         let durable = Arc::new(AtomicBool::new(false));
         let switch = DurableSwitch {
