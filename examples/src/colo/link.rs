@@ -10,6 +10,7 @@
 //!   sending about half of one checkpoint's pages.
 
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -151,21 +152,43 @@ impl SharedLink {
                     if inner.closed.load(Ordering::SeqCst) {
                         return;
                     }
+                    // Bytes still queued towards the peer: they reach it before a heartbeat would (and every
+                    // message counts as one), and a heartbeat written into a full buffer would block this
+                    // thread with the lock held (the driver stuck behind it, and no watchdog). Only write
+                    // into an empty queue, which never blocks.
+                    if !matches!(unsent_bytes(&inner.socket), Ok(0)) {
+                        continue;
+                    }
                     seq += 1;
                     inner.writing_since.store(inner.ms() + 1, Ordering::Relaxed);
-                    let ok = chan.send(&Message::Heartbeat { seq }).is_ok();
+                    let sent = chan.send(&Message::Heartbeat { seq });
                     inner.writing_since.store(0, Ordering::Relaxed);
-                    if ok {
-                        inner.last_send.store(inner.ms(), Ordering::Relaxed);
-                        inner.heartbeats.fetch_add(1, Ordering::Relaxed);
+                    drop(chan);
+                    match sent {
+                        Ok(()) => {
+                            inner.last_send.store(inner.ms(), Ordering::Relaxed);
+                            inner.heartbeats.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            // A failed write may have left part of a frame on the stream: nothing after it
+                            // could be decoded. End the link (the peer sees a closed stream, not garbage).
+                            tracing::warn!("COLO: heartbeat to the peer failed ({e}): closing the link");
+                            link.close();
+                            return;
+                        }
                     }
                 }
             })?;
         Ok(())
     }
 
-    /// Runs `f` on the channel under the lock, watched by the watchdog.
-    fn with_chan<T>(&self, f: impl FnOnce(&mut Channel<TcpStream>) -> T) -> Result<T, colo_proto::Error> {
+    /// Runs `f` on the channel under the lock, watched by the watchdog. A failed send closes the link: it
+    /// may have written part of a frame, and the peer must see the stream end rather than decode whatever
+    /// the next writer (driver or heartbeat thread) puts after it.
+    fn with_chan(
+        &self,
+        f: impl FnOnce(&mut Channel<TcpStream>) -> Result<(), colo_proto::Error>,
+    ) -> Result<(), colo_proto::Error> {
         self.check_open()?;
         let mut chan = lock(&self.inner.chan);
         self.inner
@@ -173,9 +196,13 @@ impl SharedLink {
             .store(self.inner.ms() + 1, Ordering::Relaxed);
         let r = f(&mut chan);
         self.inner.writing_since.store(0, Ordering::Relaxed);
+        if r.is_err() {
+            // Under the lock: no other writer can slip in between the failure and the shutdown.
+            self.close();
+        }
         drop(chan);
         self.sent();
-        Ok(r)
+        r
     }
 
     fn check_open(&self) -> Result<(), colo_proto::Error> {
@@ -208,6 +235,18 @@ impl SharedLink {
     }
 }
 
+/// Bytes written to `socket` that the peer has not acknowledged yet (Linux `SIOCOUTQ`).
+fn unsent_bytes(socket: &TcpStream) -> std::io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (the same request as SIOCOUTQ) on an open TCP socket writes one c_int through the
+    // pointer, which points at `n`, alive for the whole call; the fd stays open as long as `socket`.
+    let r = unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
 /// The first half (by pages, rounded down) of a page list whose entries are single pages, runs of whole
 /// pages, or empty zero-page markers; returns it with its page count and the total.
 fn first_half<'a>(pages: &[(u64, &'a [u8])]) -> (Vec<(u64, &'a [u8])>, usize, usize) {
@@ -232,7 +271,7 @@ fn first_half<'a>(pages: &[(u64, &'a [u8])]) -> (Vec<(u64, &'a [u8])>, usize, us
 
 impl Link for SharedLink {
     fn send(&mut self, msg: &Message) -> Result<(), colo_proto::Error> {
-        self.with_chan(|c| c.send(msg))?
+        self.with_chan(|c| c.send(msg))
     }
 
     fn send_pages(
@@ -250,7 +289,7 @@ impl Link for SharedLink {
             // Pre-copy frames (protocol v3) carry a CRC over their descriptors only, so pages the running
             // guest writes while they are sent are accepted (the dirty log sends them again).
             chan.send_pages(phase, epoch, page_size, pages)
-        })?
+        })
     }
 
     fn send_vmstate(
@@ -259,7 +298,7 @@ impl Link for SharedLink {
         devices: &[(u32, &[u8])],
         chunk: usize,
     ) -> Result<(), colo_proto::Error> {
-        self.with_chan(|c| c.send_vmstate(epoch, devices, chunk))?
+        self.with_chan(|c| c.send_vmstate(epoch, devices, chunk))
     }
 
     fn version(&self) -> u16 {
@@ -301,6 +340,85 @@ pub fn spawn_reader(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+    use std::net::TcpListener;
+
+    fn v3(s: TcpStream) -> Channel<TcpStream> {
+        let mut c = Channel::new(s);
+        c.set_version(colo_proto::PROTOCOL_VERSION);
+        c
+    }
+
+    /// A link to a peer that accepted the connection and never reads, with the socket's send queue
+    /// already full (so the next write blocks).
+    fn link_to_a_frozen_peer() -> (SharedLink, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (peer, _) = l.accept().unwrap();
+        // The send timeout the VMM sets: the watchdog must act long before it.
+        ours.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut filler = ours.try_clone().unwrap();
+        filler.set_nonblocking(true).unwrap();
+        let chunk = [0u8; 64 << 10];
+        // Loopback moves data on into the peer's (growing) receive buffer: fill until it stays full.
+        let mut full_rounds = 0;
+        while full_rounds < 5 {
+            let mut wrote = false;
+            while filler.write(&chunk).is_ok() {
+                wrote = true;
+            }
+            full_rounds = if wrote { 0 } else { full_rounds + 1 };
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        filler.set_nonblocking(false).unwrap();
+        (SharedLink::new(v3(ours), None).unwrap(), peer)
+    }
+
+    #[test]
+    fn a_write_stuck_behind_a_silent_peer_is_ended_by_the_watchdog() {
+        let (link, _peer) = link_to_a_frozen_peer();
+        link.driver_tick();
+        link.spawn_heartbeats(Duration::from_millis(20), Duration::from_millis(300))
+            .unwrap();
+        // Let the heartbeat thread come round a few times with the queue full: it must not block in a
+        // write holding the lock (then nobody would watch the driver's write below).
+        std::thread::sleep(Duration::from_millis(100));
+        let t0 = Instant::now();
+        let mut l = link.clone();
+        let state = vec![7u8; 1 << 20];
+        let r = l.send_vmstate(1, &[(1, &state)], 64 << 10);
+        assert!(r.is_err(), "the blocked send fails");
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "the watchdog closed the link after {:?}, not the 10 s send timeout",
+            t0.elapsed()
+        );
+        assert!(link.is_closed());
+    }
+
+    #[test]
+    fn a_failed_send_closes_the_link() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (peer, _) = l.accept().unwrap();
+        ours.set_write_timeout(Some(Duration::from_millis(200))).unwrap();
+        let mut link = SharedLink::new(v3(ours), None).unwrap();
+        drop(peer);
+        // Writes to a peer that is gone fail within a few attempts (RST, then EPIPE).
+        let mut failed = false;
+        for seq in 0..100 {
+            if link.send(&Message::Heartbeat { seq }).is_err() {
+                failed = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(failed);
+        assert!(
+            link.is_closed(),
+            "a failed write may leave half a frame: the link must end there"
+        );
+    }
 
     #[test]
     fn the_fault_hook_sends_half_of_the_pages_splitting_a_run() {
