@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use colo_block::{MemStore, RawFile};
-use colo_failover::{ExitReason, FailoverStatus, Role as NodeRole};
+use colo_failover::{ExitReason, FailoverStatus, FenceToken, Role as NodeRole};
 use colo_pair::{Output, PairError, PairStatus, Phase, PrimaryPair, SecondaryPair, Side, Trigger};
 use colo_proto::Message;
 use serde_json::{Value, json};
@@ -248,7 +248,7 @@ pub struct DriverParts {
     pub events: Receiver<Event>,
     /// A sender for it (for threads the driver starts).
     pub events_tx: Sender<Event>,
-    /// Guest frames queued as events.
+    /// Guest frames not taken by the pair yet (queued as events, or held in the driver after a refusal).
     pub tx_waiting: Arc<AtomicUsize>,
     /// Peer messages queued as events.
     pub peer_pending: Arc<AtomicUsize>,
@@ -426,14 +426,7 @@ impl<P: PairDriver> Driver<P> {
                 let r = self.pair.client_input(now, frame);
                 self.settle_frame(r)?;
             }
-            Event::GuestTx(frame) => {
-                self.tx_waiting.fetch_sub(1, Ordering::Relaxed);
-                if self.retry_tx.is_empty() {
-                    self.offer(now, frame)?;
-                } else {
-                    self.retry_tx.push_back(frame);
-                }
-            }
+            Event::GuestTx(frame) => self.offer(now, Some(frame))?,
             Event::Wake => {
                 let r = self.pair.handle_timeout(now);
                 self.settle(r)?;
@@ -447,27 +440,26 @@ impl<P: PairDriver> Driver<P> {
         Ok(())
     }
 
-    /// Offers one guest frame; a refused one waits in `retry_tx`.
-    fn offer(&mut self, now: Instant, frame: Bytes) -> Result<(), ColoError> {
-        match self.pair.guest_output(now, frame.clone()) {
-            Err(PairError::OutputFull { .. }) => {
-                self.retry_tx.push_front(frame);
-                Ok(())
+    /// Offers the guest frames refused earlier and then `frame`, in order; the first one refused waits in
+    /// `retry_tx` with all behind it.
+    fn offer(&mut self, now: Instant, frame: Option<Bytes>) -> Result<(), ColoError> {
+        let mut backlog = std::mem::take(&mut self.retry_tx);
+        let tx_waiting = self.tx_waiting.clone();
+        let r = offer_in_order(&mut backlog, &tx_waiting, frame, |f| {
+            match self.pair.guest_output(now, f.clone()) {
+                Err(PairError::OutputFull { .. }) => Ok(Some(f)),
+                r => self.settle_frame(r).map(|()| None),
             }
-            r => self.settle_frame(r),
-        }
+        });
+        self.retry_tx = backlog;
+        r
     }
 
     fn retry_output(&mut self) -> Result<(), ColoError> {
-        let now = Instant::now();
-        while let Some(f) = self.retry_tx.pop_front() {
-            let before = self.retry_tx.len();
-            self.offer(now, f)?;
-            if self.retry_tx.len() > before {
-                break;
-            }
+        if self.retry_tx.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        self.offer(Instant::now(), None)
     }
 
     fn command(&mut self, now: Instant, cmd: Command, reply: Sender<Value>) -> Result<(), ColoError> {
@@ -622,8 +614,8 @@ impl<P: PairDriver> Driver<P> {
 
     fn output(&mut self, out: Output) -> Result<(), ColoError> {
         match out {
-            Output::ToClient { frame, .. } => match &self.switch {
-                Some(sw) => sw.send(&frame),
+            Output::ToClient { frame, token, .. } => match &self.switch {
+                Some(sw) => sw.send(&frame, token),
                 None => self.undeliverable += 1,
             },
             Output::ToGuest(frame) => {
@@ -633,7 +625,7 @@ impl<P: PairDriver> Driver<P> {
                 let since = self.last_peer_message.elapsed();
                 self.failover_ms = Some(since.as_millis() as u64);
                 self.link.close();
-                self.attach_switch()?;
+                self.attach_switch(token)?;
                 tracing::info!(
                     "COLO: promoted (token {}): the secondary's guest serves the clients now, {:.0} ms after the \
                      last word from the primary",
@@ -670,7 +662,8 @@ impl<P: PairDriver> Driver<P> {
         Ok(())
     }
 
-    fn attach_switch(&mut self) -> Result<(), ColoError> {
+    /// Attaches the promoted guest's NIC to the client network, its frames stamped with `token` from now.
+    fn attach_switch(&mut self, token: FenceToken) -> Result<(), ColoError> {
         let Some(a) = self.attach.take() else {
             return Ok(());
         };
@@ -682,7 +675,8 @@ impl<P: PairDriver> Driver<P> {
             source: e,
         })?;
         // Move the guest's MAC to this port at once (as after a migration).
-        port.send(&announce_frame(a.mac));
+        // The switch's gate for the MAC rises to the new token: a stale primary is fenced off from here.
+        port.send(&announce_frame(a.mac), token);
         port.spawn_reader(self.events_tx.clone())
             .map_err(|e| ColoError::Io {
                 what: "starting the switch reader",
@@ -751,6 +745,34 @@ impl<P: PairDriver> Driver<P> {
             "held_guest_frames": self.retry_tx.len(),
         })
     }
+}
+
+/// Offers `incoming` (if any) after the frames in `backlog`, in order, and stops at the first one `offer`
+/// refuses (it gives the frame back), which goes back to the front of `backlog`.
+///
+/// `waiting` counts the guest frames the pair has not taken yet, queued as events or in `backlog`; a frame
+/// leaves it only when `offer` takes it. The NIC refuses new frames at [`super::net::MAX_TX_FRAMES`], so a
+/// guest sending while the pair refuses (output suspended, comparator full) cannot grow `backlog` without
+/// bound: its NIC counts TX errors instead.
+fn offer_in_order<E>(
+    backlog: &mut VecDeque<Bytes>,
+    waiting: &AtomicUsize,
+    incoming: Option<Bytes>,
+    mut offer: impl FnMut(Bytes) -> Result<Option<Bytes>, E>,
+) -> Result<(), E> {
+    backlog.extend(incoming);
+    while let Some(f) = backlog.pop_front() {
+        match offer(f)? {
+            Some(refused) => {
+                backlog.push_front(refused);
+                break;
+            }
+            None => {
+                waiting.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Secondary pauses kept for the percentiles (as many as colo-pair keeps).
@@ -844,6 +866,66 @@ pub fn status_json(side: Side, st: &PairStatus, failover_ms: Option<u64>, extra:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_frames_the_pair_refuses_stay_bounded_and_in_order() {
+        use crate::colo::net::{MAX_TX_FRAMES, NicPort, RxQueue};
+        use crate::devices::backend::NetBackend;
+        let (tx, events) = std::sync::mpsc::channel();
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let mut nic = NicPort::new(tx, waiting.clone(), Arc::new(RxQueue::new().unwrap()));
+        let mut backlog = VecDeque::new();
+        let mut taken = Vec::new();
+        let mut open = false;
+        let pass = |backlog: &mut VecDeque<Bytes>, open: bool, taken: &mut Vec<Bytes>| {
+            while let Ok(Event::GuestTx(f)) = events.try_recv() {
+                offer_in_order::<()>(backlog, &waiting, Some(f), |f| {
+                    Ok(if open {
+                        taken.push(f);
+                        None
+                    } else {
+                        Some(f)
+                    })
+                })
+                .unwrap();
+            }
+        };
+        // The pair refuses everything (output suspended) while the guest keeps sending.
+        let mut refused_by_nic = 0;
+        for i in 0..MAX_TX_FRAMES as u32 + 100 {
+            if nic.send(&i.to_le_bytes()).is_err() {
+                refused_by_nic += 1;
+            }
+            pass(&mut backlog, open, &mut taken);
+        }
+        assert_eq!(
+            backlog.len(),
+            MAX_TX_FRAMES,
+            "held frames are bounded by the NIC's limit"
+        );
+        assert_eq!(
+            refused_by_nic, 100,
+            "the rest is refused at the NIC (a TX error it counts)"
+        );
+        assert!(nic.send(b"refused").is_err(), "nothing more fits");
+        // The pair takes frames again (the driver's retry): all held ones go first, in order; then the NIC
+        // takes new frames again.
+        open = true;
+        offer_in_order::<()>(&mut backlog, &waiting, None, |f| {
+            taken.push(f);
+            Ok(None)
+        })
+        .unwrap();
+        nic.send(b"new").unwrap();
+        pass(&mut backlog, open, &mut taken);
+        assert!(backlog.is_empty());
+        assert_eq!(taken.len(), MAX_TX_FRAMES + 1);
+        for (i, f) in taken[..MAX_TX_FRAMES].iter().enumerate() {
+            assert_eq!(&f[..], &(i as u32).to_le_bytes());
+        }
+        assert_eq!(&taken[MAX_TX_FRAMES][..], b"new");
+        assert_eq!(waiting.load(Ordering::Relaxed), 0);
+    }
 
     #[test]
     fn percentile_is_nearest_rank() {

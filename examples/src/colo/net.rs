@@ -8,7 +8,11 @@
 //!
 //! [`SwitchPort`] is the host's port on the client network (the mini-VMM's Unix datagram switch): the
 //! primary reads client frames from it and writes released output to it; the secondary attaches it only
-//! when it is promoted.
+//! when it is promoted. It is a *fenced* port ([`crate::switch`]): every frame carries the fencing token
+//! colo-pair released it with, and the switch drops frames of a node whose token is older than one it has
+//! seen for the guest's MAC (a stale primary after a takeover). A VMM on a real network puts the same
+//! check wherever the pair's output meets the shared network (a gate in front of the tap, or a load
+//! balancer that knows the token).
 
 use std::collections::VecDeque;
 use std::io;
@@ -21,10 +25,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
+use colo_failover::FenceToken;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::driver::Event;
 use crate::devices::backend::NetBackend;
+use crate::switch::{FENCED_HELLO, TOKEN_LEN};
 
 /// Most frames waiting for the guest; more are dropped (and counted) like a full NIC queue on a wire.
 pub const MAX_RX_FRAMES: usize = 1024;
@@ -207,13 +213,13 @@ pub struct SwitchPort {
 }
 
 impl SwitchPort {
-    /// Binds `local` (a stale socket is replaced), attaches to the switch at `switch` and registers.
+    /// Binds `local` (a stale socket is replaced), attaches to the switch at `switch` and registers as a
+    /// fenced port.
     pub fn connect(local: &Path, switch: &Path) -> io::Result<Self> {
         let _ = std::fs::remove_file(local);
         let sock = UnixDatagram::bind(local)?;
         sock.connect(switch)?;
-        // An empty datagram registers the port with the switch.
-        sock.send(&[])?;
+        sock.send(FENCED_HELLO)?;
         Ok(Self {
             sock,
             path: local.to_path_buf(),
@@ -224,10 +230,13 @@ impl SwitchPort {
         })
     }
 
-    /// Puts a frame on the client network. A frame the switch cannot take is lost like on a wire (TCP
-    /// retransmits it) and counted.
-    pub fn send(&self, frame: &[u8]) {
-        if let Err(e) = self.sock.send(frame)
+    /// Puts a frame on the client network, stamped with the fencing token it was released with. A frame
+    /// the switch cannot take is lost like on a wire (TCP retransmits it) and counted.
+    pub fn send(&self, frame: &[u8], token: FenceToken) {
+        let mut datagram = Vec::with_capacity(TOKEN_LEN + frame.len());
+        datagram.extend_from_slice(&token.to_be_bytes());
+        datagram.extend_from_slice(frame);
+        if let Err(e) = self.sock.send(&datagram)
             && self.send_errors.fetch_add(1, Ordering::Relaxed) == 0
         {
             tracing::warn!("switch port: send failed: {e}");
