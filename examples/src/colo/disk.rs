@@ -1,8 +1,8 @@
 //! The guest's block device in a pair: the mini-VMM's [`DiskBackend`] over colo-pair's shared colo-block
 //! disks.
 //!
-//! A write colo-block cannot take now (the primary's epoch is full, the secondary's active overlay is full)
-//! is answered with [`io::ErrorKind::WouldBlock`]: the block device then leaves the request queued and
+//! A write colo-block cannot take now (the primary's epoch or replication backlog is full, the secondary's
+//! active overlay is full) is answered with [`io::ErrorKind::WouldBlock`]: the block device then leaves the request queued and
 //! retries it at its next poll, so it completes after the checkpoint that makes room and is never lost.
 
 use std::io;
@@ -130,6 +130,16 @@ impl DiskBackend for PrimaryBlock {
                 std::thread::sleep(HELD_BACKOFF);
                 Err(held("disk epoch full: the write waits for the next checkpoint"))
             }
+            Err(colo_block::Error::BacklogFull { .. }) => {
+                // Replication records not sent yet fill colo-block's cap (the driver was busy or the link
+                // slow): the driver sends them at its next entry. Never the guest's I/O error, which
+                // would lose a write the pair can take a moment later.
+                let _ = self.wake.send(Event::Wake);
+                std::thread::sleep(HELD_BACKOFF);
+                Err(held(
+                    "replication backlog full: the write waits for the driver to send it",
+                ))
+            }
             Err(e) => Err(io_err(e)),
         }
     }
@@ -182,5 +192,41 @@ impl DiskBackend for SecondaryBlock {
 
     fn flush(&mut self) -> io::Result<()> {
         self.disk.flush().map_err(io_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use colo_block::{Outgoing, PrimaryConfig, PrimaryDisk};
+
+    #[test]
+    fn a_full_replication_backlog_holds_the_write_and_the_driver_is_woken() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.img");
+        std::fs::File::create(&path).unwrap().set_len(1 << 20).unwrap();
+        let image = RawFile::open(&path).unwrap();
+        let cfg = PrimaryConfig {
+            max_backlog_bytes: 8192,
+            ..PrimaryConfig::default()
+        };
+        let mut pd = PrimaryDisk::new(image, cfg);
+        pd.start_replication().unwrap();
+        let disk = SharedPrimaryDisk::new(pd);
+        let (tx, wakes) = std::sync::mpsc::channel();
+        let mut block = PrimaryBlock::new(disk.clone(), tx);
+        let data = [5u8; 4096];
+        block.write_at(&data, 0).unwrap();
+        block.write_at(&data, 4096).unwrap();
+        let e = block.write_at(&data, 8192).unwrap_err();
+        assert_eq!(
+            e.kind(),
+            io::ErrorKind::WouldBlock,
+            "held, not a guest I/O error: {e}"
+        );
+        assert!(matches!(wakes.try_recv(), Ok(Event::Wake)));
+        // The driver sends the queued records; the held write then goes through.
+        while let Some(Outgoing::Write(_)) = disk.lock().poll_outgoing().unwrap() {}
+        block.write_at(&data, 8192).unwrap();
     }
 }
