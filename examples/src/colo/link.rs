@@ -156,7 +156,8 @@ impl SharedLink {
                     // message counts as one), and a heartbeat written into a full buffer would block this
                     // thread with the lock held (the driver stuck behind it, and no watchdog). Only write
                     // into an empty queue, which never blocks.
-                    if !matches!(unsent_bytes(&inner.socket), Ok(0)) {
+                    if !matches!(unsent_bytes(&inner.socket), Ok(0)) || chan.version() < 2 {
+                        // (Protocol v1 has no heartbeat message.)
                         continue;
                     }
                     seq += 1;
@@ -169,13 +170,14 @@ impl SharedLink {
                             inner.last_send.store(inner.ms(), Ordering::Relaxed);
                             inner.heartbeats.fetch_add(1, Ordering::Relaxed);
                         }
-                        Err(e) => {
+                        Err(e @ colo_proto::Error::Io(_)) => {
                             // A failed write may have left part of a frame on the stream: nothing after it
                             // could be decoded. End the link (the peer sees a closed stream, not garbage).
                             tracing::warn!("COLO: heartbeat to the peer failed ({e}): closing the link");
                             link.close();
                             return;
                         }
+                        Err(e) => tracing::warn!("COLO: heartbeat not sent: {e}"),
                     }
                 }
             })?;
@@ -196,8 +198,9 @@ impl SharedLink {
             .store(self.inner.ms() + 1, Ordering::Relaxed);
         let r = f(&mut chan);
         self.inner.writing_since.store(0, Ordering::Relaxed);
-        if r.is_err() {
-            // Under the lock: no other writer can slip in between the failure and the shutdown.
+        if matches!(r, Err(colo_proto::Error::Io(_))) {
+            // Under the lock: no other writer can slip in between the failure and the shutdown. (Other
+            // errors are refusals to encode, before anything was written.)
             self.close();
         }
         drop(chan);
@@ -418,6 +421,17 @@ mod tests {
             link.is_closed(),
             "a failed write may leave half a frame: the link must end there"
         );
+    }
+
+    #[test]
+    fn a_message_refused_before_writing_leaves_the_link_open() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let _peer = l.accept().unwrap();
+        // Protocol v1 has no heartbeat: the encoder refuses it and nothing reaches the stream.
+        let mut link = SharedLink::new(Channel::new(ours), None).unwrap();
+        assert!(link.send(&Message::Heartbeat { seq: 1 }).is_err());
+        assert!(!link.is_closed());
     }
 
     #[test]
