@@ -615,3 +615,32 @@ fn quit_before_the_pair_exists_is_prompt_and_clean() {
     assert_eq!(st["phase"], "listening");
     s.quit();
 }
+
+#[test]
+fn primary_killed_in_the_middle_of_a_checkpoint_the_secondary_takes_over_from_the_last_one() {
+    if !kvm_or_skip("primary_killed_in_the_middle_of_a_checkpoint_the_secondary_takes_over_from_the_last_one")
+    {
+        return;
+    }
+    // The primary dies by SIGKILL after sending about half of checkpoint 8's pages, while the client works.
+    let mut p = pair(&["--checkpoint-ms", "100", "--fault-exit-in-checkpoint", "8"]);
+    let mut m = Model::connect(&p);
+    let t0 = Instant::now();
+    while p.primary.child.try_wait().unwrap().is_none() {
+        assert!(t0.elapsed() < T, "the primary did not reach checkpoint 8");
+        m.work(5);
+    }
+    assert!(
+        p.primary
+            .has_log("fault injection: dying by SIGKILL in checkpoint 8")
+    );
+    // The same connection goes on: the secondary promoted from checkpoint 7 (the torn checkpoint 8 is
+    // dropped) and no acknowledged write is missing, no answer contradicted.
+    m.work(60);
+    m.check_all();
+    let ss = p.secondary.wait_status("takeover", T, |s| s["phase"] == "alone");
+    assert!(num(&ss["checkpoints"]) >= 7, "{ss}");
+    assert_eq!(ss["node_role"], "primary", "{ss}");
+    assert!(p.secondary.has_log("COLO: promoted"));
+    p.secondary.quit();
+}
