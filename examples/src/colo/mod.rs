@@ -7,9 +7,9 @@
 //! | file | piece | what it does |
 //! |---|---|---|
 //! | [`vm`] | [`ColoVm`] | `colo_pair::Vm` for the machine: RAM, pause/resume, state as blobs (vCPU + devices, and the NIC's receive queue); [`vm::dirty_log`]: KVM's log OR vm-memory's bitmap |
-//! | [`net`] | [`NicPort`], [`RxQueue`], [`SwitchPort`] | the NIC's backend: guest frames to the driver, `Output::ToGuest` to the guest; the client network port |
-//! | [`disk`] | [`PrimaryBlock`], [`SecondaryBlock`] | the block device's backend over colo-pair's shared colo-block disks; a write that must wait for a checkpoint stays queued in the device and completes after it |
-//! | [`link`] | [`SharedLink`] | the checkpoint channel (TCP): sending half for colo-pair plus a heartbeat thread, a reader thread, pre-copy staging, the fault-injection hook |
+//! | [`net`] | [`NicPort`], [`RxQueue`], [`SwitchPort`] | the NIC's backend: guest frames to the driver, `Output::ToGuest` to the guest; the client network port (a fenced switch port: each frame carries its release token) |
+//! | [`disk`] | [`PrimaryBlock`], [`SecondaryBlock`] | the block device's backend over colo-pair's shared colo-block disks; a write that must wait (epoch or backlog full, overlay full) stays queued in the device and completes after the driver made room |
+//! | [`link`] | [`SharedLink`] | the checkpoint channel (TCP): sending half for colo-pair plus a heartbeat and watchdog thread, a reader thread with backpressure, the fault-injection hook |
 //! | [`driver`] | [`Driver`] | the loop: one FIFO event queue, the pair's timers, its outputs (release to the switch, deliver to the guest, promotion, shutdown), control commands, status |
 //! | here | [`run`] | process setup for either role: machine, disks, connection and handshake, arbiter, control socket |
 //!
@@ -26,6 +26,21 @@
 //!
 //! The secondary's NIC is not on the client network until it is promoted; then it attaches its own switch
 //! port, announces the guest's MAC, and the SVM's output goes to the client (translated by the rewriter).
+//!
+//! Fencing: every frame the pair releases (`Output::ToClient`) carries colo-failover's fencing token, and
+//! [`SwitchPort`] hands it to the switch with the frame; the switch keeps a `FenceGate` per guest MAC
+//! ([`crate::switch`]) and drops frames of an older token. The promoted secondary announces the MAC with
+//! its promotion token, so a stale primary that wakes up later (token 0 until its first failover) reaches
+//! no client and cannot pull the MAC back. Tokens only grow across nodes with a real arbiter
+//! (`--arbiter witness=..`); `none` hands both sides their own tokens, which fence nothing. Disk writes need
+//! no gate here: each side writes only its own image (no storage is shared); a VMM on shared storage puts
+//! a `FenceGate` in front of it the same way.
+//!
+//! Threads and locks a VMM copying this must keep: the driver thread is the only caller into colo-pair;
+//! the link's sending half is one mutex shared with the heartbeat thread, which only writes into an empty
+//! socket send queue (so it never blocks holding it) and doubles as the watchdog of a blocked driver write;
+//! a failed write closes the link (half a frame may be on the stream). No lock of the glue is held across
+//! a call into colo-pair, and colo-pair holds its disk lock only for short calls, never across `pause`.
 
 pub mod disk;
 pub mod driver;

@@ -280,6 +280,17 @@ mod tests {
         desc
     }
 
+    /// A zeroed 64-sector image in a fresh temporary directory (kept alive by the returned guard).
+    fn image() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("d.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(64 * SECTOR_SIZE)
+            .unwrap();
+        (dir, img)
+    }
+
     fn status(ram: &GuestRam, desc: u64) -> u32 {
         ram.read_obj(GuestAddress(desc + 4)).unwrap()
     }
@@ -310,12 +321,7 @@ mod tests {
 
     #[test]
     fn a_held_write_stays_queued_with_the_requests_behind_it_and_completes_later() {
-        let dir = tempfile::tempdir().unwrap();
-        let img = dir.path().join("d.img");
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(64 * SECTOR_SIZE)
-            .unwrap();
+        let (_dir, img) = image();
         let file = OpenOptions::new().read(true).write(true).open(&img).unwrap();
         let hold = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut b = Block::with_backend(Box::new(Holding {
@@ -354,12 +360,7 @@ mod tests {
 
     #[test]
     fn reads_writes_flushes_and_refuses_bad_requests() {
-        let dir = tempfile::tempdir().unwrap();
-        let img = dir.path().join("d.img");
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(64 * SECTOR_SIZE)
-            .unwrap();
+        let (_dir, img) = image();
         let (ram, _) = create_ram(MIN_RAM, false).unwrap();
         let mut b = Block::open(&img).unwrap();
         ram.write_slice(&[0xab; 1024], GuestAddress(0x100000)).unwrap();
@@ -403,12 +404,7 @@ mod tests {
 
     #[test]
     fn state_round_trips_and_is_checked_against_the_image() {
-        let dir = tempfile::tempdir().unwrap();
-        let img = dir.path().join("d.img");
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(64 * SECTOR_SIZE)
-            .unwrap();
+        let (dir, img) = image();
         let small = dir.path().join("s.img");
         std::fs::File::create(&small)
             .unwrap()
