@@ -94,6 +94,13 @@ pub struct CheckpointArgs {
     /// Threads the secondary's RAM cache flush uses (1 measured faster than 2 on the shared 2-core host).
     #[arg(long, default_value_t = 1)]
     pub flush_threads: usize,
+    /// Back the secondary's RAM cache with transparent huge pages (`RamCache::advise_huge_pages`).
+    #[arg(long)]
+    pub cache_huge_pages: bool,
+    /// The secondary receives on one thread (read, check, decode and store in turn) instead of a reader
+    /// thread pipelined with the store.
+    #[arg(long)]
+    pub single_thread_receive: bool,
     /// Pages per RAM frame.
     #[arg(long, default_value_t = 256)]
     pub batch_pages: usize,
@@ -122,6 +129,12 @@ enum Cmd {
         /// RAM cache flush threads.
         #[arg(long, default_value_t = 2)]
         flush_threads: usize,
+        /// Back the RAM cache with transparent huge pages.
+        #[arg(long)]
+        cache_huge_pages: bool,
+        /// Receive on one thread.
+        #[arg(long)]
+        single_thread_receive: bool,
     },
 }
 
@@ -142,7 +155,12 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Secondary { mem, flush_threads } => secondary::run(mem.0, flush_threads),
+        Cmd::Secondary {
+            mem,
+            flush_threads,
+            cache_huge_pages,
+            single_thread_receive,
+        } => secondary::run(mem.0, flush_threads, cache_huge_pages, !single_thread_receive),
     }
 }
 

@@ -66,12 +66,19 @@ struct Secondary {
 impl Secondary {
     fn spawn(args: &CheckpointArgs) -> Result<(Self, u16, u16)> {
         let exe = std::env::current_exe().context("finding this executable")?;
-        let mut child = Command::new(exe)
-            .arg("secondary")
+        let mut cmd = Command::new(exe);
+        cmd.arg("secondary")
             .arg("--mem")
             .arg(args.mem.to_string())
             .arg("--flush-threads")
-            .arg(args.flush_threads.to_string())
+            .arg(args.flush_threads.to_string());
+        if args.cache_huge_pages {
+            cmd.arg("--cache-huge-pages");
+        }
+        if args.single_thread_receive {
+            cmd.arg("--single-thread-receive");
+        }
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

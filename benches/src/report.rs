@@ -54,6 +54,8 @@ pub struct EpochRecord {
     /// The RAM stream of this checkpoint, first byte written to last page in the secondary's cache
     /// (pre-copy and paused parts added).
     pub stream_ns: u64,
+    /// The pre-copy part of `stream_ns`.
+    pub precopy_stream_ns: u64,
     /// Secondary: storing the paused pages into the RAM cache.
     pub store_ns: u64,
     /// Secondary: receiving the paused pages (`VmstateSend` to `EndOfRam`).
@@ -207,7 +209,13 @@ impl Report {
             } else {
                 0
             };
-            r.stream_ns = pre + s.ram_end_ns.saturating_sub(r.ram_send_start_ns);
+            r.precopy_stream_ns = pre;
+            let paused = if s.ram_pages > 0 {
+                s.ram_last_store_ns.saturating_sub(r.ram_send_start_ns)
+            } else {
+                0
+            };
+            r.stream_ns = pre + paused;
         }
         let counted: Vec<&EpochRecord> = records.iter().filter(|r| r.epoch > 1).collect();
         ensure!(!counted.is_empty(), "no checkpoint to report");

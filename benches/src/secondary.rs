@@ -18,8 +18,11 @@ use vm_memory::GuestAddress;
 use crate::guest::{CpuState, Mem};
 use crate::mono_ns;
 
-/// Decoded messages queued between the reader thread and the store (each up to one 1 MiB page frame).
-const RECV_QUEUE: usize = 16;
+/// Decoded messages queued between the reader thread and the store (each up to one 1 MiB page frame). With
+/// the frame being read and the batch being stored this keeps at most 8 receive buffers in flight, the size
+/// of colo-proto's buffer pool: more would make the channel allocate fresh buffers (page faults, zeroing)
+/// and free them again (unmapping) while the queue is full.
+const RECV_QUEUE: usize = 6;
 
 /// Largest device state this secondary buffers for one checkpoint.
 const MAX_DEVICE_STATE: usize = 1 << 20;
@@ -38,6 +41,8 @@ pub struct SecondaryEpoch {
     pub ram_start_ns: u64,
     /// When `EndOfRam` arrived (every checkpoint page stored in the cache).
     pub ram_end_ns: u64,
+    /// When the last checkpoint page of this epoch was in the cache (0: none arrived while paused).
+    pub ram_last_store_ns: u64,
     /// Pages stored from checkpoint batches.
     pub ram_pages: u64,
     /// Time spent inside `RamCache::receive` for checkpoint pages.
@@ -61,7 +66,7 @@ pub struct SecondaryResult {
 
 /// Runs the secondary: binds two loopback listeners (checkpoint channel, raw reference), announces them on
 /// stdout, and serves one primary until it says goodbye.
-pub fn run(mem_bytes: u64, flush_threads: usize) -> Result<()> {
+pub fn run(mem_bytes: u64, flush_threads: usize, huge_cache: bool, pipelined: bool) -> Result<()> {
     let svm = Mem::from_ranges(&[(GuestAddress(0), mem_bytes as usize)]).context("SVM memory")?;
     let layout = RamLayout::of(&svm)?;
     let mut cache = RamCache::new(
@@ -71,6 +76,9 @@ pub fn run(mem_bytes: u64, flush_threads: usize) -> Result<()> {
             ..FlushOptions::default()
         },
     )?;
+    if huge_cache {
+        cache.advise_huge_pages()?;
+    }
     // The SVM's own writes (none in this benchmark, which runs no secondary guest) would come from here.
     let mut svm_log = AtomicBitmapLog::new(&svm)?;
     let mut sram = GuestRam::new(&svm)?;
@@ -104,23 +112,30 @@ pub fn run(mem_bytes: u64, flush_threads: usize) -> Result<()> {
         }],
     );
     ch.handshake_accept(&local)?;
-    // Pipeline: a reader thread reads frames, checks their CRC and decodes them while this thread stores the
-    // previous batch into the RAM cache. Messages reach the session machine in arrival order; the queue is
-    // bounded, so a slow store pushes back on the socket.
-    let mut rx = Channel::from_tcp(ch.get_ref().try_clone()?)?;
-    rx.set_version(ch.version());
-    let (msg_tx, msg_rx) = std::sync::mpsc::sync_channel::<colo_proto::Result<Message>>(RECV_QUEUE);
-    let reader = std::thread::Builder::new()
-        .name("checkpoint-rx".into())
-        .spawn(move || {
-            loop {
-                let msg = rx.recv();
-                let stop = msg.is_err();
-                if msg_tx.send(msg).is_err() || stop {
-                    return;
-                }
-            }
-        })?;
+    // Either a reader thread reads frames, checks their CRC and decodes them while this thread stores the
+    // previous batch into the RAM cache (messages reach the session machine in arrival order; the queue is
+    // bounded, so a slow store pushes back on the socket), or this thread does it all, like the raw sink.
+    let mut reader = None;
+    let mut msg_rx = None;
+    if pipelined {
+        let mut rx = Channel::from_tcp(ch.get_ref().try_clone()?)?;
+        rx.set_version(ch.version());
+        let (msg_tx, queue) = std::sync::mpsc::sync_channel::<colo_proto::Result<Message>>(RECV_QUEUE);
+        reader = Some(
+            std::thread::Builder::new()
+                .name("checkpoint-rx".into())
+                .spawn(move || {
+                    loop {
+                        let msg = rx.recv();
+                        let stop = msg.is_err();
+                        if msg_tx.send(msg).is_err() || stop {
+                            return;
+                        }
+                    }
+                })?,
+        );
+        msg_rx = Some(queue);
+    }
     let mut sess = SecondarySession::new(SessionConfig::default(), Instant::now());
     let mut epochs: Vec<SecondaryEpoch> = Vec::new();
     let mut cur = SecondaryEpoch::default();
@@ -144,6 +159,7 @@ pub fn run(mem_bytes: u64, flush_threads: usize) -> Result<()> {
                     if batch.epoch == cur.epoch && cur.ram_start_ns != 0 {
                         cur.store_ns += now - t;
                         cur.ram_pages += batch.pages.len() as u64;
+                        cur.ram_last_store_ns = now;
                     } else {
                         // A pre-copy batch for the coming checkpoint.
                         if batch.epoch != cur.epoch {
@@ -191,9 +207,11 @@ pub fn run(mem_bytes: u64, flush_threads: usize) -> Result<()> {
                     let _ = ch.get_ref().shutdown(std::net::Shutdown::Both);
                     drop(ch);
                     drop(msg_rx);
-                    reader
-                        .join()
-                        .map_err(|_| anyhow::anyhow!("reader thread panicked"))?;
+                    if let Some(reader) = reader {
+                        reader
+                            .join()
+                            .map_err(|_| anyhow::anyhow!("reader thread panicked"))?;
+                    }
                     sink.join().map_err(|_| anyhow::anyhow!("raw sink panicked"))??;
                     let crc32 = crc_of(&sram, mem_bytes)?;
                     ensure!(
@@ -214,9 +232,12 @@ pub fn run(mem_bytes: u64, flush_threads: usize) -> Result<()> {
             sess.checkpoint_loaded(Instant::now())?;
             continue;
         }
-        let msg = msg_rx
-            .recv()
-            .map_err(|_| anyhow::anyhow!("the reader thread stopped"))??;
+        let msg = match &msg_rx {
+            Some(queue) => queue
+                .recv()
+                .map_err(|_| anyhow::anyhow!("the reader thread stopped"))??,
+            None => ch.recv()?,
+        };
         match &msg {
             Message::VmstateSend { epoch } => {
                 if *epoch != cur.epoch {
