@@ -109,10 +109,11 @@ pub struct CheckpointArgs {
     /// Back the secondary's RAM cache with transparent huge pages (`RamCache::advise_huge_pages`).
     #[arg(long)]
     pub cache_huge_pages: bool,
-    /// The secondary receives on one thread (read, check, decode and store in turn) instead of a reader
-    /// thread pipelined with the store.
-    #[arg(long)]
-    pub single_thread_receive: bool,
+    /// Threads the secondary receives page frames on: 1 reads, checks, decodes and stores in turn (like the
+    /// raw reference's sink; measured to cost less CPU per byte on the shared 2-core host), 2 pipelines a
+    /// reader thread with the store.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub receive_threads: u8,
     /// Pages per RAM frame.
     #[arg(long, default_value_t = 256)]
     pub batch_pages: usize,
@@ -144,9 +145,9 @@ enum Cmd {
         /// Back the RAM cache with transparent huge pages.
         #[arg(long)]
         cache_huge_pages: bool,
-        /// Receive on one thread.
-        #[arg(long)]
-        single_thread_receive: bool,
+        /// Receive threads (1 or 2).
+        #[arg(long, default_value_t = 1)]
+        receive_threads: u8,
     },
 }
 
@@ -171,8 +172,8 @@ fn main() -> Result<()> {
             mem,
             flush_threads,
             cache_huge_pages,
-            single_thread_receive,
-        } => secondary::run(mem.0, flush_threads, cache_huge_pages, !single_thread_receive),
+            receive_threads,
+        } => secondary::run(mem.0, flush_threads, cache_huge_pages, receive_threads > 1),
     }
 }
 

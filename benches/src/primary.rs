@@ -75,9 +75,7 @@ impl Secondary {
         if args.cache_huge_pages {
             cmd.arg("--cache-huge-pages");
         }
-        if args.single_thread_receive {
-            cmd.arg("--single-thread-receive");
-        }
+        cmd.arg("--receive-threads").arg(args.receive_threads.to_string());
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

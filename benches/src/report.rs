@@ -140,6 +140,10 @@ pub struct Report {
     pub dirty_log: String,
     /// Secondary flush threads.
     pub flush_threads: usize,
+    /// Secondary receive threads (1: read and store in turn; 2: reader thread pipelined with the store).
+    pub receive_threads: u8,
+    /// Whether the secondary's RAM cache asked for transparent huge pages.
+    pub cache_huge_pages: bool,
     /// Checkpoints counted (the first, which completes the initial sync, is not).
     pub checkpoints: usize,
     /// Median pause.
@@ -272,6 +276,8 @@ impl Report {
             precopy: !args.no_precopy,
             dirty_log: format!("{:?}", args.log).to_lowercase(),
             flush_threads: args.flush_threads,
+            receive_threads: args.receive_threads,
+            cache_huge_pages: args.cache_huge_pages,
             checkpoints: counted.len(),
             pause_ms_p50,
             pause_ms_p99: percentile(pauses.clone(), 0.99),

@@ -78,12 +78,13 @@ fn tiny_checkpoint_benchmark_ends_with_equal_memories() {
 
 #[test]
 fn tiny_stop_and_copy_benchmark_ends_with_equal_memories() {
-    // Also the secondary's other receive mode (one thread) and its huge-page RAM cache.
+    // Also the secondary's other receive mode (reader thread and store pipelined) and a huge-page RAM cache.
     let flags = [
         "--no-precopy",
         "--log",
         "plain",
-        "--single-thread-receive",
+        "--receive-threads",
+        "2",
         "--cache-huge-pages",
     ];
     if let Some(r) = run(&flags) {
