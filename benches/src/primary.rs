@@ -384,21 +384,26 @@ pub fn run(args: &CheckpointArgs) -> Result<Report> {
                     // again for the pause, with new contents.
                     let vcpu_thread = s.spawn(|| Guest::run(vcpu));
                     let (entries, bytes) = gather(&mut primary, &ram, &mut sent)?;
-                    // The guest writes while this round is read: copy the pages once and send the copy, or the
-                    // frame CRC (computed over guest memory, which then changes under the socket's own copy)
-                    // would not match what arrives. A torn page in the copy is dirty again and re-sent paused.
-                    staging.clear();
-                    for (_, data) in &entries {
-                        staging.extend_from_slice(data);
-                    }
-                    let mut off = 0;
-                    let staged: Vec<Entry<'_>> = entries
-                        .iter()
-                        .map(|&(gpa, data)| {
-                            off += data.len();
-                            (gpa, &staging[off - data.len()..off])
-                        })
-                        .collect();
+                    // The guest writes while this round is read. From protocol v3 on, a pre-copy frame's CRC
+                    // covers its descriptors only (`PREFIX_CRC`), so the pages go straight from guest memory
+                    // (a torn page is dirty again and re-sent paused). Before v3 the CRC covered the pages,
+                    // which then changed under the socket's own copy: send a copy instead.
+                    let staged: Vec<Entry<'_>> = if ch.version() >= 3 {
+                        entries
+                    } else {
+                        staging.clear();
+                        for (_, data) in &entries {
+                            staging.extend_from_slice(data);
+                        }
+                        let mut off = 0;
+                        entries
+                            .iter()
+                            .map(|&(gpa, data)| {
+                                off += data.len();
+                                (gpa, &staging[off - data.len()..off])
+                            })
+                            .collect()
+                    };
                     rec.precopy_stream_start_ns = mono_ns();
                     let cpu = thread_cpu_ns();
                     ch.send_pages(PagePhase::Precopy, epoch, PAGE_SIZE as u32, &staged)?;
