@@ -88,6 +88,7 @@
 mod config;
 mod disk;
 mod error;
+mod peer;
 mod primary;
 mod secondary;
 mod status;

@@ -231,6 +231,63 @@ fn refuse(state: &'static str, ev: Event) -> Error {
     }
 }
 
+/// What [`step`] and [`handle_timeout`] need of either machine.
+trait Machine {
+    /// The single `match (state, event)`.
+    fn transition(&mut self, now: Instant, event: Event) -> Result<()>;
+    /// Moves to `Failed` (once) and reports it as an action.
+    fn fail(&mut self, error: Error);
+    /// The deadline armed in the current state.
+    fn poll_timeout(&self) -> Option<Instant>;
+}
+
+/// Runs one event through a machine. An error fails the machine, except a local command refused in the
+/// current state (the state stays) and any input to a machine that already failed.
+fn step<M: Machine>(m: &mut M, now: Instant, event: Event) -> Result<()> {
+    let is_msg = matches!(event, Event::Msg(_));
+    match m.transition(now, event) {
+        Ok(()) => Ok(()),
+        Err(e @ Error::BadCommand { .. }) if !is_msg => Err(e),
+        Err(e @ Error::AlreadyFailed(_)) => Err(e),
+        Err(e) => {
+            m.fail(e.clone());
+            Err(e)
+        }
+    }
+}
+
+/// Fires the machine's deadline if it is due at `now`.
+fn handle_timeout<M: Machine>(m: &mut M, now: Instant) -> Result<()> {
+    match m.poll_timeout() {
+        Some(deadline) if now >= deadline => step(m, now, Event::Timeout),
+        _ => Ok(()),
+    }
+}
+
+impl Machine for PrimarySession {
+    fn transition(&mut self, now: Instant, event: Event) -> Result<()> {
+        PrimarySession::transition(self, now, event)
+    }
+    fn fail(&mut self, error: Error) {
+        PrimarySession::fail(self, error)
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        PrimarySession::poll_timeout(self)
+    }
+}
+
+impl Machine for SecondarySession {
+    fn transition(&mut self, now: Instant, event: Event) -> Result<()> {
+        SecondarySession::transition(self, now, event)
+    }
+    fn fail(&mut self, error: Error) {
+        SecondarySession::fail(self, error)
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        SecondarySession::poll_timeout(self)
+    }
+}
+
 fn check_epoch(msg: &Message, expected: u64) -> Result<()> {
     match msg.epoch() {
         Some(found) if found != expected => Err(Error::Epoch {
@@ -351,23 +408,11 @@ impl PrimarySession {
 
     /// The timer armed from [`PrimarySession::poll_timeout`] fired.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<()> {
-        match self.poll_timeout() {
-            Some(deadline) if now >= deadline => self.step(now, Event::Timeout),
-            _ => Ok(()),
-        }
+        handle_timeout(self, now)
     }
 
     fn step(&mut self, now: Instant, event: Event) -> Result<()> {
-        let is_msg = matches!(event, Event::Msg(_));
-        match self.transition(now, event) {
-            Ok(()) => Ok(()),
-            Err(e @ Error::BadCommand { .. }) if !is_msg => Err(e),
-            Err(e @ Error::AlreadyFailed(_)) => Err(e),
-            Err(e) => {
-                self.fail(e.clone());
-                Err(e)
-            }
-        }
+        step(self, now, event)
     }
 
     fn transition(&mut self, now: Instant, event: Event) -> Result<()> {
@@ -660,23 +705,11 @@ impl SecondarySession {
 
     /// The timer armed from [`SecondarySession::poll_timeout`] fired.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<()> {
-        match self.poll_timeout() {
-            Some(deadline) if now >= deadline => self.step(now, Event::Timeout),
-            _ => Ok(()),
-        }
+        handle_timeout(self, now)
     }
 
     fn step(&mut self, now: Instant, event: Event) -> Result<()> {
-        let is_msg = matches!(event, Event::Msg(_));
-        match self.transition(now, event) {
-            Ok(()) => Ok(()),
-            Err(e @ Error::BadCommand { .. }) if !is_msg => Err(e),
-            Err(e @ Error::AlreadyFailed(_)) => Err(e),
-            Err(e) => {
-                self.fail(e.clone());
-                Err(e)
-            }
-        }
+        step(self, now, event)
     }
 
     fn transition(&mut self, now: Instant, event: Event) -> Result<()> {
