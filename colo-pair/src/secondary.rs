@@ -201,6 +201,10 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
     }
 
     /// A message from the primary, in arrival order.
+    ///
+    /// A message a secondary never accepts (one only a secondary sends) is a protocol error of a living
+    /// primary: the secondary stops (as [`channel_error`](Self::channel_error) does) and returns
+    /// [`PairError::Unexpected`].
     pub fn handle_message(&mut self, now: Instant, msg: Message) -> Result<()> {
         if !matches!(self.phase, Phase::Syncing | Phase::Colo) {
             return Ok(());
@@ -285,10 +289,13 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
                 self.drive_session(now)?;
             }
             m => {
-                return Err(PairError::Unexpected {
+                // Only a primary that is alive sends anything: stop rather than ever promote next to it.
+                let e = PairError::Unexpected {
                     what: format!("{:?}", m.kind()),
                     state: self.phase.name(),
-                });
+                };
+                self.give_up(now, format!("protocol error from the primary: {e}"))?;
+                return Err(e);
             }
         }
         self.check_pressure(now);
