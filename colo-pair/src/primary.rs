@@ -391,6 +391,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
             bytes_sent: self.peer.bytes_sent,
             compare: Some(self.cmp.stats()),
             rewrite: None,
+            disk_sync: self.disk.lock().sync_progress(),
             exit_detail: self.peer.exit_detail.clone(),
             checkpoint_interval: self.cfg.checkpoint_interval,
         }

@@ -386,6 +386,7 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
             bytes_sent: self.peer.bytes_sent,
             compare: None,
             rewrite: Some(self.rewriter.stats()),
+            disk_sync: None,
             exit_detail: self.peer.exit_detail.clone(),
             checkpoint_interval: self.cfg.checkpoint_interval,
         }

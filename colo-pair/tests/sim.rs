@@ -1924,7 +1924,9 @@ fn initial_disk_sync_brings_an_empty_secondary_disk_to_the_primary_while_the_gue
     for _ in 0..3000 {
         sim.step(false);
         let p = sim.primary.as_ref().unwrap();
-        match p.disk().lock().sync_progress() {
+        let reported = p.status().disk_sync;
+        assert_eq!(reported, p.disk().lock().sync_progress());
+        match reported {
             Some(progress) => {
                 resent = resent.max(progress.resent_bytes);
                 assert_eq!(
