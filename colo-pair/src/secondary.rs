@@ -418,6 +418,7 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
             Ok(()) => {
                 let last = self.disk.lock().last_applied();
                 if let Some(WriteId(id)) = last
+                    && self.cfg.block_acks
                     && self.peer.link.version() >= 3
                 {
                     self.send(now, &Message::BlockAck { disk: 0, id });

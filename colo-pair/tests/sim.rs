@@ -848,6 +848,8 @@ struct Sim {
     writes_completed: u64,
     /// When (ms) the secondary received a primary ISN.
     isn_notices: Vec<u64>,
+    /// Block acks the primary received.
+    acks_seen: u64,
 }
 
 /// Variations of the pair's disks.
@@ -979,6 +981,7 @@ impl Sim {
             stopped: [false; 2],
             writes_completed: 0,
             isn_notices: Vec::new(),
+            acks_seen: 0,
         }
     }
 
@@ -1108,7 +1111,10 @@ impl Sim {
         }
         while !self.p_link_down && self.p_end.available() > 0 {
             match self.p_rx.recv() {
-                Ok(m) => p.handle_message(now, m).unwrap(),
+                Ok(m) => {
+                    self.acks_seen += matches!(m, Message::BlockAck { .. }) as u64;
+                    p.handle_message(now, m).unwrap()
+                }
                 Err(e) => {
                     self.p_link_down = true;
                     p.channel_error(now, &e).unwrap();
@@ -2024,6 +2030,7 @@ fn sync_mode_writes_complete_only_after_the_secondary_acks_them() {
     let waited = p.vm().waited;
     eprintln!("{waited} writes waited, {} completed", sim.writes_completed);
     assert!(waited > 100, "{waited} writes waited for an ack");
+    assert!(sim.acks_seen >= waited);
     assert!(
         sim.writes_completed + 2 >= waited,
         "every write but the last ones completed"
@@ -2168,4 +2175,20 @@ fn a_guest_opened_tcp_connection_survives_a_primary_crash_through_the_rewriter()
         );
         sim.check_survivor();
     }
+}
+
+#[test]
+fn an_async_primary_can_do_without_block_acks() {
+    let mut cfg = config();
+    cfg.block_acks = false;
+    let mut sim = Sim::new(cfg);
+    sim.run(2000);
+    sim.drain();
+    assert_eq!(sim.acks_seen, 0, "no BlockAck on the wire");
+    assert!(sim.checked_checkpoints >= 5 && sim.client.answered > 300);
+    sim.check_survivor();
+    // With the default, every applied write is acknowledged.
+    let mut sim = Sim::new(config());
+    sim.run(1000);
+    assert!(sim.acks_seen > 50, "{} acks", sim.acks_seen);
 }
