@@ -28,7 +28,7 @@
 //! An out-of-order message, a wrong epoch, a peer error or a missed deadline moves a machine to its `Failed`
 //! state, which it never leaves; a local command given at the wrong time is refused without changing state.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -630,7 +630,12 @@ pub struct SecondarySession {
     state: SState,
     committed: u64,
     actions: VecDeque<SecondaryAction>,
+    /// Pre-copy pages that arrived torn (their own CRC failed) and have not arrived intact since.
+    torn: HashSet<u64>,
 }
+
+/// Most torn pre-copy pages a secondary tracks at once (8 MiB of addresses); more is an error.
+pub const MAX_TORN_PAGES: usize = 1 << 20;
 
 impl SecondarySession {
     /// A secondary ready for checkpoints (call after the handshake); its first action sends
@@ -643,6 +648,7 @@ impl SecondarySession {
             state: SState::Running { epoch: 0 },
             committed: 0,
             actions,
+            torn: HashSet::new(),
         }
     }
 
@@ -683,6 +689,30 @@ impl SecondarySession {
     /// A message from the primary.
     pub fn handle_message(&mut self, now: Instant, msg: Message) -> Result<()> {
         self.step(now, Event::Msg(msg))
+    }
+
+    /// Pre-copy pages whose own CRC failed (torn while the guest wrote them) and that have not arrived
+    /// intact since; they must before the RAM of the next checkpoint ends.
+    pub fn torn_pages(&self) -> usize {
+        self.torn.len()
+    }
+
+    /// Notes a batch's torn pages and clears those that arrive intact.
+    fn track_torn(&mut self, batch: &PageBatch) -> Result<()> {
+        for p in &batch.pages {
+            self.torn.remove(&p.gpa);
+        }
+        for &gpa in &batch.torn {
+            self.torn.insert(gpa);
+        }
+        if self.torn.len() > MAX_TORN_PAGES {
+            return Err(Error::TornPages {
+                epoch: batch.epoch,
+                pages: self.torn.len(),
+                first: self.torn.iter().copied().min().unwrap_or(0),
+            });
+        }
+        Ok(())
     }
 
     /// The VMM has flushed the RAM cache, loaded device state and committed the block checkpoint.
@@ -739,8 +769,13 @@ impl SecondarySession {
                 (SState::Closed, Ok(()))
             }
             (s @ SState::Running { .. }, Event::Msg(Message::PrecopyPages(batch))) => {
-                self.actions.push_back(A::StoreRam(batch));
-                (s, Ok(()))
+                match self.track_torn(&batch) {
+                    Ok(()) => {
+                        self.actions.push_back(A::StoreRam(batch));
+                        (s, Ok(()))
+                    }
+                    Err(e) => (s, Err(e)),
+                }
             }
             (SState::Running { epoch }, Event::Msg(m @ Message::CheckpointRequest { .. })) => {
                 match check_epoch(&m, epoch + 1) {
@@ -767,12 +802,24 @@ impl SecondarySession {
                     };
                     (SState::ReceivingRam { epoch, deadline }, Err(e))
                 } else {
-                    self.actions.push_back(A::StoreRam(batch));
-                    (SState::ReceivingRam { epoch, deadline }, Ok(()))
+                    let r = self.track_torn(&batch);
+                    if r.is_ok() {
+                        self.actions.push_back(A::StoreRam(batch));
+                    }
+                    (SState::ReceivingRam { epoch, deadline }, r)
                 }
             }
             (SState::ReceivingRam { epoch, .. }, Event::Msg(m @ Message::EndOfRam { .. })) => {
-                let r = check_epoch(&m, epoch);
+                let r = check_epoch(&m, epoch).and_then(|()| match self.torn.iter().min() {
+                    // A torn page was written by the guest during its send, so it is dirty and must be in
+                    // this checkpoint; one still missing was damaged in transit.
+                    Some(&first) => Err(Error::TornPages {
+                        epoch,
+                        pages: self.torn.len(),
+                        first,
+                    }),
+                    None => Ok(()),
+                });
                 (SState::AwaitingSize { epoch, deadline }, r)
             }
             (SState::AwaitingSize { epoch, .. }, Event::Msg(m @ Message::VmstateSize { size, .. })) => {
