@@ -106,7 +106,7 @@ fn codec(c: &mut Criterion) {
 
     // Pre-copy from a running guest, protocol v3: a CRC per page plus a frame CRC over the descriptors and
     // those CRCs (flags::PREFIX_CRC), so the pages go out straight from guest memory, with no staging copy.
-    g.bench_function("encode/precopy_prefix_crc/4MiB", |b| {
+    g.bench_function("encode/precopy_page_crcs/4MiB", |b| {
         b.iter(|| {
             prefix.clear();
             data.clear();
