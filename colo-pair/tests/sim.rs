@@ -419,7 +419,7 @@ impl FakeVm {
     /// A minimal TCP server for one client connection; its state lives in guest RAM (page 80). The ISN
     /// comes from the host clock, so the PVM and the SVM choose different ones.
     fn serve_tcp(&mut self, frame: &[u8]) {
-        if frame.len() < 54 {
+        if frame.len() < 54 || u16::from_be_bytes([frame[36], frame[37]]) != TCP_PORT {
             return;
         }
         let seq = u32::from_be_bytes(frame[38..42].try_into().unwrap());
@@ -2269,5 +2269,51 @@ fn a_precopy_page_damaged_in_transit_is_caught_at_the_first_checkpoint() {
     let detail = s.status().exit_detail.unwrap();
     assert!(detail.contains("torn pre-copy pages"), "{detail}");
     assert_eq!(sim.primary.as_ref().unwrap().phase(), Phase::Alone);
+    sim.check_survivor();
+}
+
+#[test]
+fn rewriter_evictions_ask_the_primary_for_an_early_checkpoint() {
+    let mut cfg = config();
+    cfg.checkpoint_interval = Duration::from_secs(3600);
+    cfg.rewriter.max_connections = 2;
+    let mut sim = Sim::new(cfg);
+    for vm in [
+        sim.primary.as_mut().unwrap().vm_mut(),
+        sim.secondary.as_mut().unwrap().vm_mut(),
+    ] {
+        vm.noise = false;
+    }
+    sim.run(300);
+    let before = sim.primary.as_ref().unwrap().status().checkpoints;
+    assert!(before >= 1);
+    // Clients open more connections (to a port the guest does not serve) than the rewriter may track.
+    let now = sim.now();
+    for i in 0..8 {
+        let mut src = CLIENT;
+        src.port = 40000 + i;
+        let mut dst = GUEST;
+        dst.port = TCP_PORT + 1;
+        let mut spec = TcpSpec::data(src, dst, 1000, 0, &[]);
+        spec.flags = tcp_flags::SYN;
+        let p = sim.primary.as_mut().unwrap();
+        p.client_input(now, Bytes::from(tcp(&spec))).unwrap();
+    }
+    let mut asked = false;
+    for _ in 0..500 {
+        sim.step(false);
+        let p = sim.primary.as_ref().unwrap();
+        asked |= p.last_trigger()
+            == Some(colo_pair::Trigger::Secondary(
+                colo_proto::WantReason::RewriterFull,
+            ));
+    }
+    let s = sim.secondary.as_ref().unwrap().status();
+    assert!(s.rewrite.unwrap().evictions > 0);
+    assert!(
+        asked,
+        "the secondary asked for a checkpoint after evicting connections"
+    );
+    sim.drain();
     sim.check_survivor();
 }
