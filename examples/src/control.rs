@@ -1,7 +1,8 @@
 //! The JSON-lines control socket: one JSON object per line in, one per line out, over a Unix stream socket.
 //!
 //! Requests: `{"cmd":"status"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"quit"}`,
-//! `{"cmd":"migrate","addr":"127.0.0.1:7100"}`. Answers: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
+//! `{"cmd":"migrate","addr":"127.0.0.1:7100"}`, and in a COLO pair `{"cmd":"failover"}`,
+//! `{"cmd":"set_interval","ms":500}`, `{"cmd":"checkpoint"}`. Answers: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
 //! The server is generic: the VMM hands it a handler.
 
 use std::io::{self, BufRead, BufReader, Write};
@@ -33,6 +34,16 @@ pub enum Request {
         /// `host:port` of the destination's `--incoming` listener.
         addr: String,
     },
+    /// COLO: fail over now (the primary runs on alone; the secondary stops the primary and takes over).
+    Failover,
+    /// COLO: change the checkpoint interval (primary; a checkpoint follows at once).
+    #[serde(rename = "set_interval")]
+    SetInterval {
+        /// The new interval in milliseconds.
+        ms: u64,
+    },
+    /// COLO: checkpoint now (primary).
+    Checkpoint,
 }
 
 /// Handles one request; returns the JSON answer (an object; `ok` is added if missing).
@@ -92,8 +103,18 @@ use std::io::Read as _;
 impl ControlServer {
     /// Listen on `path` (a stale socket is replaced) and answer with `handler`.
     pub fn spawn(path: &Path, handler: Handler) -> io::Result<Self> {
+        // Bind under a temporary name and rename into place: the path appears only once the socket
+        // listens (bind() creates the file a moment before listen(); a client in between is refused).
         let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)?;
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".{}.tmp", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let listener = UnixListener::bind(&tmp)?;
+        if let Err(e) = std::fs::rename(&tmp, path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
@@ -187,6 +208,14 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&Request::Pause).unwrap(),
             r#"{"cmd":"pause"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"set_interval","ms":250}"#).unwrap(),
+            Request::SetInterval { ms: 250 }
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"failover"}"#).unwrap(),
+            Request::Failover
         );
     }
 }

@@ -36,6 +36,10 @@ pub struct BlockState {
 
 /// Storage behind the block device. A COLO VMM puts its replication layer here (forwarding the primary's
 /// writes, the secondary's overlay); [`RawFile`] is a plain image.
+///
+/// An error of kind [`io::ErrorKind::WouldBlock`] means "not now": nothing was done, and the device leaves
+/// the request (and every request behind it) queued and retries it at its next poll. A COLO disk uses it
+/// for a write that has to wait for the next checkpoint.
 pub trait DiskBackend: Send {
     /// Size in bytes.
     fn size(&self) -> io::Result<u64>;
@@ -78,6 +82,18 @@ impl std::fmt::Debug for Block {
         f.debug_struct("Block")
             .field("state", &self.state)
             .finish_non_exhaustive()
+    }
+}
+
+/// Internal status: the backend held the request (never written to the guest).
+const HELD: u32 = u32::MAX;
+
+fn io_status(e: io::Error) -> u32 {
+    if e.kind() == io::ErrorKind::WouldBlock {
+        HELD
+    } else {
+        tracing::warn!("block: I/O failed: {e}");
+        BLK_ST_IOERR
     }
 }
 
@@ -160,10 +176,14 @@ impl Block {
                 ),
             });
         }
+        let mut completed = 0;
         for _ in 0..queued {
             let desc = BLK_GPA + BLK_DESC_OFF + u64::from(self.state.done % BLK_SLOTS) * BLK_DESC_SIZE;
             let status = match self.execute(ram, desc) {
                 Ok(()) => BLK_ST_OK,
+                // The backend holds the request (a COLO disk whose epoch is full): leave it and the ones
+                // behind it queued; the next poll retries them in order.
+                Err(HELD) => break,
                 Err(st) => {
                     self.state.errors += 1;
                     st
@@ -171,11 +191,12 @@ impl Block {
             };
             ram.write_obj(status, GuestAddress(desc + 4)).map_err(mem(desc))?;
             self.state.done = self.state.done.wrapping_add(1);
+            completed += 1;
         }
-        if queued > 0 {
+        if completed > 0 {
             self.sync_to_guest(ram)?;
         }
-        Ok(queued as usize)
+        Ok(completed)
     }
 
     fn execute(&mut self, ram: &GuestRam, desc: u64) -> std::result::Result<(), u32> {
@@ -184,10 +205,7 @@ impl Block {
         let count: u32 = ram.read_obj(GuestAddress(desc + 16)).map_err(|_| BLK_ST_BADREQ)?;
         let buf: u64 = ram.read_obj(GuestAddress(desc + 24)).map_err(|_| BLK_ST_BADREQ)?;
         if op == BLK_OP_FLUSH {
-            self.disk.flush().map_err(|e| {
-                tracing::warn!("block: flush failed: {e}");
-                BLK_ST_IOERR
-            })?;
+            self.disk.flush().map_err(io_status)?;
             self.state.flushes += 1;
             return Ok(());
         }
@@ -203,7 +221,7 @@ impl Block {
         let off = sector * SECTOR_SIZE;
         match op {
             BLK_OP_READ => {
-                self.disk.read_at(&mut self.buf, off).map_err(|_| BLK_ST_IOERR)?;
+                self.disk.read_at(&mut self.buf, off).map_err(io_status)?;
                 ram.write_slice(&self.buf, GuestAddress(buf))
                     .map_err(|_| BLK_ST_BADREQ)?;
                 self.state.reads += 1;
@@ -211,7 +229,7 @@ impl Block {
             BLK_OP_WRITE => {
                 ram.read_slice(&mut self.buf, GuestAddress(buf))
                     .map_err(|_| BLK_ST_BADREQ)?;
-                self.disk.write_at(&self.buf, off).map_err(|_| BLK_ST_IOERR)?;
+                self.disk.write_at(&self.buf, off).map_err(io_status)?;
                 self.state.writes += 1;
             }
             _ => return Err(BLK_ST_BADREQ),
@@ -264,6 +282,74 @@ mod tests {
 
     fn status(ram: &GuestRam, desc: u64) -> u32 {
         ram.read_obj(GuestAddress(desc + 4)).unwrap()
+    }
+
+    /// A backend that holds (WouldBlock) every write while `hold` is set.
+    struct Holding {
+        inner: RawFile,
+        hold: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl DiskBackend for Holding {
+        fn size(&self) -> io::Result<u64> {
+            self.inner.size()
+        }
+        fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+            if self.hold.load(Ordering::SeqCst) {
+                return Err(io::Error::new(io::ErrorKind::WouldBlock, "held"));
+            }
+            self.inner.write_at(buf, offset)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.inner.flush()
+        }
+    }
+
+    #[test]
+    fn a_held_write_stays_queued_with_the_requests_behind_it_and_completes_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("d.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(64 * SECTOR_SIZE)
+            .unwrap();
+        let file = OpenOptions::new().read(true).write(true).open(&img).unwrap();
+        let hold = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut b = Block::with_backend(Box::new(Holding {
+            inner: RawFile(file),
+            hold: hold.clone(),
+        }))
+        .unwrap();
+        let (ram, _) = create_ram(MIN_RAM, false).unwrap();
+        ram.write_slice(&[0x5a; 512], GuestAddress(0x100000)).unwrap();
+        let first = submit(&ram, 0, BLK_OP_WRITE, 1, 1, 0x100000);
+        assert_eq!(b.poll(&ram).unwrap(), 1);
+        hold.store(true, Ordering::SeqCst);
+        let held = submit(&ram, 1, BLK_OP_WRITE, 2, 1, 0x100000);
+        let behind = submit(&ram, 2, BLK_OP_READ, 1, 1, 0x200000);
+        for _ in 0..3 {
+            assert_eq!(
+                b.poll(&ram).unwrap(),
+                0,
+                "nothing completes while the write is held"
+            );
+            assert!(b.pending(&ram).unwrap());
+        }
+        assert_eq!(status(&ram, held), BLK_ST_PENDING);
+        assert_eq!(status(&ram, behind), BLK_ST_PENDING);
+        assert_eq!(b.state().errors, 0, "a held write is not an error");
+        hold.store(false, Ordering::SeqCst);
+        assert_eq!(b.poll(&ram).unwrap(), 2, "both complete, in order");
+        assert_eq!(
+            (status(&ram, first), status(&ram, held), status(&ram, behind)),
+            (BLK_ST_OK, BLK_ST_OK, BLK_ST_OK)
+        );
+        assert!(!b.pending(&ram).unwrap());
+        let on_disk = std::fs::read(&img).unwrap();
+        assert_eq!(&on_disk[2 * 512..3 * 512], &[0x5a; 512][..]);
     }
 
     #[test]

@@ -1,0 +1,323 @@
+//! The checkpoint channel between the two processes: one TCP connection carrying colo-proto frames.
+//!
+//! - [`SharedLink`] is the sending half colo-pair drives ([`colo_pair::Link`]); the same lock serialises a
+//!   heartbeat thread, so heartbeats keep flowing while the driver thread is busy with something other than
+//!   the link (a RAM cache flush, loading state, an arbiter call). A driver that makes no progress for
+//!   [`STALL_LIMIT`] stops those heartbeats, so a wedged process is still detected.
+//! - [`spawn_reader`] is the receiving half: a thread that hands each message to the driver, in order, and
+//!   stops reading (TCP backpressure) while the driver is far behind.
+//! - Fault injection for tests: the `kill_in_checkpoint` argument of [`SharedLink::new`] makes this process die by SIGKILL after
+//!   sending about half of one checkpoint's pages.
+
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use colo_pair::Link;
+use colo_proto::{Channel, Message, PagePhase};
+
+use super::driver::Event;
+
+/// Most received messages waiting for the driver before the reader stops reading.
+pub const MAX_PENDING_MESSAGES: usize = 64;
+/// A driver thread that has not come round its loop for this long gets no more heartbeats sent for it.
+pub const STALL_LIMIT: Duration = Duration::from_secs(10);
+const PAGE: usize = 4096;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Debug)]
+struct Inner {
+    chan: Mutex<Channel<TcpStream>>,
+    socket: TcpStream,
+    origin: Instant,
+    /// Milliseconds since `origin` of the last write.
+    last_send: AtomicU64,
+    /// Milliseconds since `origin` when the driver last came round its loop.
+    driver_tick: AtomicU64,
+    closed: AtomicBool,
+    kill_in_checkpoint: Option<u64>,
+    heartbeats: AtomicU64,
+    /// Milliseconds since `origin` (plus one) when the write now blocking began; 0 when none is.
+    writing_since: AtomicU64,
+    /// Milliseconds since `origin` of the last message received.
+    last_recv: AtomicU64,
+}
+
+impl Inner {
+    fn ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+}
+
+/// The sending half of the channel, shared by the driver (through colo-pair) and the heartbeat thread.
+#[derive(Debug, Clone)]
+pub struct SharedLink {
+    inner: Arc<Inner>,
+}
+
+impl SharedLink {
+    /// Wraps a channel whose handshake is done. `kill_in_checkpoint`: the test hook (see the module docs).
+    pub fn new(chan: Channel<TcpStream>, kill_in_checkpoint: Option<u64>) -> std::io::Result<Self> {
+        let socket = chan.get_ref().try_clone()?;
+        let origin = Instant::now();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                chan: Mutex::new(chan),
+                socket,
+                origin,
+                last_send: AtomicU64::new(0),
+                driver_tick: AtomicU64::new(0),
+                closed: AtomicBool::new(false),
+                kill_in_checkpoint,
+                heartbeats: AtomicU64::new(0),
+                writing_since: AtomicU64::new(0),
+                last_recv: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Shuts the connection down both ways (the peer sees the link closed; a blocked send or receive on
+    /// either half returns at once). Idempotent.
+    pub fn close(&self) {
+        if !self.inner.closed.swap(true, Ordering::SeqCst) {
+            let _ = self.inner.socket.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Whether [`SharedLink::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::SeqCst)
+    }
+
+    /// The driver came round its loop.
+    pub fn driver_tick(&self) {
+        self.inner.driver_tick.store(self.inner.ms(), Ordering::Relaxed);
+    }
+
+    /// Heartbeats the heartbeat thread sent.
+    pub fn heartbeats(&self) -> u64 {
+        self.inner.heartbeats.load(Ordering::Relaxed)
+    }
+
+    /// A message arrived from the peer (the reader thread calls this).
+    pub fn received(&self) {
+        self.inner.last_recv.store(self.inner.ms(), Ordering::Relaxed);
+    }
+
+    /// Starts the heartbeat thread: a heartbeat whenever nothing was sent for `interval`, as long as the
+    /// driver is alive and the link open. It is also the watchdog of blocked writes: a write that has not
+    /// finished for `silence` while nothing arrived from the peer for as long (a peer that stopped reading,
+    /// or a host gone without a reset) closes the link, so the driver gets an error and fails over instead
+    /// of hanging until the socket's send timeout.
+    pub fn spawn_heartbeats(&self, interval: Duration, silence: Duration) -> std::io::Result<()> {
+        let inner = self.inner.clone();
+        let interval_ms = interval.as_millis().max(1) as u64;
+        let silence_ms = silence.as_millis().max(1) as u64;
+        let link = self.clone();
+        std::thread::Builder::new()
+            .name("colo-heartbeat".into())
+            .spawn(move || {
+                let mut seq = 1u64 << 48;
+                while !inner.closed.load(Ordering::SeqCst) {
+                    std::thread::sleep(interval / 2);
+                    let now = inner.ms();
+                    let since = inner.writing_since.load(Ordering::Relaxed);
+                    if since != 0
+                        && now.saturating_sub(since - 1) > silence_ms
+                        && now.saturating_sub(inner.last_recv.load(Ordering::Relaxed)) > silence_ms
+                    {
+                        tracing::warn!(
+                            "COLO: a write to the peer has been blocked for {} ms and the peer silent as long: \
+                             closing the link",
+                            now.saturating_sub(since - 1)
+                        );
+                        link.close();
+                        return;
+                    }
+                    let stalled = now.saturating_sub(inner.driver_tick.load(Ordering::Relaxed))
+                        > STALL_LIMIT.as_millis() as u64;
+                    if stalled || now.saturating_sub(inner.last_send.load(Ordering::Relaxed)) < interval_ms {
+                        continue;
+                    }
+                    // The driver holds the lock while it writes: then the peer hears from it anyway.
+                    let Ok(mut chan) = inner.chan.try_lock() else {
+                        continue;
+                    };
+                    if inner.closed.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    seq += 1;
+                    inner.writing_since.store(inner.ms() + 1, Ordering::Relaxed);
+                    let ok = chan.send(&Message::Heartbeat { seq }).is_ok();
+                    inner.writing_since.store(0, Ordering::Relaxed);
+                    if ok {
+                        inner.last_send.store(inner.ms(), Ordering::Relaxed);
+                        inner.heartbeats.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })?;
+        Ok(())
+    }
+
+    /// Runs `f` on the channel under the lock, watched by the watchdog.
+    fn with_chan<T>(&self, f: impl FnOnce(&mut Channel<TcpStream>) -> T) -> Result<T, colo_proto::Error> {
+        self.check_open()?;
+        let mut chan = lock(&self.inner.chan);
+        self.inner
+            .writing_since
+            .store(self.inner.ms() + 1, Ordering::Relaxed);
+        let r = f(&mut chan);
+        self.inner.writing_since.store(0, Ordering::Relaxed);
+        drop(chan);
+        self.sent();
+        Ok(r)
+    }
+
+    fn check_open(&self) -> Result<(), colo_proto::Error> {
+        if self.is_closed() {
+            Err(colo_proto::Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn sent(&self) {
+        self.inner.last_send.store(self.inner.ms(), Ordering::Relaxed);
+    }
+
+    fn die_after_half(
+        &self,
+        chan: &mut Channel<TcpStream>,
+        epoch: u64,
+        page_size: u32,
+        pages: &[(u64, &[u8])],
+    ) -> ! {
+        let (half, sent, total) = first_half(pages);
+        let _ = chan.send_pages(PagePhase::Checkpoint, epoch, page_size, &half);
+        tracing::error!(
+            "COLO: fault injection: dying by SIGKILL in checkpoint {epoch} after {sent} of {total} pages"
+        );
+        // SAFETY: raise() with a valid signal number; SIGKILL ends the process here, as a crash would.
+        unsafe { libc::raise(libc::SIGKILL) };
+        std::process::abort()
+    }
+}
+
+/// The first half (by pages, rounded down) of a page list whose entries are single pages, runs of whole
+/// pages, or empty zero-page markers; returns it with its page count and the total.
+fn first_half<'a>(pages: &[(u64, &'a [u8])]) -> (Vec<(u64, &'a [u8])>, usize, usize) {
+    let total: usize = pages.iter().map(|(_, d)| (d.len() / PAGE).max(1)).sum();
+    let mut half = Vec::new();
+    let mut left = total / 2;
+    for &(gpa, data) in pages {
+        if left == 0 {
+            break;
+        }
+        let n = (data.len() / PAGE).max(1);
+        if n <= left {
+            half.push((gpa, data));
+            left -= n;
+        } else {
+            half.push((gpa, &data[..left * PAGE]));
+            left = 0;
+        }
+    }
+    (half, total / 2, total)
+}
+
+impl Link for SharedLink {
+    fn send(&mut self, msg: &Message) -> Result<(), colo_proto::Error> {
+        self.with_chan(|c| c.send(msg))?
+    }
+
+    fn send_pages(
+        &mut self,
+        phase: PagePhase,
+        epoch: u64,
+        page_size: u32,
+        pages: &[(u64, &[u8])],
+    ) -> Result<(), colo_proto::Error> {
+        let me = self.clone();
+        self.with_chan(|chan| {
+            if phase == PagePhase::Checkpoint && me.inner.kill_in_checkpoint == Some(epoch) {
+                me.die_after_half(chan, epoch, page_size, pages);
+            }
+            // Pre-copy frames (protocol v3) carry a CRC over their descriptors only, so pages the running
+            // guest writes while they are sent are accepted (the dirty log sends them again).
+            chan.send_pages(phase, epoch, page_size, pages)
+        })?
+    }
+
+    fn send_vmstate(
+        &mut self,
+        epoch: u64,
+        devices: &[(u32, &[u8])],
+        chunk: usize,
+    ) -> Result<(), colo_proto::Error> {
+        self.with_chan(|c| c.send_vmstate(epoch, devices, chunk))?
+    }
+
+    fn version(&self) -> u16 {
+        lock(&self.inner.chan).version()
+    }
+}
+
+/// Starts the receiving half: every message (or the error that ends the stream) goes to the driver as
+/// [`Event::Peer`]. `pending` counts messages the driver has not taken yet; the reader waits while it is
+/// above [`MAX_PENDING_MESSAGES`].
+pub fn spawn_reader(
+    mut chan: Channel<TcpStream>,
+    events: Sender<Event>,
+    pending: Arc<AtomicUsize>,
+    link: SharedLink,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("colo-reader".into())
+        .spawn(move || {
+            loop {
+                while pending.load(Ordering::Relaxed) >= MAX_PENDING_MESSAGES {
+                    if link.is_closed() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                let r = chan.recv();
+                link.received();
+                let end = r.is_err();
+                pending.fetch_add(1, Ordering::Relaxed);
+                if events.send(Event::Peer(r)).is_err() || end {
+                    return;
+                }
+            }
+        })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fault_hook_sends_half_of_the_pages_splitting_a_run() {
+        let run = vec![1u8; 4 * PAGE];
+        let one = vec![2u8; PAGE];
+        let pages: Vec<(u64, &[u8])> = vec![(0, &one), (0x1000, &[]), (0x10000, &run), (0x20000, &one)];
+        let (half, sent, total) = first_half(&pages);
+        assert_eq!((sent, total), (3, 7));
+        assert_eq!(half.len(), 3);
+        assert_eq!(half[2], (0x10000, &run[..PAGE]));
+        let n: usize = half.iter().map(|(_, d)| (d.len() / PAGE).max(1)).sum();
+        assert_eq!(n, 3);
+        assert_eq!(first_half(&[]).0.len(), 0);
+        assert_eq!(
+            first_half(&[(0, &one[..])]).1,
+            0,
+            "one page: none sent, then the process dies"
+        );
+    }
+}

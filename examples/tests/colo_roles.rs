@@ -1,0 +1,617 @@
+//! The mini-VMM as a COLO pair: two real processes (`--role primary` / `--role secondary`), the switch, and
+//! a TCP client speaking to the guest's key-value service through the switch.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use colo_vmm::client::{ClientConfig, KvClient};
+use colo_vmm::control::{self, Request};
+use colo_vmm::switch::{Switch, SwitchHandle};
+use common::*;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(30);
+const RAM_MIB: &str = "32";
+
+struct Vmm {
+    name: &'static str,
+    child: Child,
+    control: PathBuf,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Vmm {
+    fn spawn_on(dir: &Path, name: &'static str, switch: &Path, disk: &Path, extra: &[&str]) -> Self {
+        let control = dir.join(format!("{name}.ctl"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_colo-vmm"))
+            .arg("run")
+            .arg("--disk")
+            .arg(disk)
+            .arg("--switch")
+            .arg(switch)
+            .arg("--nic-socket")
+            .arg(dir.join(format!("{name}.nic")))
+            .arg("--control")
+            .arg(&control)
+            .args(["--ram-mib", RAM_MIB])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (l, stderr) = (log.clone(), child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[{name}] {line}");
+                l.lock().unwrap().push(line);
+            }
+        });
+        let v = Self {
+            name,
+            child,
+            control,
+            log,
+        };
+        // The socket file appears at bind(), a moment before listen(): wait for an answer, not the file.
+        let t0 = Instant::now();
+        while control::request(&v.control, &Request::Status, T).is_err() {
+            assert!(t0.elapsed() < T, "{name}: no control socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        v
+    }
+
+    fn ctl(&self, req: Request) -> Value {
+        control::request(&self.control, &req, T).unwrap()
+    }
+
+    fn colo(&self) -> Value {
+        self.ctl(Request::Status)["colo"].clone()
+    }
+
+    /// Polls the status until `pred` holds.
+    fn wait_status(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let t0 = Instant::now();
+        loop {
+            let st = self.colo();
+            if pred(&st) {
+                return st;
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "{}: no {what} in {timeout:?}: {st}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn has_log(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "{} did not exit in {timeout:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `quit` answers and the process exits promptly and cleanly.
+    fn quit(mut self) {
+        let t0 = Instant::now();
+        let a = self.ctl(Request::Quit);
+        assert_eq!(a["ok"], true, "{a}");
+        let st = self.wait_exit(Duration::from_secs(10));
+        assert!(st.success(), "{} exit status {st}", self.name);
+        eprintln!("{} quit in {:?}", self.name, t0.elapsed());
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Pair {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    sw: SwitchHandle,
+    primary: Vmm,
+    secondary: Vmm,
+}
+
+/// A pair in COLO (checkpoint 1 committed on both sides).
+fn pair(extra: &[&str]) -> Pair {
+    let tmp = tempfile::tempdir().unwrap();
+    let sw = Switch::spawn(&tmp.path().join("switch")).unwrap();
+    pair_in(tmp, sw, extra)
+}
+
+/// A pair on `primary.img` and `secondary.img` in `tmp` (fresh zero images unless they exist).
+fn pair_in(tmp: tempfile::TempDir, sw: SwitchHandle, extra: &[&str]) -> Pair {
+    let dir = tmp.path().to_path_buf();
+    let image = |name: &str| {
+        let p = dir.join(format!("{name}.img"));
+        if !p.exists() {
+            disk(&dir, &format!("{name}.img"), 8);
+        }
+        p
+    };
+    // Port 0: the secondary picks a free port and its status names it (no race with other tests).
+    let mut s_args = vec!["--role", "secondary", "--colo-listen", "127.0.0.1:0"];
+    s_args.extend_from_slice(extra);
+    let secondary = Vmm::spawn_on(&dir, "secondary", sw.path(), &image("secondary"), &s_args);
+    let st = secondary.wait_status("listening address", T, |s| s["listen"].is_string());
+    assert_eq!(st["phase"], "listening");
+    let addr = st["listen"].as_str().unwrap().to_string();
+    let mut p_args = vec!["--role", "primary", "--colo-peer", &addr];
+    p_args.extend_from_slice(extra);
+    let primary = Vmm::spawn_on(&dir, "primary", sw.path(), &image("primary"), &p_args);
+    for v in [&primary, &secondary] {
+        v.wait_status("COLO", T, |s| {
+            s["phase"] == "colo" && s["checkpoints"].as_u64() >= Some(1)
+        });
+    }
+    Pair {
+        _dir: tmp,
+        dir,
+        sw,
+        primary,
+        secondary,
+    }
+}
+
+/// A client with its own model of the store; every answer is checked.
+struct Model {
+    c: KvClient,
+    store: HashMap<String, String>,
+    seq: u64,
+    n: u64,
+}
+
+impl Model {
+    fn connect(p: &Pair) -> Self {
+        Self::connect_to(p.sw.path(), &p.dir.join("client"))
+    }
+
+    fn connect_to(switch: &Path, port: &Path) -> Self {
+        let c = KvClient::connect(switch, port, &ClientConfig::default(), T).unwrap();
+        Self {
+            c,
+            store: HashMap::new(),
+            seq: 0,
+            n: 0,
+        }
+    }
+
+    fn set(&mut self, k: &str, v: &str) {
+        let a = self.c.request(&format!("SET {k} {v}"), T).unwrap();
+        self.seq += 1;
+        assert_eq!(a, format!("OK {}", self.seq), "SET {k} {v}");
+        self.store.insert(k.into(), v.into());
+    }
+
+    /// `n` writes and reads over a working set of 50 keys.
+    fn work(&mut self, n: u64) {
+        for _ in 0..n {
+            let i = self.n;
+            self.n += 1;
+            let k = format!("k{}", i % 50);
+            if i % 3 == 2 {
+                let want = self
+                    .store
+                    .get(&k)
+                    .map_or("NONE".to_string(), |v| format!("VAL {v}"));
+                assert_eq!(self.c.request(&format!("GET {k}"), T).unwrap(), want, "GET {k}");
+            } else {
+                self.set(&k, &format!("v{i}"));
+            }
+        }
+    }
+
+    fn check_all(&mut self) {
+        let store = self.store.clone();
+        for (k, v) in &store {
+            assert_eq!(
+                self.c.request(&format!("GET {k}"), T).unwrap(),
+                format!("VAL {v}")
+            );
+        }
+        let stat = self.c.request("STAT", T).unwrap();
+        assert!(
+            stat.contains(&format!("seq={} ", self.seq)),
+            "{stat} after {} writes",
+            self.seq
+        );
+    }
+}
+
+fn num(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+#[test]
+fn checkpoints_run_and_the_client_gets_correct_answers_through_the_pair() {
+    if !kvm_or_skip("checkpoints_run_and_the_client_gets_correct_answers_through_the_pair") {
+        return;
+    }
+    let p = pair(&["--checkpoint-ms", "100"]);
+    let mut m = Model::connect(&p);
+    assert_eq!(m.c.request("PING", T).unwrap(), "PONG");
+    m.work(150);
+    m.check_all();
+    let before = num(&p.primary.colo()["checkpoints"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let ps = p.primary.colo();
+    let ss = p.secondary.colo();
+    eprintln!("primary {ps:#}\nsecondary {ss:#}");
+    assert!(num(&ps["checkpoints"]) > before + 2, "periodic checkpoints run");
+    assert!(num(&ss["checkpoints"]) >= num(&ps["checkpoints"]) - 1);
+    assert!(num(&ps["compare"]["released_compared"]) + num(&ps["compare"]["released_at_checkpoint"]) > 100);
+    assert!(ps["pause_ms_p99"].as_f64().unwrap() > 0.0);
+    assert!(ps["pause_ms_p50"].as_f64().unwrap() <= ps["pause_ms_p99"].as_f64().unwrap());
+    assert!(num(&ps["bytes_sent"]) > 100_000, "RAM and state went across");
+    assert_eq!(ps["failover"]["state"], "none");
+    assert!(p.primary.has_log("COLO: checkpoint"));
+    p.primary.quit();
+    p.secondary.quit();
+}
+
+#[test]
+fn failover_command_on_the_secondary_stops_the_primary_and_the_same_connection_continues() {
+    if !kvm_or_skip("failover_command_on_the_secondary_stops_the_primary_and_the_same_connection_continues") {
+        return;
+    }
+    let p = pair(&["--checkpoint-ms", "200"]);
+    let mut m = Model::connect(&p);
+    m.work(60);
+    let a = p.secondary.ctl(Request::Failover);
+    assert_eq!(a["ok"], true, "{a}");
+    assert_eq!(a["phase"], "alone", "{a}");
+    let ss = p.secondary.colo();
+    assert_eq!(ss["node_role"], "primary", "{ss}");
+    assert_eq!(ss["failover"]["reason"], "request", "{ss}");
+    // The old primary stopped before the secondary took over, and stays stopped.
+    let ps = p
+        .primary
+        .wait_status("stopped primary", T, |s| s["phase"] == "stopped");
+    assert!(
+        ps["failover"]["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("takes over"),
+        "{ps}"
+    );
+    assert_eq!(p.primary.ctl(Request::Status)["state"], "paused");
+    // The same TCP connection goes on, answered by the promoted guest, with every earlier write there.
+    m.work(60);
+    m.check_all();
+    assert!(p.secondary.has_log("COLO: promoted"));
+    // A second failover is refused and changes nothing.
+    assert_eq!(p.secondary.ctl(Request::Failover)["ok"], false);
+    p.primary.quit();
+    p.secondary.quit();
+}
+
+#[test]
+fn failover_command_on_the_primary_stops_the_secondary_and_the_primary_goes_on() {
+    if !kvm_or_skip("failover_command_on_the_primary_stops_the_secondary_and_the_primary_goes_on") {
+        return;
+    }
+    let p = pair(&["--checkpoint-ms", "200"]);
+    let mut m = Model::connect(&p);
+    m.work(30);
+    let a = p.primary.ctl(Request::Failover);
+    assert_eq!(a["ok"], true, "{a}");
+    p.secondary
+        .wait_status("stopped secondary", T, |s| s["phase"] == "stopped");
+    assert_eq!(p.primary.colo()["phase"], "alone");
+    m.work(30);
+    m.check_all();
+    p.secondary.quit();
+    p.primary.quit();
+}
+
+#[test]
+fn secondary_killed_the_primary_goes_on_alone_and_releases_queued_output() {
+    if !kvm_or_skip("secondary_killed_the_primary_goes_on_alone_and_releases_queued_output") {
+        return;
+    }
+    // Long interval: output waits in the comparator unless the secondary's copy matches it.
+    let mut p = pair(&["--checkpoint-ms", "60000", "--heartbeat-timeout-ms", "500"]);
+    let mut m = Model::connect(&p);
+    m.work(40);
+    p.secondary.kill();
+    let t0 = Instant::now();
+    // Requests sent now are answered once the primary has given the secondary up.
+    m.work(40);
+    eprintln!("first answers after the kill within {:?}", t0.elapsed());
+    let ps = p.primary.wait_status("alone", T, |s| s["phase"] == "alone");
+    assert_eq!(ps["failover"]["state"], "completed", "{ps}");
+    assert_eq!(ps["failover"]["reason"], "error", "{ps}");
+    assert!(p.primary.has_log("COLO: continuing alone"));
+    m.check_all();
+    p.primary.quit();
+}
+
+#[test]
+fn guest_shutdown_on_the_primary_is_mirrored_and_both_exit() {
+    if !kvm_or_skip("guest_shutdown_on_the_primary_is_mirrored_and_both_exit") {
+        return;
+    }
+    let mut p = pair(&["--checkpoint-ms", "200"]);
+    let mut m = Model::connect(&p);
+    m.work(10);
+    let _ = m.c.request("POWEROFF", Duration::from_secs(5));
+    let ps = p.primary.wait_exit(T);
+    let ss = p.secondary.wait_exit(T);
+    assert!(ps.success() && ss.success(), "primary {ps}, secondary {ss}");
+    assert!(p.secondary.has_log("shut down on the primary"));
+}
+
+#[test]
+fn quitting_either_side_of_an_active_pair_never_hangs() {
+    if !kvm_or_skip("quitting_either_side_of_an_active_pair_never_hangs") {
+        return;
+    }
+    // Quitting the primary: the secondary sees the link go and takes over.
+    let p = pair(&["--checkpoint-ms", "50"]);
+    let mut m = Model::connect(&p);
+    m.work(20);
+    let Pair {
+        primary, secondary, ..
+    } = p;
+    primary.quit();
+    secondary.wait_status("takeover", T, |s| s["phase"] == "alone");
+    m.work(20);
+    m.check_all();
+    secondary.quit();
+    // Quitting the secondary: the primary goes on alone; then it quits too.
+    let p = pair(&["--checkpoint-ms", "50"]);
+    let Pair {
+        primary, secondary, ..
+    } = p;
+    secondary.quit();
+    primary.wait_status("alone", T, |s| s["phase"] == "alone");
+    primary.quit();
+}
+
+#[test]
+fn set_interval_takes_effect_and_checkpoint_runs_one_now() {
+    if !kvm_or_skip("set_interval_takes_effect_and_checkpoint_runs_one_now") {
+        return;
+    }
+    let p = pair(&["--checkpoint-ms", "60000"]);
+    let c0 = num(&p.primary.colo()["checkpoints"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        num(&p.primary.colo()["checkpoints"]),
+        c0,
+        "no periodic checkpoint at 60 s"
+    );
+    let a = p.primary.ctl(Request::Checkpoint);
+    assert_eq!(a["ok"], true, "{a}");
+    p.primary
+        .wait_status("commanded checkpoint", T, |s| num(&s["checkpoints"]) > c0);
+    let a = p.primary.ctl(Request::SetInterval { ms: 50 });
+    assert_eq!(a["ok"], true, "{a}");
+    let st = p.primary.colo();
+    assert_eq!(st["interval_ms"], 50);
+    let c1 = num(&st["checkpoints"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    let c2 = num(&p.primary.colo()["checkpoints"]);
+    assert!(c2 >= c1 + 5, "{c1} -> {c2} checkpoints in 1 s at 50 ms");
+    // The secondary refuses what only the primary can do; a bad interval is refused.
+    assert_eq!(p.secondary.ctl(Request::SetInterval { ms: 10 })["ok"], false);
+    assert_eq!(p.secondary.ctl(Request::Checkpoint)["ok"], false);
+    assert_eq!(p.primary.ctl(Request::SetInterval { ms: 0 })["ok"], false);
+    p.primary.quit();
+    p.secondary.quit();
+}
+
+#[test]
+fn the_secondary_gets_the_primarys_disk_and_after_a_failover_its_image_holds_every_write() {
+    if !kvm_or_skip("the_secondary_gets_the_primarys_disk_and_after_a_failover_its_image_holds_every_write") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let sw = Switch::spawn(&dir.join("switch")).unwrap();
+    // Before COLO: the guest runs alone on the primary's image and writes 40 records.
+    let img = disk(&dir, "primary.img", 8);
+    disk(&dir, "secondary.img", 8);
+    let alone = Vmm::spawn_on(&dir, "alone", sw.path(), &img, &[]);
+    let t0 = Instant::now();
+    while !alone.has_log("log replayed") {
+        assert!(t0.elapsed() < T, "the lone guest did not boot");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut m = Model::connect_to(sw.path(), &dir.join("client0"));
+    for i in 0..40 {
+        m.set(&format!("old{i}"), &format!("o{i}"));
+    }
+    drop(m.c);
+    alone.quit();
+    // The pair: the secondary's image is all zeros; the initial sync copies the primary's.
+    let p = pair_in(tmp, sw, &["--checkpoint-ms", "100"]);
+    let mut m2 = Model::connect(&p);
+    m2.seq = 40;
+    m2.work(60);
+    // The primary dies; the promoted secondary goes on writing on its own image.
+    let Pair {
+        _dir: tmp,
+        dir,
+        sw,
+        mut primary,
+        secondary,
+    } = p;
+    primary.kill();
+    m2.work(60);
+    secondary.quit();
+    drop(m2.c);
+    // A fresh VMM on the secondary's image replays the log: the old records and every COLO write.
+    let after = Vmm::spawn_on(&dir, "after", sw.path(), &dir.join("secondary.img"), &[]);
+    let t0 = Instant::now();
+    let replayed = loop {
+        if let Some(l) = after
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains("log replayed"))
+        {
+            break l.clone();
+        }
+        assert!(
+            t0.elapsed() < T,
+            "the guest did not boot on the secondary's image"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(replayed.contains(&format!("{} records", m2.seq)), "{replayed}");
+    let mut m3 = Model::connect_to(sw.path(), &dir.join("client3"));
+    m3.seq = m2.seq;
+    m3.store = m2.store.clone();
+    for i in 0..40 {
+        m3.store.insert(format!("old{i}"), format!("o{i}"));
+    }
+    m3.check_all();
+    after.quit();
+    drop(tmp);
+}
+
+#[test]
+fn a_full_disk_epoch_holds_the_write_until_a_forced_checkpoint_and_nothing_is_lost() {
+    if !kvm_or_skip("a_full_disk_epoch_holds_the_write_until_a_forced_checkpoint_and_nothing_is_lost") {
+        return;
+    }
+    // Two 4 KiB blocks per epoch: the log's writes fill an epoch every few SETs. No periodic checkpoint.
+    let p = pair(&["--checkpoint-ms", "60000", "--overlay-blocks", "2"]);
+    let c0 = num(&p.primary.colo()["checkpoints"]);
+    let mut m = Model::connect(&p);
+    m.work(150);
+    m.check_all();
+    let st = p.primary.colo();
+    assert!(num(&st["checkpoints"]) > c0 + 3, "forced checkpoints: {st}");
+    assert!(
+        p.primary.has_log("(disk epoch full)") || p.primary.has_log("secondary asked"),
+        "a checkpoint was started by the disk"
+    );
+    p.primary.quit();
+    p.secondary.quit();
+}
+
+#[test]
+fn with_a_witness_the_promoted_secondary_holds_the_lease() {
+    if !kvm_or_skip("with_a_witness_the_promoted_secondary_holds_the_lease") {
+        return;
+    }
+    use colo_failover::witness::{WitnessConfig, WitnessServer};
+    let w = WitnessServer::bind_fresh("127.0.0.1:0", WitnessConfig::default())
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let arb = format!("witness={}", w.addr());
+    let p = pair(&["--checkpoint-ms", "200", "--arbiter", &arb]);
+    assert!(!p.primary.has_log("NO ARBITER"));
+    let mut m = Model::connect(&p);
+    m.work(30);
+    assert_eq!(
+        w.holder(),
+        None,
+        "nobody holds the lease while the pair is healthy"
+    );
+    let a = p.secondary.ctl(Request::Failover);
+    assert_eq!(a["ok"], true, "{a}");
+    let (holder, token, _) = w.holder().expect("a holder");
+    assert_eq!(holder, "secondary");
+    assert_eq!(p.secondary.colo()["failover"]["token"], token.0);
+    p.primary
+        .wait_status("stopped primary", T, |s| s["phase"] == "stopped");
+    m.work(30);
+    m.check_all();
+    p.primary.quit();
+    p.secondary.quit();
+}
+
+#[test]
+fn a_frozen_secondary_is_given_up_after_the_heartbeat_timeout() {
+    if !kvm_or_skip("a_frozen_secondary_is_given_up_after_the_heartbeat_timeout") {
+        return;
+    }
+    let mut p = pair(&["--checkpoint-ms", "50", "--heartbeat-timeout-ms", "500"]);
+    let mut m = Model::connect(&p);
+    m.work(30);
+    let pid = p.secondary.child.id() as libc::pid_t;
+    // SAFETY: plain kill(2) on our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let t0 = Instant::now();
+    m.work(30);
+    let ps = p.primary.wait_status("alone", T, |s| s["phase"] == "alone");
+    eprintln!(
+        "the primary went on alone within {:?}: {}",
+        t0.elapsed(),
+        ps["failover"]
+    );
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    m.check_all();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    p.secondary.kill();
+    p.primary.quit();
+}
+
+#[test]
+fn quit_before_the_pair_exists_is_prompt_and_clean() {
+    if !kvm_or_skip("quit_before_the_pair_exists_is_prompt_and_clean") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let sw = Switch::spawn(&dir.join("switch")).unwrap();
+    let img = disk(dir, "s.img", 8);
+    let s = Vmm::spawn_on(
+        dir,
+        "secondary",
+        sw.path(),
+        &img,
+        &["--role", "secondary", "--colo-listen", "127.0.0.1:0"],
+    );
+    let st = s.wait_status("listening", T, |s| s["listen"].is_string());
+    // A primary whose secondary never answers keeps trying; quit stops it.
+    let img = disk(dir, "p.img", 8);
+    let p = Vmm::spawn_on(
+        dir,
+        "primary",
+        sw.path(),
+        &img,
+        &["--role", "primary", "--colo-peer", "127.0.0.1:1"],
+    );
+    assert_eq!(p.colo()["phase"], "connecting");
+    assert_eq!(p.ctl(Request::Failover)["ok"], false, "no pair yet");
+    p.quit();
+    assert_eq!(st["phase"], "listening");
+    s.quit();
+}
