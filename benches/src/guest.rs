@@ -1,50 +1,28 @@
 //! The benchmark's guest: one vCPU in 64-bit long mode at CPL3 (native speed under nested KVM), running a
 //! loop of hand-assembled machine code that writes every page named in a table the VMM fills.
 //!
-//! Memory map (guest physical): GDT at 0x500, page tables at 0x1000..0x4000 (2 MiB user pages over the first
-//! 1 GiB, identity mapped), code at 0x4000, stack below 0x8000, the page table of targets at 1 MiB (up to
-//! [`MAX_TARGETS`] u64s), and the pages the guest dirties from [`FIRST_TARGET`] on.
+//! Memory map (guest physical): GDT, page tables, code and stack below 0x8000 (see colo-ram's
+//! `tests/support/cpl3.rs`, which this shares), the table of targets at 1 MiB (up to [`MAX_TARGETS`] u64s),
+//! and the pages the guest dirties from [`FIRST_TARGET`] on.
 
-use anyhow::{Context, Result, bail, ensure};
-use kvm_bindings::{
-    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, kvm_fpu, kvm_regs, kvm_segment, kvm_sregs,
-    kvm_userspace_memory_region,
-};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use anyhow::{Result, anyhow, ensure};
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
-/// Guest memory with vm-memory's write bitmap (the VMM's own writes).
-pub type Mem = GuestMemoryMmap<AtomicBitmap>;
+// The CPL3 guest setup is shared with colo-ram's KVM test (one copy, included by path: neither crate depends
+// on the other).
+#[allow(dead_code)]
+#[path = "../../colo-ram/tests/support/cpl3.rs"]
+mod cpl3;
 
-const GDT: u64 = 0x500;
-const PML4: u64 = 0x1000;
-const PDPT: u64 = 0x2000;
-const PD: u64 = 0x3000;
-const CODE: u64 = 0x4000;
-const STACK_TOP: u64 = 0x8000;
+pub use cpl3::{MAX_MEM, Mem};
+
+/// The table of targets the guest walks.
 const TABLE: u64 = 0x10_0000;
 /// First guest address the guest dirties (everything below holds code, tables and the target table).
 pub const FIRST_TARGET: u64 = 0x40_0000;
 /// Most targets in one run (the table spans 1 MiB .. 4 MiB).
 pub const MAX_TARGETS: usize = ((FIRST_TARGET - TABLE) / 8) as usize;
-/// Largest guest the page tables map (one page directory of 2 MiB pages).
-pub const MAX_MEM: u64 = 1 << 30;
-const EXIT_PORT: u8 = 0x10;
-
-/// For each u64 address in [rsi .. rsi + 8 * rcx): store rdx (the epoch marker) at it and the address
-/// 8 bytes further; then leave through `out` (permitted at CPL3 by IOPL = 3).
-#[rustfmt::skip]
-const CODE_BYTES: [u8; 23] = [
-    0x48, 0x8b, 0x06,       // 0: mov rax, [rsi]
-    0x48, 0x89, 0x10,       // 3: mov [rax], rdx
-    0x48, 0x89, 0x40, 0x08, // 6: mov [rax + 8], rax
-    0x48, 0x83, 0xc6, 0x08, // 10: add rsi, 8
-    0x48, 0xff, 0xc9,       // 14: dec rcx
-    0x75, 0xed,             // 17: jnz 0
-    0xe6, EXIT_PORT,        // 19: out 0x10, al
-    0xeb, 0xfe,             // 21: jmp $ (never reached: the VMM sets RIP before each run)
-];
 
 /// A KVM VM with one memory slot (dirty logging on) and one vCPU, and its guest memory.
 pub struct Guest {
@@ -69,84 +47,12 @@ impl Guest {
             (2 * FIRST_TARGET..=MAX_MEM).contains(&mem_bytes) && mem_bytes.is_multiple_of(2 << 20),
             "guest memory must be a multiple of 2 MiB between 8 MiB and 1 GiB"
         );
-        let vm = std::sync::Arc::new(kvm.create_vm().context("KVM_CREATE_VM")?);
-        let mem = Mem::from_ranges(&[(GuestAddress(0), mem_bytes as usize)]).context("guest memory")?;
-        let prepared = prepare(&vm, &mem)?;
-        for (slot, region) in mem.iter().enumerate() {
-            let host = mem
-                .get_host_address(region.start_addr())
-                .context("guest memory has no host mapping")?;
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: KVM_MEM_LOG_DIRTY_PAGES,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
-            // SAFETY: the mapping is owned by `mem`, which lives in the same `Guest` as the VM; the fields
-            // drop in declaration order (VM first), so KVM never uses the mapping after it is unmapped.
-            unsafe { vm.set_user_memory_region(r) }.context("KVM_SET_USER_MEMORY_REGION")?;
-        }
-        vm.set_tss_address(0xfffb_d000).context("KVM_SET_TSS_ADDR")?;
-        let vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU")?;
-        vcpu.set_cpuid2(&kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?)
-            .context("KVM_SET_CPUID2")?;
-        let guest = Guest { vm, mem, vcpu };
-        guest.setup_long_mode()?;
-        guest.load()?;
-        Ok((guest, prepared))
-    }
-
-    fn setup_long_mode(&self) -> Result<()> {
-        let mut sregs = self.vcpu.get_sregs()?;
-        let seg = |selector: u16, type_: u8, l: u8, db: u8| kvm_segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            selector,
-            type_,
-            present: 1,
-            dpl: 3,
-            db,
-            s: 1,
-            l,
-            g: 1,
-            ..Default::default()
-        };
-        sregs.cs = seg(0x23, 0xb, 1, 0);
-        let data = seg(0x1b, 0x3, 0, 1);
-        (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
-        sregs.gdt.base = GDT;
-        sregs.gdt.limit = 5 * 8 - 1;
-        sregs.cr3 = PML4;
-        sregs.cr4 = (1 << 5) | (1 << 9) | (1 << 10); // PAE, OSFXSR, OSXMMEXCPT
-        sregs.cr0 = 1 | (1 << 1) | (1 << 16) | (1 << 31); // PE, MP, WP, PG
-        sregs.efer = (1 << 8) | (1 << 10); // LME, LMA
-        self.vcpu.set_sregs(&sregs)?;
-        Ok(())
-    }
-
-    /// GDT (null, ring-0 code and data, ring-3 data and code), page tables and code, written by the VMM.
-    fn load(&self) -> Result<()> {
-        let gdt: [u64; 5] = [
-            0,
-            0x00af_9a00_0000_ffff,
-            0x00cf_9200_0000_ffff,
-            0x00cf_f200_0000_ffff,
-            0x00af_fa00_0000_ffff,
-        ];
-        for (i, d) in gdt.iter().enumerate() {
-            self.mem.write_obj(*d, GuestAddress(GDT + 8 * i as u64))?;
-        }
-        const PRESENT_RW_USER: u64 = 0x7;
-        const HUGE: u64 = 0x80;
-        self.mem.write_obj(PDPT | PRESENT_RW_USER, GuestAddress(PML4))?;
-        self.mem.write_obj(PD | PRESENT_RW_USER, GuestAddress(PDPT))?;
-        for i in 0..512u64 {
-            self.mem
-                .write_obj((i << 21) | PRESENT_RW_USER | HUGE, GuestAddress(PD + 8 * i))?;
-        }
-        self.mem.write_slice(&CODE_BYTES, GuestAddress(CODE))?;
-        Ok(())
+        let (vm, mem, vcpu, prepared) = cpl3::try_create_vm(kvm, &[(0, mem_bytes as usize)], |vm, mem| {
+            prepare(vm, mem).map_err(Into::into)
+        })
+        .map_err(|e| anyhow!(e))?;
+        cpl3::try_load_guest(&mem).map_err(|e| anyhow!(e))?;
+        Ok((Guest { vm, mem, vcpu }, prepared))
     }
 
     /// Writes `targets` into the guest's table (a VMM write, seen by vm-memory's bitmap) and points the vCPU
@@ -157,33 +63,12 @@ impl Guest {
             "{} targets (1..={MAX_TARGETS})",
             targets.len()
         );
-        let mut table = Vec::with_capacity(targets.len() * 8);
-        for t in targets {
-            table.extend_from_slice(&t.to_le_bytes());
-        }
-        self.mem.write_slice(&table, GuestAddress(TABLE))?;
-        let regs = kvm_regs {
-            rip: CODE,
-            rsp: STACK_TOP - 8,
-            rflags: 0x2 | (3 << 12), // IOPL = 3, IF = 0
-            rsi: TABLE,
-            rcx: targets.len() as u64,
-            rdx: marker,
-            ..Default::default()
-        };
-        self.vcpu.set_regs(&regs)?;
-        Ok(())
+        cpl3::try_prepare_run(&mut self.vcpu, &self.mem, TABLE, targets, marker).map_err(|e| anyhow!(e))
     }
 
     /// Runs the vCPU until the guest leaves through its exit port.
     pub fn run(vcpu: &mut VcpuFd) -> Result<()> {
-        loop {
-            match vcpu.run().context("KVM_RUN")? {
-                VcpuExit::IoOut(port, _) if port == u16::from(EXIT_PORT) => return Ok(()),
-                VcpuExit::Intr => continue,
-                other => bail!("the guest stopped unexpectedly: {other:?}"),
-            }
-        }
+        cpl3::try_run(vcpu).map_err(|e| anyhow!(e))
     }
 
     /// The vCPU state as a device-state blob ([`CpuState::encode`]).

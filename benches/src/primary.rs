@@ -22,7 +22,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 use crate::guest::{FIRST_TARGET, Guest, MAX_TARGETS};
 use crate::report::{EpochRecord, Report};
 use crate::secondary::{SecondaryResult, crc_of};
-use crate::{CheckpointArgs, LogKind, mono_ns};
+use crate::{CheckpointArgs, LogKind, mono_ns, thread_cpu_ns};
 
 /// One `Channel::send_pages` entry: a run of pages at a guest address, or an empty slice for a zero page.
 type Entry<'r> = (u64, &'r [u8]);
@@ -66,12 +66,17 @@ struct Secondary {
 impl Secondary {
     fn spawn(args: &CheckpointArgs) -> Result<(Self, u16, u16)> {
         let exe = std::env::current_exe().context("finding this executable")?;
-        let mut child = Command::new(exe)
-            .arg("secondary")
+        let mut cmd = Command::new(exe);
+        cmd.arg("secondary")
             .arg("--mem")
             .arg(args.mem.to_string())
             .arg("--flush-threads")
-            .arg(args.flush_threads.to_string())
+            .arg(args.flush_threads.to_string());
+        if args.cache_huge_pages {
+            cmd.arg("--cache-huge-pages");
+        }
+        cmd.arg("--receive-threads").arg(args.receive_threads.to_string());
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -142,7 +147,12 @@ impl References {
     }
 
     /// (gather ns, raw TCP ns, scatter ns) for the pages of `set`, copied from guest memory at `base`.
-    fn measure(&mut self, base: &[u8], set: &DirtyBitmap, raw: &mut TcpStream) -> Result<(u64, u64, u64)> {
+    fn measure(
+        &mut self,
+        base: &[u8],
+        set: &DirtyBitmap,
+        raw: &mut TcpStream,
+    ) -> Result<(u64, RawTransfer, u64)> {
         let n = set.count();
         self.buf.resize(n * PAGE_SIZE, 0);
         let t = mono_ns();
@@ -151,12 +161,7 @@ impl References {
             self.buf[k * PAGE_SIZE..][..PAGE_SIZE].copy_from_slice(&base[off..off + PAGE_SIZE]);
         }
         let gather = mono_ns() - t;
-        let t = mono_ns();
-        raw.write_all(&(self.buf.len() as u64).to_le_bytes())?;
-        raw.write_all(&self.buf)?;
-        let mut done = [0u8; 8];
-        raw.read_exact(&mut done)?;
-        let raw_ns = u64::from_le_bytes(done).saturating_sub(t);
+        let raw_tcp = raw_transfer(raw, &self.buf)?;
         let t = mono_ns();
         for (k, page) in set.iter_pages().enumerate() {
             let off = page * PAGE_SIZE;
@@ -164,8 +169,35 @@ impl References {
         }
         let scatter = mono_ns() - t;
         std::hint::black_box(&self.scratch);
-        Ok((gather, raw_ns, scatter))
+        Ok((gather, raw_tcp, scatter))
     }
+}
+
+/// One raw reference transfer.
+struct RawTransfer {
+    /// From the first write to the sink's read of the last byte.
+    ns: u64,
+    /// CPU time the writing thread spent writing.
+    send_cpu_ns: u64,
+    /// CPU time the sink spent reading.
+    receive_cpu_ns: u64,
+}
+
+/// Writes `buf` over the raw reference connection and waits for the sink's answer.
+fn raw_transfer(raw: &mut TcpStream, buf: &[u8]) -> Result<RawTransfer> {
+    let t = mono_ns();
+    let cpu = thread_cpu_ns();
+    raw.write_all(&(buf.len() as u64).to_le_bytes())?;
+    raw.write_all(buf)?;
+    let send_cpu_ns = thread_cpu_ns() - cpu;
+    let mut done = [0u8; 16];
+    raw.read_exact(&mut done)?;
+    let (end, sink_cpu) = done.split_at(8);
+    Ok(RawTransfer {
+        ns: u64::from_le_bytes(end.try_into()?).saturating_sub(t),
+        send_cpu_ns,
+        receive_cpu_ns: u64::from_le_bytes(sink_cpu.try_into()?),
+    })
 }
 
 /// Collects the pending pages into `send_pages` entries; marks the data pages in `sent`.
@@ -203,6 +235,7 @@ struct Streamed {
     bytes: u64,
     gather_ns: u64,
     send_ns: u64,
+    send_cpu_ns: u64,
     first_send_ns: u64,
 }
 
@@ -219,6 +252,7 @@ fn stream_pages(
         bytes: 0,
         gather_ns: 0,
         send_ns: 0,
+        send_cpu_ns: 0,
         first_send_ns: 0,
     };
     let mut entries: Vec<Entry<'_>> = Vec::new();
@@ -250,7 +284,9 @@ fn stream_pages(
             if out.first_send_ns == 0 {
                 out.first_send_ns = now;
             }
+            let cpu = thread_cpu_ns();
             ch.send_pages(PagePhase::Checkpoint, epoch, PAGE_SIZE as u32, &entries)?;
+            out.send_cpu_ns += thread_cpu_ns() - cpu;
             entries.clear();
             pages = 0;
             t = mono_ns();
@@ -348,23 +384,30 @@ pub fn run(args: &CheckpointArgs) -> Result<Report> {
                     // again for the pause, with new contents.
                     let vcpu_thread = s.spawn(|| Guest::run(vcpu));
                     let (entries, bytes) = gather(&mut primary, &ram, &mut sent)?;
-                    // The guest writes while this round is read: copy the pages once and send the copy, or the
-                    // frame CRC (computed over guest memory, which then changes under the socket's own copy)
-                    // would not match what arrives. A torn page in the copy is dirty again and re-sent paused.
-                    staging.clear();
-                    for (_, data) in &entries {
-                        staging.extend_from_slice(data);
-                    }
-                    let mut off = 0;
-                    let staged: Vec<Entry<'_>> = entries
-                        .iter()
-                        .map(|&(gpa, data)| {
-                            off += data.len();
-                            (gpa, &staging[off - data.len()..off])
-                        })
-                        .collect();
+                    // The guest writes while this round is read. From protocol v3 on, a pre-copy frame's CRC
+                    // covers its descriptors only (`PREFIX_CRC`), so the pages go straight from guest memory
+                    // (a torn page is dirty again and re-sent paused). Before v3 the CRC covered the pages,
+                    // which then changed under the socket's own copy: send a copy instead.
+                    let staged: Vec<Entry<'_>> = if ch.version() >= 3 {
+                        entries
+                    } else {
+                        staging.clear();
+                        for (_, data) in &entries {
+                            staging.extend_from_slice(data);
+                        }
+                        let mut off = 0;
+                        entries
+                            .iter()
+                            .map(|&(gpa, data)| {
+                                off += data.len();
+                                (gpa, &staging[off - data.len()..off])
+                            })
+                            .collect()
+                    };
                     rec.precopy_stream_start_ns = mono_ns();
+                    let cpu = thread_cpu_ns();
                     ch.send_pages(PagePhase::Precopy, epoch, PAGE_SIZE as u32, &staged)?;
+                    rec.stream_send_cpu_ns = thread_cpu_ns() - cpu;
                     rec.precopy_send_ns = mono_ns() - rec.precopy_start_ns;
                     rec.precopy_bytes = bytes as u64;
                     vcpu_thread
@@ -393,6 +436,7 @@ pub fn run(args: &CheckpointArgs) -> Result<Report> {
                         (rec.gather_ns, rec.send_ns) = (s.gather_ns, s.send_ns);
                         rec.ram_send_start_ns = s.first_send_ns;
                         rec.pause_bytes = s.bytes;
+                        rec.stream_send_cpu_ns += s.send_cpu_ns;
                         sess.ram_sent(Instant::now())?;
                     }
                     PrimaryAction::SendDeviceState { epoch } => {
@@ -429,7 +473,21 @@ pub fn run(args: &CheckpointArgs) -> Result<Report> {
             // SAFETY: `base_ptr` maps all `mem_bytes` of guest RAM (one region from 0) for as long as `guest`
             // lives; the vCPU is stopped, so nothing writes the pages while the references read them.
             let base = unsafe { std::slice::from_raw_parts(base_ptr as *const u8, mem_bytes as usize) };
-            (rec.gather_ref_ns, rec.raw_tcp_ns, rec.scatter_ref_ns) = refs.measure(base, &sent, &mut raw)?;
+            let raw_tcp;
+            (rec.gather_ref_ns, raw_tcp, rec.scatter_ref_ns) = refs.measure(base, &sent, &mut raw)?;
+            rec.raw_tcp_ns = raw_tcp.ns;
+            rec.raw_send_cpu_ns = raw_tcp.send_cpu_ns;
+            rec.raw_receive_cpu_ns = raw_tcp.receive_cpu_ns;
+            // The same shape as the stream: the pre-copy bytes and the paused bytes as two transfers, each
+            // waited for (a secondary figure; the headline reference above is one transfer).
+            let pre = (rec.precopy_bytes as usize).min(refs.buf.len());
+            let paused = (rec.pause_bytes as usize).min(refs.buf.len());
+            rec.raw_tcp_split_ns = 0;
+            for len in [pre, paused] {
+                if len > 0 {
+                    rec.raw_tcp_split_ns += raw_transfer(&mut raw, &refs.buf[..len])?.ns;
+                }
+            }
         }
         records.push(rec);
     }

@@ -49,11 +49,24 @@ pub struct EpochRecord {
     pub gather_ref_ns: u64,
     /// Reference: the same bytes over a plain loopback TCP connection between the two processes.
     pub raw_tcp_ns: u64,
+    /// CPU time of the primary's thread writing the page frames (pre-copy and paused).
+    pub stream_send_cpu_ns: u64,
+    /// CPU time of the secondary reading, checking, decoding and storing the page frames.
+    pub stream_receive_cpu_ns: u64,
+    /// CPU time of the primary's thread writing the raw reference.
+    pub raw_send_cpu_ns: u64,
+    /// CPU time of the raw sink reading the raw reference.
+    pub raw_receive_cpu_ns: u64,
+    /// Reference: the pre-copy bytes and the paused bytes as two raw transfers, like the stream (0 with
+    /// nothing sent).
+    pub raw_tcp_split_ns: u64,
     /// Reference: 4 KiB memcpy of those pages from the buffer to their places in another mapping.
     pub scatter_ref_ns: u64,
     /// The RAM stream of this checkpoint, first byte written to last page in the secondary's cache
     /// (pre-copy and paused parts added).
     pub stream_ns: u64,
+    /// The pre-copy part of `stream_ns`.
+    pub precopy_stream_ns: u64,
     /// Secondary: storing the paused pages into the RAM cache.
     pub store_ns: u64,
     /// Secondary: receiving the paused pages (`VmstateSend` to `EndOfRam`).
@@ -95,6 +108,21 @@ pub struct Phases {
     pub resume: f64,
 }
 
+/// Median CPU time per KiB moved, stream and raw reference, by side (nanoseconds). Thread CPU time counts
+/// the work done whatever else runs on the machine, so these are steadier than the wall-clock throughputs
+/// on a loaded host.
+#[derive(Debug, Serialize)]
+pub struct CpuPerKib {
+    /// Primary: writing the page frames (CRC and the socket writes).
+    pub stream_send: f64,
+    /// Primary: writing the raw reference.
+    pub raw_send: f64,
+    /// Secondary: reading, checking, decoding and storing the page frames into the RAM cache.
+    pub stream_receive: f64,
+    /// Secondary: reading the raw reference.
+    pub raw_receive: f64,
+}
+
 /// The benchmark's summary.
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -112,6 +140,10 @@ pub struct Report {
     pub dirty_log: String,
     /// Secondary flush threads.
     pub flush_threads: usize,
+    /// Secondary receive threads (1: read and store in turn; 2: reader thread pipelined with the store).
+    pub receive_threads: u8,
+    /// Whether the secondary's RAM cache asked for transparent huge pages.
+    pub cache_huge_pages: bool,
     /// Checkpoints counted (the first, which completes the initial sync, is not).
     pub checkpoints: usize,
     /// Median pause.
@@ -142,6 +174,13 @@ pub struct Report {
     pub raw_tcp_gbps: f64,
     /// `stream_gbps / raw_tcp_gbps`.
     pub stream_over_raw_tcp: f64,
+    /// Median raw TCP throughput of the stream's bytes sent in the stream's two parts (pre-copy, paused),
+    /// each a transfer of its own.
+    pub raw_tcp_split_gbps: f64,
+    /// `stream_gbps / raw_tcp_split_gbps`: the stream against raw TCP of the same transfers.
+    pub stream_over_raw_tcp_split: f64,
+    /// CPU cost of the stream and of the raw reference per KiB.
+    pub cpu_ns_per_kib: CpuPerKib,
     /// CRC32 of both guest memories at the end (checked equal).
     pub memory_crc32: String,
     /// The secondary's memory equals the primary's.
@@ -198,6 +237,7 @@ impl Report {
                 s.epoch
             );
             r.store_ns = s.store_ns;
+            r.stream_receive_cpu_ns = s.receive_cpu_ns;
             r.receive_ns = s.ram_end_ns.saturating_sub(s.ram_start_ns);
             r.flush_ns = s.flush_ns;
             r.flushed_pages = s.flushed_pages;
@@ -207,7 +247,13 @@ impl Report {
             } else {
                 0
             };
-            r.stream_ns = pre + s.ram_end_ns.saturating_sub(r.ram_send_start_ns);
+            r.precopy_stream_ns = pre;
+            let paused = if s.ram_pages > 0 {
+                s.ram_last_store_ns.saturating_sub(r.ram_send_start_ns)
+            } else {
+                0
+            };
+            r.stream_ns = pre + paused;
         }
         let counted: Vec<&EpochRecord> = records.iter().filter(|r| r.epoch > 1).collect();
         ensure!(!counted.is_empty(), "no checkpoint to report");
@@ -216,9 +262,12 @@ impl Report {
         let movement = |r: &EpochRecord| ms(r.gather_ref_ns + r.raw_tcp_ns + r.scatter_ref_ns);
         let bytes = |r: &EpochRecord| (r.data_pages * PAGE_SIZE as u64) as f64;
         let data_movement_ms = med(&movement);
+        let stream_kib = |r: &EpochRecord| ((r.precopy_bytes + r.pause_bytes) as f64 / 1024.0).max(1e-9);
         let pause_ms_p50 = percentile(pauses.clone(), 0.5);
         let stream_gbps = med(&|r| (r.precopy_bytes + r.pause_bytes) as f64 / r.stream_ns.max(1) as f64);
         let raw_tcp_gbps = med(&|r| bytes(r) / r.raw_tcp_ns.max(1) as f64);
+        let raw_tcp_split_gbps =
+            med(&|r| (r.precopy_bytes + r.pause_bytes) as f64 / r.raw_tcp_split_ns.max(1) as f64);
         Ok(Report {
             mem_bytes: args.mem.0,
             dirty_pct: args.dirty_pct,
@@ -227,6 +276,8 @@ impl Report {
             precopy: !args.no_precopy,
             dirty_log: format!("{:?}", args.log).to_lowercase(),
             flush_threads: args.flush_threads,
+            receive_threads: args.receive_threads,
+            cache_huge_pages: args.cache_huge_pages,
             checkpoints: counted.len(),
             pause_ms_p50,
             pause_ms_p99: percentile(pauses.clone(), 0.99),
@@ -255,6 +306,14 @@ impl Report {
             stream_gbps,
             raw_tcp_gbps,
             stream_over_raw_tcp: stream_gbps / raw_tcp_gbps.max(1e-9),
+            raw_tcp_split_gbps,
+            stream_over_raw_tcp_split: stream_gbps / raw_tcp_split_gbps.max(1e-9),
+            cpu_ns_per_kib: CpuPerKib {
+                stream_send: med(&|r| r.stream_send_cpu_ns as f64 / stream_kib(r)),
+                raw_send: med(&|r| r.raw_send_cpu_ns as f64 / (bytes(r) / 1024.0).max(1e-9)),
+                stream_receive: med(&|r| r.stream_receive_cpu_ns as f64 / stream_kib(r)),
+                raw_receive: med(&|r| r.raw_receive_cpu_ns as f64 / (bytes(r) / 1024.0).max(1e-9)),
+            },
             memory_crc32: format!("{crc32:#010x}"),
             memory_equal: true,
             seconds: elapsed.as_secs_f64(),
@@ -305,8 +364,19 @@ impl Report {
             self.gather_ref_ms, self.raw_tcp_ms, self.scatter_ref_ms, self.data_movement_ms
         );
         println!(
-            "pause / data movement = {:.2}; RAM stream {:.2} GB/s vs raw TCP {:.2} GB/s = {:.2}",
-            self.pause_over_data_movement, self.stream_gbps, self.raw_tcp_gbps, self.stream_over_raw_tcp
+            "pause / data movement = {:.2}; RAM stream {:.2} GB/s vs raw TCP {:.2} GB/s = {:.2} \
+             (vs raw TCP in the stream's two transfers {:.2} GB/s = {:.2})",
+            self.pause_over_data_movement,
+            self.stream_gbps,
+            self.raw_tcp_gbps,
+            self.stream_over_raw_tcp,
+            self.raw_tcp_split_gbps,
+            self.stream_over_raw_tcp_split
+        );
+        let c = &self.cpu_ns_per_kib;
+        println!(
+            "CPU per KiB (ns): send stream {:.0} vs raw {:.0}; receive stream {:.0} vs raw {:.0}",
+            c.stream_send, c.raw_send, c.stream_receive, c.raw_receive
         );
         println!(
             "secondary memory equals primary memory (crc32 {})",

@@ -16,10 +16,13 @@ use serde::{Deserialize, Serialize};
 use vm_memory::GuestAddress;
 
 use crate::guest::{CpuState, Mem};
-use crate::mono_ns;
+use crate::{mono_ns, thread_cpu_ns};
 
-/// Decoded messages queued between the reader thread and the store (each up to one 1 MiB page frame).
-const RECV_QUEUE: usize = 16;
+/// Decoded messages queued between the reader thread and the store (each up to one 1 MiB page frame). With
+/// the frame being read and the batch being stored this keeps at most 8 receive buffers in flight, the size
+/// of colo-proto's buffer pool: more would make the channel allocate fresh buffers (page faults, zeroing)
+/// and free them again (unmapping) while the queue is full.
+const RECV_QUEUE: usize = 6;
 
 /// Largest device state this secondary buffers for one checkpoint.
 const MAX_DEVICE_STATE: usize = 1 << 20;
@@ -38,8 +41,12 @@ pub struct SecondaryEpoch {
     pub ram_start_ns: u64,
     /// When `EndOfRam` arrived (every checkpoint page stored in the cache).
     pub ram_end_ns: u64,
+    /// When the last checkpoint page of this epoch was in the cache (0: none arrived while paused).
+    pub ram_last_store_ns: u64,
     /// Pages stored from checkpoint batches.
     pub ram_pages: u64,
+    /// CPU time reading, checking and decoding page frames of this epoch and storing their pages.
+    pub receive_cpu_ns: u64,
     /// Time spent inside `RamCache::receive` for checkpoint pages.
     pub store_ns: u64,
     /// `RamCache::flush` time.
@@ -61,7 +68,7 @@ pub struct SecondaryResult {
 
 /// Runs the secondary: binds two loopback listeners (checkpoint channel, raw reference), announces them on
 /// stdout, and serves one primary until it says goodbye.
-pub fn run(mem_bytes: u64, flush_threads: usize) -> Result<()> {
+pub fn run(mem_bytes: u64, flush_threads: usize, huge_cache: bool, pipelined: bool) -> Result<()> {
     let svm = Mem::from_ranges(&[(GuestAddress(0), mem_bytes as usize)]).context("SVM memory")?;
     let layout = RamLayout::of(&svm)?;
     let mut cache = RamCache::new(
@@ -71,6 +78,9 @@ pub fn run(mem_bytes: u64, flush_threads: usize) -> Result<()> {
             ..FlushOptions::default()
         },
     )?;
+    if huge_cache {
+        cache.advise_huge_pages()?;
+    }
     // The SVM's own writes (none in this benchmark, which runs no secondary guest) would come from here.
     let mut svm_log = AtomicBitmapLog::new(&svm)?;
     let mut sram = GuestRam::new(&svm)?;
@@ -104,28 +114,39 @@ pub fn run(mem_bytes: u64, flush_threads: usize) -> Result<()> {
         }],
     );
     ch.handshake_accept(&local)?;
-    // Pipeline: a reader thread reads frames, checks their CRC and decodes them while this thread stores the
-    // previous batch into the RAM cache. Messages reach the session machine in arrival order; the queue is
-    // bounded, so a slow store pushes back on the socket.
-    let mut rx = Channel::from_tcp(ch.get_ref().try_clone()?)?;
-    rx.set_version(ch.version());
-    let (msg_tx, msg_rx) = std::sync::mpsc::sync_channel::<colo_proto::Result<Message>>(RECV_QUEUE);
-    let reader = std::thread::Builder::new()
-        .name("checkpoint-rx".into())
-        .spawn(move || {
-            loop {
-                let msg = rx.recv();
-                let stop = msg.is_err();
-                if msg_tx.send(msg).is_err() || stop {
-                    return;
-                }
-            }
-        })?;
+    // Either a reader thread reads frames, checks their CRC and decodes them while this thread stores the
+    // previous batch into the RAM cache (messages reach the session machine in arrival order; the queue is
+    // bounded, so a slow store pushes back on the socket), or this thread does it all, like the raw sink.
+    let mut reader = None;
+    let mut msg_rx = None;
+    if pipelined {
+        let mut rx = Channel::from_tcp(ch.get_ref().try_clone()?)?;
+        rx.set_version(ch.version());
+        let (msg_tx, queue) = std::sync::mpsc::sync_channel::<(colo_proto::Result<Message>, u64)>(RECV_QUEUE);
+        reader = Some(
+            std::thread::Builder::new()
+                .name("checkpoint-rx".into())
+                .spawn(move || {
+                    loop {
+                        let cpu = thread_cpu_ns();
+                        let msg = rx.recv();
+                        let cpu = thread_cpu_ns() - cpu;
+                        let stop = msg.is_err();
+                        if msg_tx.send((msg, cpu)).is_err() || stop {
+                            return;
+                        }
+                    }
+                })?,
+        );
+        msg_rx = Some(queue);
+    }
     let mut sess = SecondarySession::new(SessionConfig::default(), Instant::now());
     let mut epochs: Vec<SecondaryEpoch> = Vec::new();
     let mut cur = SecondaryEpoch::default();
     let mut device_state: Vec<u8> = Vec::new();
     let mut cpu = CpuState::default();
+    // CPU time of receiving the message being handled (counted for page frames only).
+    let mut recv_cpu = 0;
     loop {
         while let Some(action) = sess.poll_action() {
             match action {
@@ -133,6 +154,7 @@ pub fn run(mem_bytes: u64, flush_threads: usize) -> Result<()> {
                 SecondaryAction::PauseGuest | SecondaryAction::ResumeGuest => {}
                 SecondaryAction::StoreRam(batch) => {
                     let t = mono_ns();
+                    let store_cpu = thread_cpu_ns();
                     for p in &batch.pages {
                         if p.is_zero() {
                             cache.receive_zero(p.gpa, 1)?;
@@ -141,9 +163,12 @@ pub fn run(mem_bytes: u64, flush_threads: usize) -> Result<()> {
                         }
                     }
                     let now = mono_ns();
+                    let batch_cpu = std::mem::take(&mut recv_cpu) + thread_cpu_ns() - store_cpu;
                     if batch.epoch == cur.epoch && cur.ram_start_ns != 0 {
                         cur.store_ns += now - t;
                         cur.ram_pages += batch.pages.len() as u64;
+                        cur.ram_last_store_ns = now;
+                        cur.receive_cpu_ns += batch_cpu;
                     } else {
                         // A pre-copy batch for the coming checkpoint.
                         if batch.epoch != cur.epoch {
@@ -155,6 +180,7 @@ pub fn run(mem_bytes: u64, flush_threads: usize) -> Result<()> {
                         }
                         cur.precopy_pages += batch.pages.len() as u64;
                         cur.precopy_last_ns = now;
+                        cur.receive_cpu_ns += batch_cpu;
                     }
                 }
                 SecondaryAction::StoreDeviceState(chunk) => {
@@ -191,9 +217,11 @@ pub fn run(mem_bytes: u64, flush_threads: usize) -> Result<()> {
                     let _ = ch.get_ref().shutdown(std::net::Shutdown::Both);
                     drop(ch);
                     drop(msg_rx);
-                    reader
-                        .join()
-                        .map_err(|_| anyhow::anyhow!("reader thread panicked"))?;
+                    if let Some(reader) = reader {
+                        reader
+                            .join()
+                            .map_err(|_| anyhow::anyhow!("reader thread panicked"))?;
+                    }
                     sink.join().map_err(|_| anyhow::anyhow!("raw sink panicked"))??;
                     let crc32 = crc_of(&sram, mem_bytes)?;
                     ensure!(
@@ -214,9 +242,21 @@ pub fn run(mem_bytes: u64, flush_threads: usize) -> Result<()> {
             sess.checkpoint_loaded(Instant::now())?;
             continue;
         }
-        let msg = msg_rx
-            .recv()
-            .map_err(|_| anyhow::anyhow!("the reader thread stopped"))??;
+        let msg = match &msg_rx {
+            Some(queue) => {
+                let (msg, cpu) = queue
+                    .recv()
+                    .map_err(|_| anyhow::anyhow!("the reader thread stopped"))?;
+                recv_cpu = cpu;
+                msg?
+            }
+            None => {
+                let cpu = thread_cpu_ns();
+                let msg = ch.recv();
+                recv_cpu = thread_cpu_ns() - cpu;
+                msg?
+            }
+        };
         match &msg {
             Message::VmstateSend { epoch } => {
                 if *epoch != cur.epoch {
@@ -249,7 +289,7 @@ pub fn crc_of(ram: &GuestRam<'_>, mem_bytes: u64) -> Result<u32> {
 }
 
 /// The raw-TCP reference sink: for each `len` (u64 LE) read and discard `len` bytes, then answer with the
-/// CLOCK_MONOTONIC time the last byte arrived.
+/// CLOCK_MONOTONIC time the last byte arrived and the CPU time the reads took (u64 LE each).
 fn raw_sink(mut s: TcpStream) -> Result<()> {
     s.set_nodelay(true)?;
     let mut buf = vec![0u8; 1 << 20];
@@ -260,6 +300,7 @@ fn raw_sink(mut s: TcpStream) -> Result<()> {
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e.into()),
         }
+        let cpu = thread_cpu_ns();
         let mut left = u64::from_le_bytes(len);
         while left > 0 {
             let n = buf.len().min(left as usize);
@@ -269,6 +310,11 @@ fn raw_sink(mut s: TcpStream) -> Result<()> {
             }
             left -= got as u64;
         }
-        s.write_all(&mono_ns().to_le_bytes())?;
+        let end = mono_ns();
+        let cpu = thread_cpu_ns() - cpu;
+        let mut answer = [0u8; 16];
+        answer[..8].copy_from_slice(&end.to_le_bytes());
+        answer[8..].copy_from_slice(&cpu.to_le_bytes());
+        s.write_all(&answer)?;
     }
 }

@@ -55,8 +55,15 @@ fn check(report: &serde_json::Value, precopy: bool) {
         "data_movement_ms",
         "stream_gbps",
         "raw_tcp_gbps",
+        "raw_tcp_split_gbps",
     ] {
         assert!(report[key].as_f64().unwrap() > 0.0, "{key} in {report}");
+    }
+    for side in ["stream_send", "raw_send", "stream_receive", "raw_receive"] {
+        assert!(
+            report["cpu_ns_per_kib"][side].as_f64().unwrap() > 0.0,
+            "{side} in {report}"
+        );
     }
 }
 
@@ -71,7 +78,16 @@ fn tiny_checkpoint_benchmark_ends_with_equal_memories() {
 
 #[test]
 fn tiny_stop_and_copy_benchmark_ends_with_equal_memories() {
-    if let Some(r) = run(&["--no-precopy", "--log", "plain"]) {
+    // Also the secondary's other receive mode (reader thread and store pipelined) and a huge-page RAM cache.
+    let flags = [
+        "--no-precopy",
+        "--log",
+        "plain",
+        "--receive-threads",
+        "2",
+        "--cache-huge-pages",
+    ];
+    if let Some(r) = run(&flags) {
         check(&r, false);
     }
 }

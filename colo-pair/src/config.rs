@@ -26,6 +26,10 @@ pub struct PairConfig {
     /// Initial disk sync: the most bytes of the disk the primary sends per driver entry (each
     /// `handle_timeout` while the sync runs), so that the guest and the other timers get their turn.
     pub disk_sync_burst: u64,
+    /// Secondary: acknowledge every applied disk write (`BlockAck`, protocol v3). colo-block's Sync
+    /// completion mode on the primary needs it; with the Async mode on the primary it may be turned off to
+    /// save one small frame per write.
+    pub block_acks: bool,
 }
 
 impl Default for PairConfig {
@@ -41,6 +45,7 @@ impl Default for PairConfig {
             device_chunk: 1 << 20,
             interface: 0,
             disk_sync_burst: 8 << 20,
+            block_acks: true,
         }
     }
 }

@@ -23,6 +23,13 @@
 //! frames mirrored to the secondary and the SVM's frames sent back to the comparator travel as
 //! `OutputFrame`s on the same channel, in order with the checkpoint messages.
 //!
+//! On a protocol-version-3 link ([`Link::version`]) the drivers also run colo-block's initial disk sync before
+//! the first checkpoint (when the primary's disk was handed over with `start_sync`), acknowledge applied
+//! writes for colo-block's Sync completion mode ([`SharedPrimaryDisk::take_completed`]), forward discards,
+//! let the secondary ask for an early checkpoint ([`Trigger::Secondary`]) and forward the PVM's ISNs of
+//! guest-opened TCP connections to the rewriter. A secondary stops, and never promotes, on a protocol error
+//! from its primary ([`SecondaryPair::channel_error`]).
+//!
 //! ## Example: the first checkpoint of a pair in one thread
 //!
 //! ```
@@ -88,6 +95,7 @@
 mod config;
 mod disk;
 mod error;
+mod peer;
 mod primary;
 mod secondary;
 mod status;

@@ -5,10 +5,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use colo_block::{BlockBackend, Outgoing, WriteId};
-use colo_failover::{Action as NodeAction, Arbiter, Event as NodeEvent, FenceToken, Node};
+use colo_failover::{Arbiter, Event as NodeEvent, FenceToken, Node};
 use colo_net::packet::{IpVersion, tcp_flags};
 use colo_net::{Action as NetAction, Backpressure, Comparator, FlowKey, PacketView, Time};
-use colo_proto::message::{MAX_DISK_CHUNK, encoded_len};
+use colo_proto::message::MAX_DISK_CHUNK;
 use colo_proto::{
     BlockDiscard, BlockWrite, DiskSyncChunk, DiskSyncDone, Message, OutputFrame, PagePhase, PrimaryAction,
     PrimaryIsn, PrimarySession, Reason, TcpFlow,
@@ -18,6 +18,7 @@ use colo_ram::{DirtyLog, GuestRam, PAGE_SIZE, PageRun, PrimaryRam, RamLayout};
 use crate::config::PairConfig;
 use crate::disk::SharedPrimaryDisk;
 use crate::error::{PairError, Result};
+use crate::peer::{NodeStep, Peer};
 use crate::status::{PairStatus, Pauses, Phase, Side, Trigger};
 use crate::vm::{Link, Output, Release, Vm};
 
@@ -37,11 +38,10 @@ pub struct PrimaryPair<V: Vm, B: BlockBackend> {
     vm: V,
     ram: PrimaryRam<Box<dyn DirtyLog + Send>>,
     disk: SharedPrimaryDisk<B>,
-    link: Box<dyn Link + Send>,
     session: PrimarySession,
     cmp: Comparator,
-    node: Node,
-    arbiter: Box<dyn Arbiter + Send>,
+    /// The channel to the secondary/primary and the failover machine watching it.
+    peer: Peer,
     phase: Phase,
     outputs: VecDeque<Output>,
     /// PVM frames the comparator handed back (queue full), offered again after the checkpoint.
@@ -50,16 +50,12 @@ pub struct PrimaryPair<V: Vm, B: BlockBackend> {
     unstamped: VecDeque<(Bytes, Release)>,
     suspended: bool,
     paused: bool,
-    link_ok: bool,
     next_checkpoint: Instant,
     wanted: Option<Trigger>,
     last_trigger: Option<Trigger>,
-    heartbeat_seq: u64,
     checkpoints: u64,
     mismatch_checkpoints: u64,
     pauses: Pauses,
-    bytes_sent: u64,
-    exit_detail: Option<String>,
     /// The initial disk sync runs (the first checkpoint waits for its end).
     disk_syncing: bool,
     /// Bytes of disk sync data sent.
@@ -125,27 +121,21 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
             vm,
             ram,
             disk,
-            link,
+            peer: Peer::new(link, node, arbiter),
             session,
             cmp,
-            node,
-            arbiter,
             phase: Phase::Syncing,
             outputs: VecDeque::new(),
             held: VecDeque::new(),
             unstamped: VecDeque::new(),
             suspended: false,
             paused: false,
-            link_ok: true,
             next_checkpoint,
             wanted: Some(Trigger::Initial),
             last_trigger: None,
-            heartbeat_seq: 0,
             checkpoints: 0,
             mismatch_checkpoints: 0,
             pauses: Pauses::default(),
-            bytes_sent: 0,
-            exit_detail: None,
             disk_syncing,
             sync_bytes: 0,
         };
@@ -158,9 +148,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     }
 
     fn net_time(&self, now: Instant) -> Time {
-        Time::from_nanos(
-            u64::try_from(now.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX),
-        )
+        crate::peer::net_time(self.origin, now)
     }
 
     /// The guest.
@@ -195,7 +183,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
 
     /// When [`handle_timeout`](Self::handle_timeout) must run next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let mut t = [self.node.poll_timeout(), self.session.poll_timeout()]
+        let mut t = [self.peer.node.poll_timeout(), self.session.poll_timeout()]
             .into_iter()
             .flatten()
             .min();
@@ -205,7 +193,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
             if self.phase == Phase::Colo {
                 add(self.next_checkpoint);
             }
-            if (self.wanted.is_some() && self.session.is_idle()) || (self.disk_syncing && self.link_ok) {
+            if (self.wanted.is_some() && self.session.is_idle()) || (self.disk_syncing && self.peer.ok) {
                 add(self.origin);
             }
         }
@@ -215,7 +203,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     /// Runs every timer due at `now`: heartbeats and failover, the session's deadlines, the comparator's
     /// stale scan, queued disk writes, and the periodic checkpoint.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<()> {
-        self.node.handle_timeout(now);
+        self.peer.node.handle_timeout(now);
         self.drive_node(now)?;
         if self.session.poll_timeout().is_some_and(|d| d <= now) {
             // A missed deadline fails the session; the failure comes out as an action.
@@ -238,7 +226,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
             // The partner was given up: what it still says is stale.
             return Ok(());
         }
-        let _ = self.node.handle_event(now, NodeEvent::HeartbeatReceived);
+        let _ = self.peer.node.handle_event(now, NodeEvent::HeartbeatReceived);
         match msg {
             Message::Heartbeat { .. } => {}
             Message::OutputFrame(f) => {
@@ -352,8 +340,8 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
                 self.emit(now, f, Release::Failover);
             }
         }
-        self.link_ok = false;
-        let _ = self.node.handle_event(now, NodeEvent::Stop);
+        self.peer.ok = false;
+        let _ = self.peer.node.handle_event(now, NodeEvent::Stop);
         self.drive_node(now)?;
         self.phase = Phase::ShutDown;
         self.outputs.push_back(Output::GuestShutdown);
@@ -362,8 +350,8 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
 
     /// The operator's "failover now": stop replicating and run alone (after winning the arbiter).
     pub fn failover_now(&mut self, now: Instant) -> Result<()> {
-        self.node.handle_event(now, NodeEvent::FailoverCommand)?;
-        self.exit_detail = Some("operator command".into());
+        self.peer.node.handle_event(now, NodeEvent::FailoverCommand)?;
+        self.peer.exit_detail = Some("operator command".into());
         self.drive_node(now)
     }
 
@@ -396,17 +384,18 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
         PairStatus {
             side: Side::Primary,
             phase: self.phase,
-            failover: self.node.status(),
+            failover: self.peer.node.status(),
             epoch: self.session.committed_epoch(),
             checkpoints: self.checkpoints,
             mismatch_checkpoints: self.mismatch_checkpoints,
             last_pause: self.pauses.last(),
             p99_pause: self.pauses.percentile(99),
             pause_p50: self.pauses.percentile(50),
-            bytes_sent: self.bytes_sent,
+            bytes_sent: self.peer.bytes_sent,
             compare: Some(self.cmp.stats()),
             rewrite: None,
-            exit_detail: self.exit_detail.clone(),
+            disk_sync: self.disk.lock().sync_progress(),
+            exit_detail: self.peer.exit_detail.clone(),
             checkpoint_interval: self.cfg.checkpoint_interval,
         }
     }
@@ -416,7 +405,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     /// The flow of a guest-opened TCP connection, if `frame` is its SYN (no ACK) and the link can carry the
     /// PVM's ISN to the secondary's rewriter.
     fn guest_syn(&self, frame: &[u8]) -> Option<FlowKey> {
-        if self.link.version() < 3 || !self.link_ok {
+        if self.peer.link.version() < 3 || !self.peer.ok {
             return None;
         }
         let view = PacketView::parse(frame, self.cfg.compare.vnet_hdr_len).ok()?;
@@ -445,30 +434,17 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     }
 
     fn send(&mut self, now: Instant, msg: &Message) -> bool {
-        if !self.link_ok {
-            return false;
-        }
-        match self.link.send(msg) {
-            Ok(()) => {
-                self.bytes_sent += encoded_len(msg).unwrap_or(0) as u64;
-                true
-            }
-            Err(e) => {
-                self.link_lost(now, e.to_string());
-                false
-            }
-        }
+        self.peer.send(msg).unwrap_or_else(|detail| {
+            self.link_lost(now, detail);
+            false
+        })
     }
 
     /// The channel is unusable: the session fails and the failover machine counts the partner as lost.
     fn link_lost(&mut self, now: Instant, detail: String) {
-        if !self.link_ok {
-            return;
+        if self.peer.lose(now, &detail) {
+            self.session.fail(colo_proto::Error::Local(detail));
         }
-        self.link_ok = false;
-        self.exit_detail.get_or_insert(detail.clone());
-        self.session.fail(colo_proto::Error::Local(detail));
-        let _ = self.node.handle_event(now, NodeEvent::ChannelError);
     }
 
     fn pause_guest(&mut self) -> Result<()> {
@@ -496,7 +472,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
             self.wanted.get_or_insert(Trigger::EpochFull);
         }
         let due = self.phase == Phase::Colo && now >= self.next_checkpoint;
-        if !self.link_ok
+        if !self.peer.ok
             || self.disk_syncing
             || !matches!(self.phase, Phase::Syncing | Phase::Colo)
             || !self.session.is_idle()
@@ -544,14 +520,15 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
                         source,
                     })?;
                     let refs: Vec<(u32, &[u8])> = states.iter().map(|s| (s.id, &s.data[..])).collect();
-                    let sent = self.link_ok
+                    let sent = self.peer.ok
                         && self
+                            .peer
                             .link
                             .send_vmstate(epoch, &refs, self.cfg.device_chunk)
                             .is_ok();
                     drop(refs);
                     if sent {
-                        self.bytes_sent += states.iter().map(|s| s.data.len() as u64 + 48).sum::<u64>();
+                        self.peer.bytes_sent += states.iter().map(|s| s.data.len() as u64 + 48).sum::<u64>();
                         let _ = self.session.device_state_sent(now);
                     } else {
                         self.link_lost(now, format!("sending device state of epoch {epoch}"));
@@ -569,7 +546,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
                     self.pauses.push(paused);
                     if self.phase == Phase::Syncing {
                         self.phase = Phase::Colo;
-                        self.node.handle_event(now, NodeEvent::SyncCompleted)?;
+                        self.peer.node.handle_event(now, NodeEvent::SyncCompleted)?;
                     }
                     self.next_checkpoint = now + self.cfg.checkpoint_interval;
                 }
@@ -584,7 +561,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
 
     /// Collects the pending pages and sends them. Returns whether they went out.
     fn send_ram(&mut self, now: Instant, phase: PagePhase, epoch: u64) -> Result<bool> {
-        if !self.link_ok {
+        if !self.peer.ok {
             return Ok(false);
         }
         let ram_err = |source| PairError::Ram { epoch, source };
@@ -606,13 +583,15 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
                 }
             }
             (
-                self.link.send_pages(phase, epoch, PAGE_SIZE as u32, &entries),
+                self.peer
+                    .link
+                    .send_pages(phase, epoch, PAGE_SIZE as u32, &entries),
                 bytes,
             )
         };
         match result {
             Ok(()) => {
-                self.bytes_sent += bytes;
+                self.peer.bytes_sent += bytes;
                 Ok(true)
             }
             Err(e) => {
@@ -626,7 +605,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     /// initial sync up to [`PairConfig::disk_sync_burst`] bytes of sync data.
     fn pump_disk(&mut self, now: Instant) -> Result<()> {
         let mut burst = 0u64;
-        while self.link_ok && !(self.disk_syncing && burst >= self.cfg.disk_sync_burst) {
+        while self.peer.ok && !(self.disk_syncing && burst >= self.cfg.disk_sync_burst) {
             let out = self
                 .disk
                 .lock()
@@ -646,7 +625,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
                     });
                     self.send(now, &msg);
                 }
-                Some(Outgoing::Discard(rec)) if self.link.version() >= 3 => {
+                Some(Outgoing::Discard(rec)) if self.peer.link.version() >= 3 => {
                     let msg = Message::BlockDiscard(BlockDiscard {
                         epoch: rec.epoch,
                         disk: 0,
@@ -736,7 +715,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     }
 
     fn emit(&mut self, now: Instant, frame: Bytes, release: Release) {
-        match self.node.output_token(now) {
+        match self.peer.node.output_token(now) {
             Some(token) if !self.suspended && self.unstamped.is_empty() => {
                 self.outputs.push_back(Output::ToClient {
                     frame,
@@ -749,47 +728,25 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     }
 
     fn drive_node(&mut self, now: Instant) -> Result<()> {
-        while let Some(notice) = self.node.poll_notice() {
-            if let colo_failover::Notice::PeerLost { cause } = notice {
-                self.exit_detail.get_or_insert(format!("partner lost: {cause:?}"));
-            }
-        }
-        while let Some(action) = self.node.poll_action() {
-            match action {
-                NodeAction::SendHeartbeat => {
-                    self.heartbeat_seq += 1;
-                    let m = Message::Heartbeat {
-                        seq: self.heartbeat_seq,
-                    };
-                    self.send(now, &m);
-                }
-                NodeAction::AcquireArbiter => {
-                    let answer = self.arbiter.acquire();
-                    let _ = self.node.handle_arbiter(now, answer);
-                }
-                NodeAction::RenewArbiter => {
-                    let answer = self.arbiter.renew();
-                    let _ = self.node.handle_arbiter(now, answer);
-                }
-                NodeAction::ReleaseArbiter => {
-                    let _ = self.arbiter.release();
-                }
-                NodeAction::Promote { .. } => {}
-                NodeAction::ContinueAlone { token } => self.go_alone(now, token)?,
-                NodeAction::SuspendOutput => self.suspended = true,
-                NodeAction::StopGuest => {
+        while let Some(step) = self.peer.next_step(now) {
+            match step {
+                NodeStep::LinkFailed(detail) => self.link_lost(now, detail),
+                NodeStep::Promote(_) => {}
+                NodeStep::ContinueAlone(token) => self.go_alone(now, token)?,
+                NodeStep::SuspendOutput => self.suspended = true,
+                NodeStep::StopGuest => {
                     self.pause_guest()?;
-                    self.link_ok = false;
+                    self.peer.ok = false;
                     self.phase = Phase::Stopped;
                     self.outputs.push_back(Output::StopGuest);
                 }
             }
         }
         if matches!(self.phase, Phase::Syncing | Phase::Colo) {
-            let st = self.node.status();
-            if self.phase == Phase::Syncing && self.node.is_primary_alone(now) {
+            let st = self.peer.node.status();
+            if self.phase == Phase::Syncing && self.peer.node.is_primary_alone(now) {
                 // Lost before the first checkpoint: the machine goes straight to running alone.
-                let token = self.node.output_token(now).unwrap_or(FenceToken::ZERO);
+                let token = self.peer.node.output_token(now).unwrap_or(FenceToken::ZERO);
                 self.go_alone(now, token)?;
             } else if st.failover != colo_failover::FailoverStatus::None {
                 self.phase = Phase::FailingOver;
@@ -802,11 +759,11 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     /// The secondary announced that it takes over: pause the guest, drop what the comparator holds (the
     /// secondary's guest produces that output itself) and stop.
     fn stop_for_takeover(&mut self, now: Instant, detail: String) -> Result<()> {
-        self.link_ok = false;
-        self.exit_detail = Some(detail.clone());
+        self.peer.ok = false;
+        self.peer.exit_detail = Some(detail.clone());
         self.session.fail(colo_proto::Error::Local(detail));
         while self.session.poll_action().is_some() {}
-        let _ = self.node.handle_event(now, NodeEvent::Stop);
+        let _ = self.peer.node.handle_event(now, NodeEvent::Stop);
         self.pause_guest()?;
         let _ = self.disk.lock().stop_replication();
         self.held.clear();
@@ -818,13 +775,13 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
 
     /// The secondary is gone: stop replicating, release what the comparator holds, run alone.
     fn go_alone(&mut self, now: Instant, token: FenceToken) -> Result<()> {
-        if self.link_ok {
+        if self.peer.ok {
             // Tell a still-living secondary to stop rather than promote (operator failover).
-            let _ = self.link.send(&Message::FailoverNotice {
+            let _ = self.peer.link.send(&Message::FailoverNotice {
                 reason: Reason::Operator,
             });
         }
-        self.link_ok = false;
+        self.peer.ok = false;
         while self.session.poll_action().is_some() {}
         // Writes waiting for the secondary's ack are on our disk: they complete now.
         let waiting = self.disk.lock().stop_replication();
@@ -847,7 +804,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
             self.emit(now, f, Release::Failover);
         }
         self.resume_guest()?;
-        let _ = self.node.handle_event(now, NodeEvent::TakeoverDone);
+        let _ = self.peer.node.handle_event(now, NodeEvent::TakeoverDone);
         self.outputs.push_back(Output::ContinuedAlone { token });
         Ok(())
     }

@@ -5,10 +5,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use colo_block::{BlockBackend, DiscardRecord, OverlayStore, SecondaryState, WriteId, WriteRecord};
-use colo_failover::{Action as NodeAction, Arbiter, Event as NodeEvent, FenceToken, Node};
+use colo_failover::{Arbiter, Event as NodeEvent, FenceToken, Node};
 use colo_net::packet::IpVersion;
 use colo_net::{FlowKey, Rewriter, Time};
-use colo_proto::message::encoded_len;
 use colo_proto::{
     DiskSyncDone, Message, OutputFrame, PageBatch, SecondaryAction, SecondarySession, WantReason,
 };
@@ -17,6 +16,7 @@ use colo_ram::{DirtyLog, GuestRam, PAGE_SIZE, RamCache, RamLayout};
 use crate::config::PairConfig;
 use crate::disk::SharedSecondaryDisk;
 use crate::error::{PairError, Result};
+use crate::peer::{NodeStep, Peer};
 use crate::status::{PairStatus, Pauses, Phase, Side};
 use crate::vm::{DeviceState, Link, Output, Release, Vm};
 
@@ -41,26 +41,21 @@ pub struct SecondaryPair<V: Vm, D, H, A> {
     cache: Option<RamCache>,
     svm_log: Box<dyn DirtyLog + Send>,
     disk: SharedSecondaryDisk<D, H, A>,
-    link: Box<dyn Link + Send>,
     session: SecondarySession,
     rewriter: Rewriter,
-    node: Node,
-    arbiter: Box<dyn Arbiter + Send>,
+    /// The channel to the secondary/primary and the failover machine watching it.
+    peer: Peer,
     phase: Phase,
     outputs: VecDeque<Output>,
     /// Output waiting for the promotion (or a valid lease).
     unstamped: VecDeque<Bytes>,
     paused: bool,
     paused_at: Option<Instant>,
-    link_ok: bool,
     devices: Vec<DeviceState>,
     next_write_id: u64,
     next_expire: Instant,
-    heartbeat_seq: u64,
     checkpoints: u64,
     pauses: Pauses,
-    bytes_sent: u64,
-    exit_detail: Option<String>,
     /// Bytes of initial disk sync data received.
     sync_bytes: u64,
     /// A checkpoint was asked for in this epoch (asked once per epoch).
@@ -114,25 +109,19 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
             cache: Some(cache),
             svm_log,
             disk,
-            link,
+            peer: Peer::new(link, node, arbiter),
             session,
             rewriter,
-            node,
-            arbiter,
             phase: Phase::Syncing,
             outputs: VecDeque::new(),
             unstamped: VecDeque::new(),
             paused: true,
             paused_at: None,
-            link_ok: true,
             devices: Vec::new(),
             next_write_id: 0,
             next_expire: now + EXPIRE_INTERVAL,
-            heartbeat_seq: 0,
             checkpoints: 0,
             pauses: Pauses::default(),
-            bytes_sent: 0,
-            exit_detail: None,
             sync_bytes: 0,
             asked_checkpoint: false,
             evictions_seen: 0,
@@ -143,9 +132,7 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
     }
 
     fn net_time(&self, now: Instant) -> Time {
-        Time::from_nanos(
-            u64::try_from(now.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX),
-        )
+        crate::peer::net_time(self.origin, now)
     }
 
     /// The guest.
@@ -186,7 +173,7 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
     /// When [`handle_timeout`](Self::handle_timeout) must run next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         [
-            self.node.poll_timeout(),
+            self.peer.node.poll_timeout(),
             self.session.poll_timeout(),
             Some(self.next_expire),
         ]
@@ -197,7 +184,7 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
 
     /// Runs every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<()> {
-        self.node.handle_timeout(now);
+        self.peer.node.handle_timeout(now);
         self.drive_node(now)?;
         if self.session.poll_timeout().is_some_and(|d| d <= now) {
             let _ = self.session.handle_timeout(now);
@@ -214,11 +201,15 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
     }
 
     /// A message from the primary, in arrival order.
+    ///
+    /// A message a secondary never accepts (one only a secondary sends) is a protocol error of a living
+    /// primary: the secondary stops (as [`channel_error`](Self::channel_error) does) and returns
+    /// [`PairError::Unexpected`].
     pub fn handle_message(&mut self, now: Instant, msg: Message) -> Result<()> {
         if !matches!(self.phase, Phase::Syncing | Phase::Colo) {
             return Ok(());
         }
-        let _ = self.node.handle_event(now, NodeEvent::HeartbeatReceived);
+        let _ = self.peer.node.handle_event(now, NodeEvent::HeartbeatReceived);
         match msg {
             Message::Heartbeat { .. } => {}
             Message::BlockWrite(w) => {
@@ -277,20 +268,20 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
                 self.drain_input();
             }
             Message::GuestShutdown => {
-                self.link_ok = false;
-                let _ = self.node.handle_event(now, NodeEvent::Stop);
+                self.peer.ok = false;
+                let _ = self.peer.node.handle_event(now, NodeEvent::Stop);
                 self.pause_guest(now)?;
                 self.phase = Phase::ShutDown;
-                self.exit_detail = Some("the guest shut down on the primary".into());
+                self.peer.exit_detail = Some("the guest shut down on the primary".into());
                 self.outputs.push_back(Output::GuestShutdown);
             }
             Message::FailoverNotice { reason } => {
                 // The primary runs on alone: this copy must not be promoted.
-                self.link_ok = false;
-                let _ = self.node.handle_event(now, NodeEvent::Stop);
+                self.peer.ok = false;
+                let _ = self.peer.node.handle_event(now, NodeEvent::Stop);
                 self.pause_guest(now)?;
                 self.phase = Phase::Stopped;
-                self.exit_detail = Some(format!("the primary continues alone ({reason:?})"));
+                self.peer.exit_detail = Some(format!("the primary continues alone ({reason:?})"));
                 self.outputs.push_back(Output::StopGuest);
             }
             m if m.is_session_message() => {
@@ -298,10 +289,13 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
                 self.drive_session(now)?;
             }
             m => {
-                return Err(PairError::Unexpected {
+                // Only a primary that is alive sends anything: stop rather than ever promote next to it.
+                let e = PairError::Unexpected {
                     what: format!("{:?}", m.kind()),
                     state: self.phase.name(),
-                });
+                };
+                self.give_up(now, format!("protocol error from the primary: {e}"))?;
+                return Err(e);
             }
         }
         self.check_pressure(now);
@@ -375,7 +369,7 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
     /// [`failover_now`](Self::failover_now) once the link is gone (or after a bound: an arbiter still
     /// fences a primary that did not hear). Nothing else changes here.
     pub fn ask_primary_to_stop(&mut self, now: Instant) -> Result<()> {
-        if self.phase != Phase::Colo || !self.link_ok {
+        if self.phase != Phase::Colo || !self.peer.ok {
             return Err(PairError::BadCommand {
                 command: "ask the primary to stop",
                 state: self.phase.name(),
@@ -390,8 +384,8 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
 
     /// The operator's "failover now": promote the SVM (after winning the arbiter).
     pub fn failover_now(&mut self, now: Instant) -> Result<()> {
-        self.node.handle_event(now, NodeEvent::FailoverCommand)?;
-        self.exit_detail = Some("operator command".into());
+        self.peer.node.handle_event(now, NodeEvent::FailoverCommand)?;
+        self.peer.exit_detail = Some("operator command".into());
         self.drive_node(now)
     }
 
@@ -400,17 +394,18 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
         PairStatus {
             side: Side::Secondary,
             phase: self.phase,
-            failover: self.node.status(),
+            failover: self.peer.node.status(),
             epoch: self.session.committed_epoch(),
             checkpoints: self.checkpoints,
             mismatch_checkpoints: 0,
             last_pause: self.pauses.last(),
             p99_pause: self.pauses.percentile(99),
             pause_p50: self.pauses.percentile(50),
-            bytes_sent: self.bytes_sent,
+            bytes_sent: self.peer.bytes_sent,
             compare: None,
             rewrite: Some(self.rewriter.stats()),
-            exit_detail: self.exit_detail.clone(),
+            disk_sync: None,
+            exit_detail: self.peer.exit_detail.clone(),
             checkpoint_interval: self.cfg.checkpoint_interval,
         }
     }
@@ -418,29 +413,16 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
     // ---- internals ----
 
     fn send(&mut self, now: Instant, msg: &Message) -> bool {
-        if !self.link_ok {
-            return false;
-        }
-        match self.link.send(msg) {
-            Ok(()) => {
-                self.bytes_sent += encoded_len(msg).unwrap_or(0) as u64;
-                true
-            }
-            Err(e) => {
-                self.link_lost(now, e.to_string());
-                false
-            }
-        }
+        self.peer.send(msg).unwrap_or_else(|detail| {
+            self.link_lost(now, detail);
+            false
+        })
     }
 
     fn link_lost(&mut self, now: Instant, detail: String) {
-        if !self.link_ok {
-            return;
+        if self.peer.lose(now, &detail) {
+            self.session.fail(colo_proto::Error::Local(detail));
         }
-        self.link_ok = false;
-        self.exit_detail.get_or_insert(detail.clone());
-        self.session.fail(colo_proto::Error::Local(detail));
-        let _ = self.node.handle_event(now, NodeEvent::ChannelError);
     }
 
     /// A replicated write or discard was applied (or not): acknowledge it (protocol v3), or give up.
@@ -454,7 +436,8 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
             Ok(()) => {
                 let last = self.disk.lock().last_applied();
                 if let Some(WriteId(id)) = last
-                    && self.link.version() >= 3
+                    && self.cfg.block_acks
+                    && self.peer.link.version() >= 3
                 {
                     self.send(now, &Message::BlockAck { disk: 0, id });
                 }
@@ -494,7 +477,7 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
         } else {
             return;
         };
-        if self.phase == Phase::Colo && !self.asked_checkpoint && self.link.version() >= 3 {
+        if self.phase == Phase::Colo && !self.asked_checkpoint && self.peer.link.version() >= 3 {
             self.asked_checkpoint = true;
             self.send(now, &Message::CheckpointWanted { reason });
         }
@@ -507,9 +490,9 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
             text: detail.clone(),
         };
         self.send(now, &msg);
-        self.link_ok = false;
-        self.exit_detail = Some(detail);
-        let _ = self.node.handle_event(now, NodeEvent::Stop);
+        self.peer.ok = false;
+        self.peer.exit_detail = Some(detail);
+        let _ = self.peer.node.handle_event(now, NodeEvent::Stop);
         while self.session.poll_action().is_some() {}
         self.pause_guest(now)?;
         self.phase = Phase::Stopped;
@@ -625,12 +608,15 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
                     }
                 }
                 SecondaryAction::FlushRamCache { epoch } => {
-                    let _ = self.node.handle_event(now, NodeEvent::CheckpointLoadStarted);
+                    let _ = self.peer.node.handle_event(now, NodeEvent::CheckpointLoadStarted);
                     // Flush, device load and block commit happen together, before anything else arrives.
                     if let Err(e) = self.load_checkpoint(now, epoch) {
                         self.give_up(now, format!("loading checkpoint {epoch}: {e}"))?;
                     }
-                    let _ = self.node.handle_event(now, NodeEvent::CheckpointLoadFinished);
+                    let _ = self
+                        .peer
+                        .node
+                        .handle_event(now, NodeEvent::CheckpointLoadFinished);
                 }
                 SecondaryAction::LoadDeviceState { .. } | SecondaryAction::CommitBlockCheckpoint { .. } => {}
                 SecondaryAction::ResumeGuest => self.resume_guest(now)?,
@@ -639,7 +625,7 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
                     self.asked_checkpoint = false;
                     if self.phase == Phase::Syncing {
                         self.phase = Phase::Colo;
-                        self.node.handle_event(now, NodeEvent::SyncCompleted)?;
+                        self.peer.node.handle_event(now, NodeEvent::SyncCompleted)?;
                     }
                 }
                 SecondaryAction::PeerClosed(reason) => {
@@ -665,7 +651,7 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
         if self.phase != Phase::Alone {
             return;
         }
-        if let Some(token) = self.node.output_token(now) {
+        if let Some(token) = self.peer.node.output_token(now) {
             while let Some(frame) = self.unstamped.pop_front() {
                 self.outputs.push_back(Output::ToClient {
                     frame,
@@ -677,44 +663,21 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
     }
 
     fn drive_node(&mut self, now: Instant) -> Result<()> {
-        while let Some(notice) = self.node.poll_notice() {
-            if let colo_failover::Notice::PeerLost { cause } = notice {
-                self.exit_detail.get_or_insert(format!("partner lost: {cause:?}"));
-            }
-        }
-        while let Some(action) = self.node.poll_action() {
-            match action {
-                NodeAction::SendHeartbeat => {
-                    self.heartbeat_seq += 1;
-                    let m = Message::Heartbeat {
-                        seq: self.heartbeat_seq,
-                    };
-                    self.send(now, &m);
-                }
-                NodeAction::AcquireArbiter => {
-                    let answer = self.arbiter.acquire();
-                    let _ = self.node.handle_arbiter(now, answer);
-                }
-                NodeAction::RenewArbiter => {
-                    let answer = self.arbiter.renew();
-                    let _ = self.node.handle_arbiter(now, answer);
-                }
-                NodeAction::ReleaseArbiter => {
-                    let _ = self.arbiter.release();
-                }
-                NodeAction::Promote { token } => self.promote(now, token)?,
-                NodeAction::ContinueAlone { .. } => {}
-                NodeAction::SuspendOutput => {}
-                NodeAction::StopGuest => {
+        while let Some(step) = self.peer.next_step(now) {
+            match step {
+                NodeStep::LinkFailed(detail) => self.link_lost(now, detail),
+                NodeStep::Promote(token) => self.promote(now, token)?,
+                NodeStep::ContinueAlone(_) | NodeStep::SuspendOutput => {}
+                NodeStep::StopGuest => {
                     self.pause_guest(now)?;
-                    self.link_ok = false;
+                    self.peer.ok = false;
                     self.phase = Phase::Stopped;
                     self.outputs.push_back(Output::StopGuest);
                 }
             }
         }
         match self.phase {
-            Phase::Syncing if self.node.status().role == colo_failover::Role::None => {
+            Phase::Syncing if self.peer.node.status().role == colo_failover::Role::None => {
                 // Lost the primary before the first checkpoint: no consistent copy to run.
                 self.link_lost(now, "primary lost before the first checkpoint".into());
                 while self.session.poll_action().is_some() {}
@@ -722,7 +685,7 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
                 self.phase = Phase::Stopped;
                 self.outputs.push_back(Output::StopGuest);
             }
-            Phase::Colo if self.node.status().failover != colo_failover::FailoverStatus::None => {
+            Phase::Colo if self.peer.node.status().failover != colo_failover::FailoverStatus::None => {
                 self.phase = Phase::FailingOver;
                 self.link_lost(now, "failover".into());
             }
@@ -734,7 +697,7 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
 
     /// The primary is gone and the arbiter agreed: the SVM becomes the primary.
     fn promote(&mut self, now: Instant, token: FenceToken) -> Result<()> {
-        self.link_ok = false;
+        self.peer.ok = false;
         while self.session.poll_action().is_some() {}
         // A partly received checkpoint is dropped with the RAM cache (never flushed); the SVM runs on from
         // its own state, which is what the client has seen.
@@ -749,7 +712,7 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
         self.drain_input();
         self.phase = Phase::Alone;
         self.resume_guest(now)?;
-        let _ = self.node.handle_event(now, NodeEvent::TakeoverDone);
+        let _ = self.peer.node.handle_event(now, NodeEvent::TakeoverDone);
         self.outputs.push_back(Output::Promoted { token });
         self.flush_unstamped(now);
         Ok(())

@@ -87,6 +87,8 @@ pub struct PairStatus {
     pub compare: Option<colo_net::Stats>,
     /// TCP rewriter counters (secondary only).
     pub rewrite: Option<colo_net::rewriter::RewriterStats>,
+    /// Progress of the initial disk sync while it runs (primary only).
+    pub disk_sync: Option<colo_block::SyncProgress>,
     /// Why COLO ended, if it did (a channel error's text, "operator", "heartbeat lost").
     pub exit_detail: Option<String>,
     /// The checkpoint interval in force.

@@ -156,6 +156,20 @@ pub enum Error {
         /// What was wrong.
         what: String,
     },
+    /// Pre-copy pages whose own CRC failed were not sent again intact by the end of the checkpoint's RAM
+    /// (a page torn by a guest write is always dirty and re-sent; one that is not was damaged in transit),
+    /// or too many are outstanding.
+    #[error(
+        "{pages} torn pre-copy pages (first at {first:#x}) not re-sent by the end of epoch {epoch}'s RAM"
+    )]
+    TornPages {
+        /// The checkpoint epoch.
+        epoch: u64,
+        /// How many pages are outstanding.
+        pages: usize,
+        /// The lowest outstanding address.
+        first: u64,
+    },
     /// The peer did not answer in time.
     #[error("timed out while {state}")]
     Timeout {
@@ -208,6 +222,7 @@ impl Error {
             | Error::Unexpected { .. }
             | Error::Epoch { .. }
             | Error::DeviceState { .. }
+            | Error::TornPages { .. }
             | Error::Peer { .. }
             | Error::Goodbye(_) => true,
             Error::AlreadyFailed(e) => e.is_protocol_error(),

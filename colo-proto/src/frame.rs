@@ -44,19 +44,24 @@ pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// bit is [`Error::UnknownFlags`].
 pub mod flags {
     /// On a [`Kind::PrecopyPages`](super::Kind::PrecopyPages) frame of version 3 or later: the body CRC covers
-    /// only the batch's fixed part and descriptors (`16 + 8 * count` bytes), not the page data.
+    /// only the batch's fixed part, its descriptors and a CRC32 per page that follows them
+    /// (`16 + 12 * count` bytes), not the page data; each page is checked against its own CRC.
     ///
     /// Pre-copy pages are read from the running guest. The sender computes the CRC and the kernel copies
     /// the pages a moment later; a vCPU that writes a page in between makes the bytes on the wire differ
     /// from the bytes the CRC saw, and a full-body CRC would then reject a frame that is harmless: the
     /// write also set the page's dirty bit, so the page is sent again, fully checked, by the next pre-copy
     /// pass or at the latest in the checkpoint ([`Kind::RamPages`](super::Kind::RamPages), which always has
-    /// a full CRC; the guest is paused then, so its pages cannot change under the send). The descriptors
-    /// (addresses, zero markers, page size, count, epoch) stay checked, so a damaged frame can never put
-    /// data at the wrong address or desynchronise the stream. What is given up: a page damaged on the wire
-    /// (past TCP's and the link's own checksums) in a pre-copy frame and never dirtied again goes
-    /// undetected. The alternative, copying every pre-copy page before the CRC, costs a full memcpy of the
-    /// guest's RAM on the sender.
+    /// a full CRC; the guest is paused then, so its pages cannot change under the send).
+    ///
+    /// So the frame CRC protects the structure (addresses, zero markers, page size, count, epoch and the
+    /// per-page CRCs): a damaged frame can never put data at a wrong address or desynchronise the stream.
+    /// Each page is checked against its own CRC; one that fails is *torn*: the decoder leaves it out of
+    /// [`PageBatch::pages`](crate::PageBatch) and names it in `PageBatch::torn`, and the secondary session
+    /// requires every torn page to arrive again intact before the end of the next checkpoint's RAM
+    /// (`Error::TornPages` otherwise). A torn page always does (it is dirty); a page damaged in transit does
+    /// not, and is caught there. End-to-end detection is kept without copying the pages first (the
+    /// alternative: a memcpy of all guest RAM on the sender).
     pub const PREFIX_CRC: u32 = 1 << 0;
 }
 
@@ -265,7 +270,7 @@ impl FrameHeader {
             .get(12..BATCH_FIXED)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize);
         count
-            .and_then(|n| n.checked_mul(8))
+            .and_then(|n| n.checked_mul(12))
             .and_then(|d| d.checked_add(BATCH_FIXED))
             .filter(|&len| len <= body.len())
             .ok_or_else(|| Error::Malformed {

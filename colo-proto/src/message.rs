@@ -13,8 +13,14 @@
 //! descriptor = guest physical address | 1 if the page is all zeroes (no data follows for it)
 //! ```
 //!
-//! From version 3 a pre-copy batch's CRC covers only `epoch .. descriptors` (see
-//! [`crate::frame::flags::PREFIX_CRC`]); a checkpoint batch's CRC always covers the whole body.
+//! From version 3 a pre-copy batch carries a CRC32 per page after the descriptors (0 for a zero page), and the
+//! frame CRC covers only `epoch .. per-page CRCs` (see [`crate::frame::flags::PREFIX_CRC`]): a page written by
+//! the guest while it was sent is reported in [`PageBatch::torn`] instead of failing the frame. A checkpoint
+//! batch's frame CRC always covers the whole body.
+//!
+//! ```text
+//! v3 pre-copy: epoch u64 | page_size u32 | count u32 | count x descriptor u64 | count x crc32 u32 | data
+//! ```
 //!
 //! Version-3 messages (all little-endian):
 //!
@@ -149,6 +155,11 @@ pub struct PageBatch {
     pub page_size: u32,
     /// The pages in send order.
     pub pages: Vec<RamPage>,
+    /// Received only (ignored when encoding): addresses of pages of a version-3 pre-copy frame whose own CRC
+    /// did not match, left out of `pages`. The guest wrote them while they were sent, so they are dirty and
+    /// must arrive again, intact, before the end of the next checkpoint's RAM; the secondary session fails
+    /// with [`Error::TornPages`] otherwise (then they were damaged in transit).
+    pub torn: Vec<u64>,
 }
 
 /// A chunk of one device's state. Chunks of a device arrive in order; `total` is the device's full size.
@@ -467,7 +478,8 @@ pub(crate) fn check_page_size(kind: Kind, page_size: u32) -> Result<()> {
     Ok(())
 }
 
-/// Appends the prefix of a page batch (fixed part and one descriptor per page) and collects the data slices.
+/// Appends the prefix of a page batch (fixed part, one descriptor per page and, with `page_crcs`, one CRC32
+/// per page) and collects the data slices.
 ///
 /// Each entry is a run: `bytes` holds one or more whole pages starting at `gpa` (one data slice, one CRC
 /// update and one iovec for the whole run), or is empty for a single zero page.
@@ -476,6 +488,7 @@ pub(crate) fn encode_pages<'a, I>(
     epoch: u64,
     page_size: u32,
     runs: I,
+    page_crcs: bool,
     prefix: &mut Vec<u8>,
     data: &mut Vec<&'a [u8]>,
 ) -> Result<()>
@@ -501,10 +514,13 @@ where
         kind,
         what: "more than u32::MAX pages".into(),
     })?;
-    prefix.reserve(BATCH_FIXED + 8 * count as usize);
+    let per_page = if page_crcs { 12 } else { 8 };
+    prefix.reserve(BATCH_FIXED + per_page * count as usize);
     prefix.extend_from_slice(&epoch.to_le_bytes());
     prefix.extend_from_slice(&page_size.to_le_bytes());
     prefix.extend_from_slice(&count.to_le_bytes());
+    // Per-page CRCs in descriptor order (0 for a zero page), appended after the descriptors.
+    let mut crcs: Vec<u8> = Vec::with_capacity(if page_crcs { 4 * count as usize } else { 0 });
     let mask = u64::from(page_size) - 1;
     for (gpa, bytes) in runs {
         if gpa & mask != 0 {
@@ -515,6 +531,9 @@ where
         }
         if bytes.is_empty() {
             prefix.extend_from_slice(&(gpa | ZERO_FLAG).to_le_bytes());
+            if page_crcs {
+                crcs.extend_from_slice(&0u32.to_le_bytes());
+            }
             continue;
         }
         let pages = (bytes.len() / ps) as u64;
@@ -528,12 +547,20 @@ where
         for i in 0..pages {
             prefix.extend_from_slice(&(gpa + i * u64::from(page_size)).to_le_bytes());
         }
+        if page_crcs {
+            for page in bytes.chunks_exact(ps) {
+                crcs.extend_from_slice(&crc32fast::hash(page).to_le_bytes());
+            }
+        }
         data.push(bytes);
     }
+    prefix.extend_from_slice(&crcs);
     Ok(())
 }
 
-fn decode_pages(kind: Kind, body: Bytes) -> Result<PageBatch> {
+/// Decodes a page batch body. With `page_crcs` (a pre-copy frame carrying [`flags::PREFIX_CRC`]) a CRC32 per
+/// page follows the descriptors; a data page whose CRC does not match goes to `torn`, not to `pages`.
+fn decode_pages(kind: Kind, body: Bytes, page_crcs: bool) -> Result<PageBatch> {
     let mut c = Cursor {
         kind,
         buf: &body,
@@ -543,16 +570,20 @@ fn decode_pages(kind: Kind, body: Bytes) -> Result<PageBatch> {
     let page_size = c.u32()?;
     let count = c.u32()? as usize;
     check_page_size(kind, page_size).map_err(|_| malformed(kind, format!("bad page size {page_size}")))?;
-    let desc_len = count.checked_mul(8).filter(|&l| l <= body.len() - BATCH_FIXED);
-    let desc_len =
-        desc_len.ok_or_else(|| malformed(kind, format!("{count} descriptors overrun the body")))?;
-    let descs = &body[BATCH_FIXED..BATCH_FIXED + desc_len];
+    let per_page = if page_crcs { 12 } else { 8 };
+    let meta_len = count
+        .checked_mul(per_page)
+        .filter(|&l| l <= body.len() - BATCH_FIXED);
+    let meta_len =
+        meta_len.ok_or_else(|| malformed(kind, format!("{count} descriptors overrun the body")))?;
+    let descs = &body[BATCH_FIXED..BATCH_FIXED + 8 * count];
+    let crcs = &body[BATCH_FIXED + 8 * count..BATCH_FIXED + meta_len];
     let mask = u64::from(page_size) - 1;
     let data_pages = descs
         .chunks_exact(8)
         .filter(|d| d[0] & ZERO_FLAG as u8 == 0)
         .count();
-    let data_start = BATCH_FIXED + desc_len;
+    let data_start = BATCH_FIXED + meta_len;
     let expected = data_pages as u64 * u64::from(page_size);
     if (body.len() - data_start) as u64 != expected {
         return Err(malformed(
@@ -564,8 +595,9 @@ fn decode_pages(kind: Kind, body: Bytes) -> Result<PageBatch> {
         ));
     }
     let mut pages = Vec::with_capacity(count);
+    let mut torn = Vec::new();
     let mut off = data_start;
-    for d in descs.chunks_exact(8) {
+    for (i, d) in descs.chunks_exact(8).enumerate() {
         let mut raw = [0u8; 8];
         raw.copy_from_slice(d);
         let desc = u64::from_le_bytes(raw);
@@ -579,6 +611,14 @@ fn decode_pages(kind: Kind, body: Bytes) -> Result<PageBatch> {
             let end = off + page_size as usize;
             let s = body.slice(off..end);
             off = end;
+            if page_crcs {
+                let want =
+                    u32::from_le_bytes([crcs[4 * i], crcs[4 * i + 1], crcs[4 * i + 2], crcs[4 * i + 3]]);
+                if crc32fast::hash(&s) != want {
+                    torn.push(gpa);
+                    continue;
+                }
+            }
             s
         };
         pages.push(RamPage { gpa, data });
@@ -587,6 +627,7 @@ fn decode_pages(kind: Kind, body: Bytes) -> Result<PageBatch> {
         epoch,
         page_size,
         pages,
+        torn,
     })
 }
 
@@ -625,8 +666,20 @@ impl Message {
     }
 
     /// Encodes the body as a prefix (copied into `prefix`) followed by borrowed `data` slices, without
-    /// copying bulk data. The body is `prefix ++ data[0] ++ data[1] ++ ...`.
+    /// copying bulk data. The body is `prefix ++ data[0] ++ data[1] ++ ...`, in the layout of
+    /// [`PROTOCOL_VERSION`](crate::PROTOCOL_VERSION) (see [`Message::encode_vectored`] for another version).
     pub fn encode_body<'a>(&'a self, prefix: &mut Vec<u8>, data: &mut Vec<&'a [u8]>) -> Result<()> {
+        self.encode_body_in(crate::frame::PROTOCOL_VERSION, prefix, data)
+    }
+
+    /// [`Message::encode_body`] in the layout of protocol `version` (a version-3 pre-copy batch carries a
+    /// CRC per page).
+    fn encode_body_in<'a>(
+        &'a self,
+        version: u16,
+        prefix: &mut Vec<u8>,
+        data: &mut Vec<&'a [u8]>,
+    ) -> Result<()> {
         let kind = self.kind();
         match self {
             Message::Hello(h) => put_ctl(kind, h, prefix),
@@ -664,6 +717,7 @@ impl Message {
                 b.epoch,
                 b.page_size,
                 b.pages.iter().map(|p| (p.gpa, &p.data[..])),
+                allowed_flags(kind, version) & flags::PREFIX_CRC != 0,
                 prefix,
                 data,
             ),
@@ -710,7 +764,7 @@ impl Message {
         prefix: &mut Vec<u8>,
         data: &mut Vec<&'a [u8]>,
     ) -> Result<FrameHeader> {
-        self.encode_body(prefix, data)?;
+        self.encode_body_in(version, prefix, data)?;
         body_header(self.kind(), version, prefix, data)
     }
 
@@ -720,7 +774,7 @@ impl Message {
     pub fn encode(&self, version: u16, out: &mut Vec<u8>) -> Result<()> {
         let mut prefix = Vec::new();
         let mut data = Vec::new();
-        self.encode_body(&mut prefix, &mut data)?;
+        self.encode_body_in(version, &mut prefix, &mut data)?;
         let header = body_header(self.kind(), version, &prefix, &data)?;
         out.extend_from_slice(&header.encode());
         out.extend_from_slice(&prefix);
@@ -815,8 +869,10 @@ impl Message {
                 check_sync_chunk(offset, data.len()).map_err(|what| malformed(kind, what))?;
                 Message::DiskSyncChunk(DiskSyncChunk { disk, offset, data })
             }
-            Kind::RamPages => Message::RamPages(decode_pages(kind, body)?),
-            Kind::PrecopyPages => Message::PrecopyPages(decode_pages(kind, body)?),
+            Kind::RamPages => Message::RamPages(decode_pages(kind, body, false)?),
+            Kind::PrecopyPages => {
+                Message::PrecopyPages(decode_pages(kind, body, header.flags & flags::PREFIX_CRC != 0)?)
+            }
             Kind::DeviceState => {
                 let mut c = Cursor {
                     kind,
@@ -941,7 +997,16 @@ pub fn encode_page_frame<'a>(
             what: "not a page batch kind".into(),
         });
     }
-    encode_pages(kind, epoch, page_size, pages.iter().copied(), prefix, data)?;
+    let page_crcs = allowed_flags(kind, version) & flags::PREFIX_CRC != 0;
+    encode_pages(
+        kind,
+        epoch,
+        page_size,
+        pages.iter().copied(),
+        page_crcs,
+        prefix,
+        data,
+    )?;
     body_header(kind, version, prefix, data)
 }
 
@@ -1015,6 +1080,7 @@ mod tests {
                     data: Bytes::new(),
                 },
             ],
+            torn: vec![],
         });
         assert_eq!(round_trip(&m), m);
     }
@@ -1028,6 +1094,7 @@ mod tests {
                 gpa: 0x1000,
                 data: Bytes::from(vec![1u8; 100]),
             }],
+            torn: vec![],
         });
         assert!(matches!(
             m.encode(PROTOCOL_VERSION, &mut Vec::new()),
@@ -1041,6 +1108,7 @@ mod tests {
             epoch: 0,
             page_size: 4096,
             pages: vec![],
+            torn: vec![],
         });
         assert!(matches!(
             m.encode(1, &mut Vec::new()),

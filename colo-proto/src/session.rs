@@ -28,7 +28,7 @@
 //! An out-of-order message, a wrong epoch, a peer error or a missed deadline moves a machine to its `Failed`
 //! state, which it never leaves; a local command given at the wrong time is refused without changing state.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -231,6 +231,63 @@ fn refuse(state: &'static str, ev: Event) -> Error {
     }
 }
 
+/// What [`step`] and [`handle_timeout`] need of either machine.
+trait Machine {
+    /// The single `match (state, event)`.
+    fn transition(&mut self, now: Instant, event: Event) -> Result<()>;
+    /// Moves to `Failed` (once) and reports it as an action.
+    fn fail(&mut self, error: Error);
+    /// The deadline armed in the current state.
+    fn poll_timeout(&self) -> Option<Instant>;
+}
+
+/// Runs one event through a machine. An error fails the machine, except a local command refused in the
+/// current state (the state stays) and any input to a machine that already failed.
+fn step<M: Machine>(m: &mut M, now: Instant, event: Event) -> Result<()> {
+    let is_msg = matches!(event, Event::Msg(_));
+    match m.transition(now, event) {
+        Ok(()) => Ok(()),
+        Err(e @ Error::BadCommand { .. }) if !is_msg => Err(e),
+        Err(e @ Error::AlreadyFailed(_)) => Err(e),
+        Err(e) => {
+            m.fail(e.clone());
+            Err(e)
+        }
+    }
+}
+
+/// Fires the machine's deadline if it is due at `now`.
+fn handle_timeout<M: Machine>(m: &mut M, now: Instant) -> Result<()> {
+    match m.poll_timeout() {
+        Some(deadline) if now >= deadline => step(m, now, Event::Timeout),
+        _ => Ok(()),
+    }
+}
+
+impl Machine for PrimarySession {
+    fn transition(&mut self, now: Instant, event: Event) -> Result<()> {
+        PrimarySession::transition(self, now, event)
+    }
+    fn fail(&mut self, error: Error) {
+        PrimarySession::fail(self, error)
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        PrimarySession::poll_timeout(self)
+    }
+}
+
+impl Machine for SecondarySession {
+    fn transition(&mut self, now: Instant, event: Event) -> Result<()> {
+        SecondarySession::transition(self, now, event)
+    }
+    fn fail(&mut self, error: Error) {
+        SecondarySession::fail(self, error)
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        SecondarySession::poll_timeout(self)
+    }
+}
+
 fn check_epoch(msg: &Message, expected: u64) -> Result<()> {
     match msg.epoch() {
         Some(found) if found != expected => Err(Error::Epoch {
@@ -351,23 +408,11 @@ impl PrimarySession {
 
     /// The timer armed from [`PrimarySession::poll_timeout`] fired.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<()> {
-        match self.poll_timeout() {
-            Some(deadline) if now >= deadline => self.step(now, Event::Timeout),
-            _ => Ok(()),
-        }
+        handle_timeout(self, now)
     }
 
     fn step(&mut self, now: Instant, event: Event) -> Result<()> {
-        let is_msg = matches!(event, Event::Msg(_));
-        match self.transition(now, event) {
-            Ok(()) => Ok(()),
-            Err(e @ Error::BadCommand { .. }) if !is_msg => Err(e),
-            Err(e @ Error::AlreadyFailed(_)) => Err(e),
-            Err(e) => {
-                self.fail(e.clone());
-                Err(e)
-            }
-        }
+        step(self, now, event)
     }
 
     fn transition(&mut self, now: Instant, event: Event) -> Result<()> {
@@ -585,7 +630,12 @@ pub struct SecondarySession {
     state: SState,
     committed: u64,
     actions: VecDeque<SecondaryAction>,
+    /// Pre-copy pages that arrived torn (their own CRC failed) and have not arrived intact since.
+    torn: HashSet<u64>,
 }
+
+/// Most torn pre-copy pages a secondary tracks at once (8 MiB of addresses); more is an error.
+pub const MAX_TORN_PAGES: usize = 1 << 20;
 
 impl SecondarySession {
     /// A secondary ready for checkpoints (call after the handshake); its first action sends
@@ -598,6 +648,7 @@ impl SecondarySession {
             state: SState::Running { epoch: 0 },
             committed: 0,
             actions,
+            torn: HashSet::new(),
         }
     }
 
@@ -640,6 +691,30 @@ impl SecondarySession {
         self.step(now, Event::Msg(msg))
     }
 
+    /// Pre-copy pages whose own CRC failed (torn while the guest wrote them) and that have not arrived
+    /// intact since; they must before the RAM of the next checkpoint ends.
+    pub fn torn_pages(&self) -> usize {
+        self.torn.len()
+    }
+
+    /// Notes a batch's torn pages and clears those that arrive intact.
+    fn track_torn(&mut self, batch: &PageBatch) -> Result<()> {
+        for p in &batch.pages {
+            self.torn.remove(&p.gpa);
+        }
+        for &gpa in &batch.torn {
+            self.torn.insert(gpa);
+        }
+        if self.torn.len() > MAX_TORN_PAGES {
+            return Err(Error::TornPages {
+                epoch: batch.epoch,
+                pages: self.torn.len(),
+                first: self.torn.iter().copied().min().unwrap_or(0),
+            });
+        }
+        Ok(())
+    }
+
     /// The VMM has flushed the RAM cache, loaded device state and committed the block checkpoint.
     pub fn checkpoint_loaded(&mut self, now: Instant) -> Result<()> {
         self.step(now, Event::Loaded)
@@ -660,23 +735,11 @@ impl SecondarySession {
 
     /// The timer armed from [`SecondarySession::poll_timeout`] fired.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<()> {
-        match self.poll_timeout() {
-            Some(deadline) if now >= deadline => self.step(now, Event::Timeout),
-            _ => Ok(()),
-        }
+        handle_timeout(self, now)
     }
 
     fn step(&mut self, now: Instant, event: Event) -> Result<()> {
-        let is_msg = matches!(event, Event::Msg(_));
-        match self.transition(now, event) {
-            Ok(()) => Ok(()),
-            Err(e @ Error::BadCommand { .. }) if !is_msg => Err(e),
-            Err(e @ Error::AlreadyFailed(_)) => Err(e),
-            Err(e) => {
-                self.fail(e.clone());
-                Err(e)
-            }
-        }
+        step(self, now, event)
     }
 
     fn transition(&mut self, now: Instant, event: Event) -> Result<()> {
@@ -706,8 +769,13 @@ impl SecondarySession {
                 (SState::Closed, Ok(()))
             }
             (s @ SState::Running { .. }, Event::Msg(Message::PrecopyPages(batch))) => {
-                self.actions.push_back(A::StoreRam(batch));
-                (s, Ok(()))
+                match self.track_torn(&batch) {
+                    Ok(()) => {
+                        self.actions.push_back(A::StoreRam(batch));
+                        (s, Ok(()))
+                    }
+                    Err(e) => (s, Err(e)),
+                }
             }
             (SState::Running { epoch }, Event::Msg(m @ Message::CheckpointRequest { .. })) => {
                 match check_epoch(&m, epoch + 1) {
@@ -734,12 +802,24 @@ impl SecondarySession {
                     };
                     (SState::ReceivingRam { epoch, deadline }, Err(e))
                 } else {
-                    self.actions.push_back(A::StoreRam(batch));
-                    (SState::ReceivingRam { epoch, deadline }, Ok(()))
+                    let r = self.track_torn(&batch);
+                    if r.is_ok() {
+                        self.actions.push_back(A::StoreRam(batch));
+                    }
+                    (SState::ReceivingRam { epoch, deadline }, r)
                 }
             }
             (SState::ReceivingRam { epoch, .. }, Event::Msg(m @ Message::EndOfRam { .. })) => {
-                let r = check_epoch(&m, epoch);
+                let r = check_epoch(&m, epoch).and_then(|()| match self.torn.iter().min() {
+                    // A torn page was written by the guest during its send, so it is dirty and must be in
+                    // this checkpoint; one still missing was damaged in transit.
+                    Some(&first) => Err(Error::TornPages {
+                        epoch,
+                        pages: self.torn.len(),
+                        first,
+                    }),
+                    None => Ok(()),
+                });
                 (SState::AwaitingSize { epoch, deadline }, r)
             }
             (SState::AwaitingSize { epoch, .. }, Event::Msg(m @ Message::VmstateSize { size, .. })) => {

@@ -51,6 +51,7 @@ fn batch() -> impl Strategy<Value = PageBatch> {
             epoch,
             page_size,
             pages,
+            torn: vec![],
         })
     })
 }
@@ -292,13 +293,18 @@ proptest! {
         let r = decode_split(&mut dec, &wire, &[wire.len()]);
         match (&m, r) {
             (Message::PrecopyPages(b), Ok(got)) => {
-                let data_at = HEADER_LEN + 16 + 8 * b.pages.len();
+                // The damaged byte is page data: exactly that page is reported torn, the rest is intact.
+                let data_at = HEADER_LEN + 16 + 12 * b.pages.len();
                 prop_assert!(i >= data_at, "flip of descriptor byte {} went unnoticed", i);
                 let [Message::PrecopyPages(g)] = &got[..] else {
                     return Err(TestCaseError::fail(format!("decoded {got:?}")));
                 };
-                let descs = |b: &PageBatch| b.pages.iter().map(|p| (p.gpa, p.is_zero())).collect::<Vec<_>>();
-                prop_assert_eq!(descs(g), descs(b));
+                let ps = b.page_size as usize;
+                let data_pages: Vec<&RamPage> = b.pages.iter().filter(|p| !p.is_zero()).collect();
+                let hit = data_pages[(i - data_at) / ps].gpa;
+                prop_assert_eq!(&g.torn, &vec![hit]);
+                let want: Vec<&RamPage> = b.pages.iter().filter(|p| p.gpa != hit || p.is_zero()).collect();
+                prop_assert_eq!(g.pages.iter().collect::<Vec<_>>(), want);
                 prop_assert_eq!((g.epoch, g.page_size), (b.epoch, b.page_size));
             }
             (_, r) => prop_assert!(r.is_err(), "flip of byte {} with {:#x} went unnoticed: {:?}", i, mask, r),
@@ -337,6 +343,7 @@ fn every_byte_of_a_page_batch_frame_is_protected() {
                 data: Bytes::new(),
             },
         ],
+        torn: vec![],
     });
     let mut wire = Vec::new();
     m.encode(PROTOCOL_VERSION, &mut wire).unwrap();

@@ -45,6 +45,7 @@ fn pages(epoch: u64) -> PageBatch {
         epoch,
         page_size: 4096,
         pages: vec![],
+        torn: vec![],
     }
 }
 

@@ -1,7 +1,6 @@
 //! Secondary side: the RAM cache and its flush into the SVM's memory at a checkpoint.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -9,14 +8,16 @@ use crate::PAGE_SIZE;
 use crate::bitmap::DirtyBitmap;
 use crate::error::RamError;
 use crate::log::{DirtyLog, DirtySet};
+use crate::pool::{CopyJob, FlushPool};
 use crate::ram::{GuestRam, RamLayout};
 
 /// How a flush uses threads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlushOptions {
-    /// Threads copying at once (the calling thread included). 1 copies on the calling thread only.
+    /// Threads copying at once (the calling thread included). 1 copies on the calling thread only. The
+    /// helper threads are started by the first parallel flush and parked between flushes.
     pub threads: usize,
-    /// Below this many pages a flush stays on the calling thread (spawning costs more than it saves).
+    /// Below this many pages a flush stays on the calling thread (waking helpers costs more than it saves).
     pub parallel_threshold_pages: usize,
 }
 
@@ -59,6 +60,8 @@ pub struct RamCache {
     mem: GuestMemoryMmap,
     received: DirtySet,
     options: FlushOptions,
+    /// Helper threads of parallel flushes, started on the first one and parked in between.
+    pool: FlushPool,
 }
 
 impl RamCache {
@@ -87,7 +90,33 @@ impl RamCache {
             view,
             mem,
             options,
+            pool: FlushPool::default(),
         })
+    }
+
+    /// Asks the kernel to back the cache with transparent huge pages (`madvise(MADV_HUGEPAGE)` over each
+    /// region), so that storing scattered pages and flushing them take fewer TLB misses.
+    ///
+    /// Call it right after [`new`](Self::new), before the initial sync touches the cache: memory already
+    /// touched stays in 4 KiB pages until the kernel's background collapse gets to it. The first touch of
+    /// each 2 MiB then costs more (a huge page is zeroed). It has effect only where the host allows THP
+    /// (`/sys/kernel/mm/transparent_hugepage/enabled` is `always` or `madvise`); elsewhere the kernel
+    /// refuses and this returns the error, and the cache works as before.
+    pub fn advise_huge_pages(&self) -> Result<(), RamError> {
+        for (i, r) in self.layout.regions().iter().enumerate() {
+            let p = self.view.page_ptr(i, 0, r.pages())?;
+            // SAFETY: `p` is the page-aligned start of the cache's own anonymous mapping of `r.len` bytes
+            // (checked by `page_ptr`); MADV_HUGEPAGE only changes how the kernel backs it, not its contents.
+            let rc = unsafe { libc::madvise(p.cast(), r.len as usize, libc::MADV_HUGEPAGE) };
+            if rc != 0 {
+                return Err(RamError::CacheAlloc(format!(
+                    "madvise(MADV_HUGEPAGE) on region {i} at {:#x}: {}",
+                    r.gpa,
+                    std::io::Error::last_os_error()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The guest RAM layout the cache mirrors.
@@ -230,6 +259,7 @@ impl RamCache {
         let received_pages = self.received.count();
         svm_log.take_into(&mut self.received)?;
         let cache = &self.view;
+        let pool = &mut self.pool;
         let mut stats = FlushStats {
             received_pages,
             flushed_pages: 0,
@@ -243,7 +273,7 @@ impl RamCache {
             } else {
                 1
             };
-            stats.threads = stats.threads.max(copy_region(cache, svm, i, map, threads)?);
+            stats.threads = stats.threads.max(copy_region(pool, cache, svm, i, map, threads)?);
         }
         self.received.clear();
         Ok(stats)
@@ -253,51 +283,37 @@ impl RamCache {
 /// Work items per flush thread (balanced by page count, claimed dynamically).
 const PARTS_PER_THREAD: usize = 8;
 
-/// Copies the pages marked in `map` (region `region`) from `src` to `dst`, on up to `threads` threads.
-/// Returns the number of threads used.
+/// Copies the pages marked in `map` (region `region`) from `src` to `dst`, on up to `threads` threads (the
+/// calling thread and pool helpers). Returns the number of threads used.
 fn copy_region(
+    pool: &mut FlushPool,
     src: &GuestRam<'_>,
     dst: &GuestRam<'_>,
     region: usize,
     map: &DirtyBitmap,
     threads: usize,
 ) -> Result<usize, RamError> {
-    let copy_words = |words: Range<usize>| -> Result<(), RamError> {
-        for run in map.runs_in_words(words) {
+    let parts = if threads > 1 {
+        // Several parts per thread, claimed dynamically: the calling thread starts at once, and a helper
+        // that the scheduler wakes late simply takes fewer parts.
+        map.balanced_word_ranges(threads * PARTS_PER_THREAD)
+    } else {
+        Vec::new()
+    };
+    if parts.len() <= 1 {
+        for run in map.runs() {
             copy_run(src, dst, region, run)?;
         }
-        Ok(())
-    };
-    if threads <= 1 {
-        copy_words(0..map.words().len())?;
         return Ok(1);
     }
-    // Several parts per thread, claimed dynamically: the calling thread starts at once, and a helper that
-    // the scheduler starts late simply takes fewer parts.
-    let parts = map.balanced_word_ranges(threads * PARTS_PER_THREAD);
-    if parts.len() <= 1 {
-        copy_words(0..map.words().len())?;
-        return Ok(1);
-    }
-    let used = threads.min(parts.len());
-    let next = AtomicUsize::new(0);
-    let work = || -> Result<(), RamError> {
-        while let Some(part) = parts.get(next.fetch_add(1, Ordering::Relaxed)) {
-            copy_words(part.clone())?;
-        }
-        Ok(())
-    };
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (1..used).map(|_| s.spawn(work)).collect();
-        let mut result = work();
-        for h in handles {
-            // A panic in a copy thread is a bug here, not bad input: pass it on unchanged.
-            let r = h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            result = result.and(r);
-        }
-        result
-    })?;
-    Ok(used.max(1))
+    let pages = map.len();
+    let from = src.page_ptr(region, 0, pages)?;
+    let to = dst.page_ptr(region, 0, pages)?;
+    // SAFETY: both pointers start `pages` pages of their region's mapping (checked by `page_ptr`); the
+    // cache and the SVM memory are distinct mappings (`check_ram`), the SVM is paused and `dst` is borrowed
+    // mutably by the flush, so nothing else writes it until `run` returns, which waits for every helper.
+    let job = unsafe { CopyJob::new(from, to, pages * PAGE_SIZE, map.clone(), parts) };
+    pool.run(job, threads - 1)
 }
 
 #[inline]

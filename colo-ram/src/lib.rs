@@ -65,6 +65,7 @@ pub mod error;
 #[cfg(feature = "kvm")]
 pub mod kvm;
 pub mod log;
+mod pool;
 pub mod primary;
 pub mod ram;
 

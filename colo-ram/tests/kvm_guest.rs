@@ -14,6 +14,7 @@ fn kvm_pair_round_trip() {
 
 #[cfg(feature = "kvm")]
 #[path = "support/cpl3.rs"]
+#[allow(dead_code)] // shared with the example and colo-bench, which use other parts of it
 mod cpl3;
 
 #[cfg(feature = "kvm")]

@@ -1,0 +1,124 @@
+//! What both drivers keep about their partner: the channel to it, and the failover machine (with its
+//! arbiter) that decides what happens when the partner goes quiet.
+
+use std::time::Instant;
+
+use colo_failover::{Action as NodeAction, Arbiter, Event as NodeEvent, FenceToken, Node, Notice};
+use colo_net::Time;
+use colo_proto::Message;
+use colo_proto::message::encoded_len;
+
+use crate::vm::Link;
+
+/// colo-net's clock: time since the driver started.
+pub(crate) fn net_time(origin: Instant, now: Instant) -> Time {
+    Time::from_nanos(u64::try_from(now.saturating_duration_since(origin).as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// A step of the failover machine that the side itself carries out.
+pub(crate) enum NodeStep {
+    /// A heartbeat could not be sent: the link failed (detail).
+    LinkFailed(String),
+    /// The secondary becomes the primary.
+    Promote(FenceToken),
+    /// The primary goes on without its secondary.
+    ContinueAlone(FenceToken),
+    /// Hold output until the arbiter decides.
+    SuspendOutput,
+    /// The arbiter gave the guest to the other node.
+    StopGuest,
+}
+
+/// The partner as one driver sees it.
+pub(crate) struct Peer {
+    pub(crate) link: Box<dyn Link + Send>,
+    /// The link can still carry messages.
+    pub(crate) ok: bool,
+    /// Bytes of message bodies and page data handed to the link.
+    pub(crate) bytes_sent: u64,
+    pub(crate) node: Node,
+    arbiter: Box<dyn Arbiter + Send>,
+    heartbeat_seq: u64,
+    /// Why replication ended, if it did.
+    pub(crate) exit_detail: Option<String>,
+}
+
+impl Peer {
+    pub(crate) fn new(link: Box<dyn Link + Send>, node: Node, arbiter: Box<dyn Arbiter + Send>) -> Self {
+        Peer {
+            link,
+            ok: true,
+            bytes_sent: 0,
+            node,
+            arbiter,
+            heartbeat_seq: 0,
+            exit_detail: None,
+        }
+    }
+
+    /// Sends `msg`. `Ok(false)`: the link was down already, nothing sent. `Err(detail)`: the link failed
+    /// now; the caller counts the partner as lost.
+    pub(crate) fn send(&mut self, msg: &Message) -> Result<bool, String> {
+        if !self.ok {
+            return Ok(false);
+        }
+        match self.link.send(msg) {
+            Ok(()) => {
+                self.bytes_sent += encoded_len(msg).unwrap_or(0) as u64;
+                Ok(true)
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// The link is unusable: the failover machine counts the partner as lost. Returns false if the link
+    /// was down already (nothing changed).
+    pub(crate) fn lose(&mut self, now: Instant, detail: &str) -> bool {
+        if !self.ok {
+            return false;
+        }
+        self.ok = false;
+        self.exit_detail.get_or_insert_with(|| detail.to_string());
+        let _ = self.node.handle_event(now, NodeEvent::ChannelError);
+        true
+    }
+
+    /// Runs the failover machine's pending work (heartbeats out, arbiter calls, why the partner was
+    /// lost) until it needs the side: returns that step, or `None` when it is idle.
+    pub(crate) fn next_step(&mut self, now: Instant) -> Option<NodeStep> {
+        while let Some(notice) = self.node.poll_notice() {
+            if let Notice::PeerLost { cause } = notice {
+                self.exit_detail.get_or_insert(format!("partner lost: {cause:?}"));
+            }
+        }
+        while let Some(action) = self.node.poll_action() {
+            match action {
+                NodeAction::SendHeartbeat => {
+                    self.heartbeat_seq += 1;
+                    let m = Message::Heartbeat {
+                        seq: self.heartbeat_seq,
+                    };
+                    if let Err(detail) = self.send(&m) {
+                        return Some(NodeStep::LinkFailed(detail));
+                    }
+                }
+                NodeAction::AcquireArbiter => {
+                    let answer = self.arbiter.acquire();
+                    let _ = self.node.handle_arbiter(now, answer);
+                }
+                NodeAction::RenewArbiter => {
+                    let answer = self.arbiter.renew();
+                    let _ = self.node.handle_arbiter(now, answer);
+                }
+                NodeAction::ReleaseArbiter => {
+                    let _ = self.arbiter.release();
+                }
+                NodeAction::Promote { token } => return Some(NodeStep::Promote(token)),
+                NodeAction::ContinueAlone { token } => return Some(NodeStep::ContinueAlone(token)),
+                NodeAction::SuspendOutput => return Some(NodeStep::SuspendOutput),
+                NodeAction::StopGuest => return Some(NodeStep::StopGuest),
+            }
+        }
+        None
+    }
+}
