@@ -644,3 +644,43 @@ fn primary_killed_in_the_middle_of_a_checkpoint_the_secondary_takes_over_from_th
     assert!(p.secondary.has_log("COLO: promoted"));
     p.secondary.quit();
 }
+
+#[test]
+fn a_promoted_secondary_that_cannot_reach_the_switch_keeps_the_guest_and_attaches_later() {
+    if !kvm_or_skip("a_promoted_secondary_that_cannot_reach_the_switch_keeps_the_guest_and_attaches_later") {
+        return;
+    }
+    let p = pair(&["--checkpoint-ms", "100"]);
+    let mut m = Model::connect(&p);
+    m.work(30);
+    let Pair {
+        _dir: tmp,
+        dir,
+        sw,
+        mut primary,
+        mut secondary,
+    } = p;
+    // The client network goes away, then the primary dies: the secondary promotes with no switch to join.
+    let sw_path = sw.path().to_path_buf();
+    drop(sw);
+    primary.kill();
+    let st = secondary.wait_status("takeover", T, |s| s["phase"] == "alone");
+    assert_eq!(st["extra"]["switch_attach_pending"], true, "{st}");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        secondary.child.try_wait().unwrap().is_none(),
+        "the only copy of the guest left must not die with its switch port"
+    );
+    // The switch comes back: the promoted guest joins it and serves a new connection with every write.
+    let sw = Switch::spawn(&sw_path).unwrap();
+    secondary.wait_status("attached", T, |s| s["extra"]["switch_attach_pending"] == false);
+    assert!(secondary.has_log("NIC is on the switch"));
+    let mut m2 = Model::connect_to(sw.path(), &dir.join("client2"));
+    m2.seq = m.seq;
+    m2.store = m.store.clone();
+    m2.check_all();
+    m2.work(30);
+    m2.check_all();
+    secondary.quit();
+    drop(tmp);
+}

@@ -31,6 +31,8 @@ use crate::vm::{GuestExit, Machine};
 const IDLE: Duration = Duration::from_millis(20);
 /// Most events handled in one round before the timers run.
 const ROUND: usize = 4096;
+/// How often a promoted secondary tries again to attach to a switch it could not reach.
+pub const ATTACH_RETRY: Duration = Duration::from_millis(500);
 /// How long a secondary told to take over waits for the primary to confirm it stopped (by closing the
 /// link) before it takes over anyway (the arbiter still fences a primary that did not hear).
 pub const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
@@ -216,6 +218,8 @@ pub struct Driver<P: PairDriver> {
     peer_pending: Arc<AtomicUsize>,
     switch: Option<SwitchPort>,
     attach: Option<Attach>,
+    /// Promoted, NIC not on the switch yet: the token, when to try next, failed tries so far.
+    attach_pending: Option<(FenceToken, Instant, u32)>,
     status: Arc<Mutex<Value>>,
     seen_checkpoints: u64,
     last_phase: Phase,
@@ -303,6 +307,7 @@ impl<P: PairDriver> Driver<P> {
             peer_pending: parts.peer_pending,
             switch: parts.switch,
             attach: parts.attach,
+            attach_pending: None,
             status: parts.status,
             seen_checkpoints: 0,
             last_phase,
@@ -359,6 +364,7 @@ impl<P: PairDriver> Driver<P> {
                 );
                 self.take_over(now)?;
             }
+            self.try_attach();
             self.check_guest()?;
             self.publish(false);
             if let Some(exit) = self.done.take() {
@@ -625,7 +631,7 @@ impl<P: PairDriver> Driver<P> {
                 let since = self.last_peer_message.elapsed();
                 self.failover_ms = Some(since.as_millis() as u64);
                 self.link.close();
-                self.attach_switch(token)?;
+                self.attach_switch(token);
                 tracing::info!(
                     "COLO: promoted (token {}): the secondary's guest serves the clients now, {:.0} ms after the \
                      last word from the primary",
@@ -662,28 +668,56 @@ impl<P: PairDriver> Driver<P> {
         Ok(())
     }
 
-    /// Attaches the promoted guest's NIC to the client network, its frames stamped with `token` from now.
-    fn attach_switch(&mut self, token: FenceToken) -> Result<(), ColoError> {
-        let Some(a) = self.attach.take() else {
-            return Ok(());
+    /// The promoted guest's disk becomes durable and its NIC goes on the client network, its frames
+    /// stamped with `token` from now (see [`Driver::try_attach`]).
+    fn attach_switch(&mut self, token: FenceToken) {
+        let Some(a) = &self.attach else {
+            return;
         };
         if let Err(e) = a.durable.make_durable() {
             tracing::error!("COLO: syncing the disk image after the takeover: {e}");
         }
-        let port = SwitchPort::connect(&a.local, &a.switch).map_err(|e| ColoError::Io {
-            what: "attaching the promoted guest's NIC to the switch",
-            source: e,
-        })?;
-        // Move the guest's MAC to this port at once (as after a migration).
-        // The switch's gate for the MAC rises to the new token: a stale primary is fenced off from here.
-        port.send(&announce_frame(a.mac), token);
-        port.spawn_reader(self.events_tx.clone())
-            .map_err(|e| ColoError::Io {
-                what: "starting the switch reader",
-                source: e,
-            })?;
-        self.switch = Some(port);
-        Ok(())
+        self.attach_pending = Some((token, Instant::now(), 0));
+        self.try_attach();
+    }
+
+    /// Attaches the promoted guest's NIC to the switch if that is pending and due. A switch that cannot be
+    /// reached now is tried again every [`ATTACH_RETRY`]: the guest is the only copy left and runs on (its
+    /// output counted as undeliverable meanwhile); failing the process would lose it.
+    fn try_attach(&mut self) {
+        let (Some((token, due, tries)), Some(a)) = (self.attach_pending, &self.attach) else {
+            return;
+        };
+        if Instant::now() < due {
+            return;
+        }
+        let attached = SwitchPort::connect(&a.local, &a.switch).and_then(|port| {
+            // Move the guest's MAC to this port at once (as after a migration). The switch's gate for the
+            // MAC rises to the new token: a stale primary is fenced off from here.
+            port.send(&announce_frame(a.mac), token);
+            port.spawn_reader(self.events_tx.clone())?;
+            Ok(port)
+        });
+        match attached {
+            Ok(port) => {
+                if tries > 0 {
+                    tracing::info!("COLO: the promoted guest's NIC is on the switch (after {tries} retries)");
+                }
+                self.switch = Some(port);
+                self.attach = None;
+                self.attach_pending = None;
+            }
+            Err(e) => {
+                if tries == 0 {
+                    tracing::error!(
+                        "COLO: attaching the promoted guest's NIC to the switch {}: {e}; retrying every \
+                         {ATTACH_RETRY:?}",
+                        a.switch.display()
+                    );
+                }
+                self.attach_pending = Some((token, Instant::now() + ATTACH_RETRY, tries + 1));
+            }
+        }
     }
 
     fn check_guest(&mut self) -> Result<(), ColoError> {
@@ -743,6 +777,7 @@ impl<P: PairDriver> Driver<P> {
             "switch_send_errors": self.switch.as_ref().map_or(0, SwitchPort::send_errors),
             "client_frames_dropped": self.switch.as_ref().map_or(0, SwitchPort::dropped),
             "held_guest_frames": self.retry_tx.len(),
+            "switch_attach_pending": self.attach_pending.is_some(),
         })
     }
 }
