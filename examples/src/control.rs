@@ -9,13 +9,15 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 /// Longest request line accepted.
 pub const MAX_REQUEST: usize = 4096;
+/// Most connections served at once (one thread each); more are answered with an error and closed.
+pub const MAX_CONNECTIONS: usize = 16;
 
 /// A control request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,18 +123,30 @@ impl ControlServer {
         let thread = std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
+                let open = Arc::new(AtomicUsize::new(0));
                 while !stop2.load(Ordering::Relaxed) {
                     match listener.accept() {
+                        Ok((mut s, _)) if open.load(Ordering::SeqCst) >= MAX_CONNECTIONS => {
+                            let v =
+                                serde_json::json!({ "ok": false, "error": "too many control connections" });
+                            let _ = s.set_nonblocking(true).and_then(|()| writeln!(s, "{v}"));
+                        }
                         Ok((s, _)) => {
                             let h = handler.clone();
-                            let _ =
+                            open.fetch_add(1, Ordering::SeqCst);
+                            let open2 = open.clone();
+                            let spawned =
                                 std::thread::Builder::new()
                                     .name("control-conn".into())
                                     .spawn(move || {
                                         if let Err(e) = serve_conn(s, &h) {
                                             tracing::debug!("control connection: {e}");
                                         }
+                                        open2.fetch_sub(1, Ordering::SeqCst);
                                     });
+                            if spawned.is_err() {
+                                open.fetch_sub(1, Ordering::SeqCst);
+                            }
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             std::thread::sleep(Duration::from_millis(20))
@@ -217,5 +231,33 @@ mod tests {
             serde_json::from_str::<Request>(r#"{"cmd":"failover"}"#).unwrap(),
             Request::Failover
         );
+    }
+
+    #[test]
+    fn idle_connections_are_bounded_and_the_socket_stays_usable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl");
+        let handler: Handler = Arc::new(|_| serde_json::json!({}));
+        let _srv = ControlServer::spawn(&path, handler).unwrap();
+        let t = Duration::from_secs(5);
+        // Connections that never send anything each hold a serving thread.
+        let idle: Vec<UnixStream> = (0..MAX_CONNECTIONS)
+            .map(|_| {
+                let s = UnixStream::connect(&path).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+                s
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let v = request(&path, &Request::Status, t).unwrap();
+        assert_eq!(v["ok"], false, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("too many"), "{v}");
+        drop(idle);
+        // Once they close, requests are served again.
+        let t0 = std::time::Instant::now();
+        while request(&path, &Request::Status, t).unwrap()["ok"] != true {
+            assert!(t0.elapsed() < t, "connections freed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
