@@ -160,6 +160,9 @@ impl ColoConfig {
     pub fn pair_config(&self) -> PairConfig {
         let mut cfg = PairConfig {
             checkpoint_interval: self.checkpoint_interval,
+            // The block device completes writes at once (colo-block's Async mode, see `PrimaryBlock`):
+            // nothing waits for the secondary's per-write acknowledgement, so it is not sent.
+            block_acks: false,
             ..PairConfig::default()
         };
         cfg.failover.heartbeat_timeout = self.heartbeat_timeout;
