@@ -1,0 +1,97 @@
+//! End to end: `colo-vmm demo --json` as a user runs it: a COLO pair of real processes, a client on one TCP
+//! connection through the switch, a side killed, the survivor taking over. Each test asserts the demo's JSON.
+
+mod common;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::kvm_or_skip;
+use serde_json::Value;
+
+/// The demos run one at a time: each is a pair of VMs with heartbeats, and two cores are shared.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Small and short: 32 MiB guests, checkpoints every 300 ms, 100 keys.
+const QUICK: &[&str] = &[
+    "--ram-mib",
+    "32",
+    "--checkpoint-ms",
+    "300",
+    "--after-kill-secs",
+    "2",
+    "--keys",
+    "100",
+];
+
+/// Run the demo with `args`; returns its exit success and its one JSON object. Kills it after `limit`.
+fn demo(args: &[&str], limit: Duration) -> (bool, Value) {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_colo-vmm"))
+        .arg("demo")
+        .arg("--json")
+        .args(QUICK)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the demo did not finish in {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = reader.join().unwrap();
+    eprintln!("demo {args:?} exited {status} after {:?}: {out}", t0.elapsed());
+    let mut objects = serde_json::Deserializer::from_str(&out).into_iter::<Value>();
+    let v = objects
+        .next()
+        .expect("no JSON on stdout")
+        .expect("stdout is not JSON");
+    assert!(
+        objects.next().is_none(),
+        "more than one JSON value on stdout: {out}"
+    );
+    assert!(v.is_object(), "{v}");
+    (status.success(), v)
+}
+
+/// What every run must show: a consistent store, one connection, no error.
+fn assert_clean(ok: bool, v: &Value) {
+    assert_eq!(v["state_consistent"], true, "{v}");
+    assert_eq!(v["client_errors"], 0, "{v}");
+    assert_eq!(v["connection_resets"], 0, "{v}");
+    assert_eq!(v["client_reconnects"], 0, "{v}");
+    assert_eq!(v["contradictions"].as_array().map(Vec::len), Some(0), "{v}");
+    assert!(v["error"].is_null(), "{v}");
+    assert!(ok, "the demo exited non-zero: {v}");
+    assert!(v["client_requests"].as_u64().unwrap() > 100, "{v}");
+    assert_eq!(v["keys_read_back"], 100, "{v}");
+}
+
+#[test]
+fn the_reference_run_without_colo_is_consistent() {
+    if !kvm_or_skip("the_reference_run_without_colo_is_consistent") {
+        return;
+    }
+    let (ok, v) = demo(&["--no-colo"], Duration::from_secs(60));
+    assert_clean(ok, &v);
+    assert_eq!(v["colo"], false, "{v}");
+    assert_eq!(v["killed"], "none", "{v}");
+    assert!(v["failover_ms"].is_null(), "{v}");
+}
