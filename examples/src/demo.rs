@@ -18,9 +18,11 @@
 //!
 //! Figures (all measured by this process):
 //! - `failover_ms`: from the instant the demo sends SIGKILL (for `--kill-mid-checkpoint`: the instant it
-//!   sees the primary gone, polled every 5 ms) to the first answer the client receives to a request it sent
-//!   after that instant. A request already in flight at the kill is answered (by the survivor) first; its
-//!   latency is `client_max_request_ms` if it is the longest of the run.
+//!   sees the primary gone, polled every few ms) to the first answer the client receives to a request it sent
+//!   after that instant (the service is back for new requests). A request already in flight at the kill is
+//!   answered (by the survivor) before that.
+//! - `client_outage_ms`: the longest time between two consecutive answers the client received from 1 s before
+//!   the kill to 5 s after it: what the client noticed of the failover.
 //! - `takeover_ms`: from the same instant to the first status poll (every 10 ms) in which the survivor reports
 //!   it has failed over (the secondary promoted, or the primary running alone).
 //! - `pause_ms_p50`/`pause_ms_p99`/`checkpoints`/`bytes_sent`/`compare`: the pair's own counters, from the
@@ -808,6 +810,8 @@ struct Outcome {
     client_duration: Duration,
     workload_requests: u64,
     first_answer_after_kill: Option<Duration>,
+    /// The longest time between two consecutive answers from 1 s before the kill to 5 s after it.
+    outage: Option<Duration>,
     /// Answers per second while the pair ran COLO (client start to kill).
     rate_colo: Option<f64>,
     /// Answers per second after the survivor took over.
@@ -1010,6 +1014,13 @@ impl Demo {
             if self.args.kill_mid_checkpoint {
                 if let Some(status) = self.primary.as_mut().and_then(Vmm::poll_exit) {
                     let at = Instant::now();
+                    if std::os::unix::process::ExitStatusExt::signal(&status) != Some(libc::SIGKILL) {
+                        // Not the fault hook: the primary failed on its own.
+                        return Err(DemoError::ChildExited {
+                            name: "primary",
+                            status,
+                        });
+                    }
                     self.out.kill_at = Some(at);
                     self.out.kill_how = "fault-exit-in-checkpoint";
                     self.out.killed_pid = self.primary.as_ref().map(Vmm::pid);
@@ -1379,6 +1390,20 @@ impl Demo {
                 .map(|t| Duration::from_micros(t.answered_us - k))
                 .min();
         }
+        if let Some(kill) = self.out.kill_at {
+            let k = work.us(kill);
+            let (lo, hi) = (k.saturating_sub(1_000_000), k + 5_000_000);
+            let answers: Vec<u64> = work
+                .timings
+                .iter()
+                .map(|t| t.answered_us)
+                .filter(|&a| a >= lo && a <= hi)
+                .collect();
+            self.out.outage = answers
+                .windows(2)
+                .map(|w| Duration::from_micros(w[1] - w[0]))
+                .max();
+        }
         let stop_us = work.us(Instant::now());
         let rate = |from: Option<Instant>, to_us: Option<u64>| -> Option<f64> {
             let from_us = work.us(from?);
@@ -1518,6 +1543,7 @@ impl Demo {
             "failover": failed_over,
             "failover_ms": o.first_answer_after_kill.map(ms),
             "takeover_ms": kill_ms(o.takeover_at),
+            "client_outage_ms": o.outage.map(ms),
             "survivor": {
                 "side": if self.killed() == KillSide::Primary { "secondary" } else { "primary" },
                 "role": end["node_role"],
@@ -1593,6 +1619,10 @@ fn print_readable(r: &Value) {
     println!(
         "  failover (client):     {} ms from the kill to the first answer to a request sent after it",
         show(&r["failover_ms"])
+    );
+    println!(
+        "  client outage:         {} ms, the longest wait between two answers around the kill",
+        show(&r["client_outage_ms"])
     );
     println!(
         "  checkpoints:           {} ({} on mismatch), pause p50 {} ms, p99 {} ms, {} bytes sent",
