@@ -1022,6 +1022,10 @@ impl Demo {
                         });
                     }
                     self.out.kill_at = Some(at);
+                    // The secondary's count: what it loaded (the primary's last status may be a poll old).
+                    if let Some(st) = self.secondary.as_ref().and_then(|s| s.status().ok()) {
+                        self.out.last_secondary_status = Some(st);
+                    }
                     self.out.kill_how = "fault-exit-in-checkpoint";
                     self.out.killed_pid = self.primary.as_ref().map(Vmm::pid);
                     self.out.checkpoints_before_kill = Some(self.checkpoints_now());
