@@ -168,6 +168,16 @@ pub enum DemoError {
         /// What went wrong.
         detail: String,
     },
+    /// The pair stopped running COLO before the demo killed anything.
+    #[error("the pair left COLO before the kill: the {side} is in phase {phase} ({detail})")]
+    LeftColo {
+        /// Which side.
+        side: &'static str,
+        /// Its phase.
+        phase: String,
+        /// Its failover detail.
+        detail: String,
+    },
     /// Ctrl-C or SIGTERM.
     #[error("interrupted")]
     Interrupted,
@@ -1045,6 +1055,23 @@ impl Demo {
                 self.ensure_running()?;
             }
             self.poll_statuses();
+            for (side, st) in [
+                ("primary", &self.out.last_primary_status),
+                ("secondary", &self.out.last_secondary_status),
+            ] {
+                let c = colo(st);
+                if let Some(phase) = c["phase"].as_str().filter(|p| !matches!(*p, "syncing" | "colo")) {
+                    if self.args.kill_mid_checkpoint && side == "secondary" {
+                        // The primary may just have killed itself: let the exit check above decide.
+                        continue;
+                    }
+                    return Err(DemoError::LeftColo {
+                        side,
+                        phase: phase.to_owned(),
+                        detail: c["failover"]["detail"].to_string(),
+                    });
+                }
+            }
             let n = self.checkpoints_now();
             if n > last_reported {
                 last_reported = n;
@@ -1062,7 +1089,9 @@ impl Demo {
             let colo_for = self.out.colo_at.map_or(Duration::ZERO, |t| t.elapsed());
             let min_colo = Duration::from_millis(self.args.checkpoint_ms.saturating_mul(want));
             if !self.args.kill_mid_checkpoint && n >= want && colo_for >= min_colo {
-                self.out.checkpoints_before_kill = Some(n);
+                if kill != KillSide::None {
+                    self.out.checkpoints_before_kill = Some(n);
+                }
                 let victim = match kill {
                     KillSide::Primary => self.primary.as_mut(),
                     KillSide::Secondary => self.secondary.as_mut(),
