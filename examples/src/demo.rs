@@ -93,7 +93,8 @@ pub struct DemoArgs {
     /// `--kill-mid-checkpoint` the primary dies in checkpoint N+1.
     #[arg(long, default_value_t = 8)]
     pub checkpoints_before_kill: u64,
-    /// Seconds the client goes on after the kill before it reads everything back.
+    /// Seconds the client goes on after the kill before it reads everything back (with --no-colo: the length
+    /// of the run).
     #[arg(long, default_value_t = 8.0)]
     pub after_kill_secs: f64,
     /// Checkpoint interval of the pair.
@@ -1210,6 +1211,20 @@ pub fn main(args: DemoArgs) -> anyhow::Result<()> {
         if args.keys == 0 || args.keys > 2000 {
             return Err(DemoError::Options("--keys must be 1 to 2000"));
         }
+        if !(0.0..=3600.0).contains(&args.after_kill_secs) {
+            return Err(DemoError::Options("--after-kill-secs must be 0 to 3600"));
+        }
+        if !(1..=60_000).contains(&args.checkpoint_ms) || !(10..=60_000).contains(&args.heartbeat_timeout_ms)
+        {
+            return Err(DemoError::Options(
+                "--checkpoint-ms must be 1 to 60000 and --heartbeat-timeout-ms 10 to 60000",
+            ));
+        }
+        if args.checkpoints_before_kill > 10_000 {
+            return Err(DemoError::Options(
+                "--checkpoints-before-kill must be at most 10000",
+            ));
+        }
         if args.no_colo && args.kill_mid_checkpoint {
             return Err(DemoError::Options("--no-colo has nobody to fail over to"));
         }
@@ -1644,6 +1659,11 @@ fn print_readable(r: &Value) {
         show(&r["survivor"]["role"]),
         show(&r["survivor"]["phase"]),
         show(&r["survivor"]["failover"])
+    );
+    println!(
+        "  arbiter:               {}, lease now held by {}",
+        show(&r["arbiter"]),
+        show(&r["witness_holder"])
     );
     println!(
         "  takeover:              {} ms from the kill to the survivor's new role",
