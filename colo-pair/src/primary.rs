@@ -223,7 +223,10 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
                 self.drain_compare(now, None);
             }
             Message::FailoverNotice { reason } => {
-                self.link_lost(now, format!("the secondary is failing over ({reason:?})"));
+                // The secondary takes the guest over (an operator's command there): this copy must stop
+                // and release nothing more, or two copies would run once the link is gone.
+                self.stop_for_takeover(now, format!("the secondary takes over ({reason:?})"))?;
+                return Ok(());
             }
             m if m.is_session_message() => {
                 // An error here also comes out as `PrimaryAction::Failed`.
@@ -673,6 +676,23 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
                 self.link_lost(now, "failover".into());
             }
         }
+        Ok(())
+    }
+
+    /// The secondary announced that it takes over: pause the guest, drop what the comparator holds (the
+    /// secondary's guest produces that output itself) and stop.
+    fn stop_for_takeover(&mut self, now: Instant, detail: String) -> Result<()> {
+        self.link_ok = false;
+        self.exit_detail = Some(detail.clone());
+        self.session.fail(colo_proto::Error::Local(detail));
+        while self.session.poll_action().is_some() {}
+        let _ = self.node.handle_event(now, NodeEvent::Stop);
+        self.pause_guest()?;
+        let _ = self.disk.lock().stop_replication();
+        self.held.clear();
+        self.unstamped.clear();
+        self.phase = Phase::Stopped;
+        self.outputs.push_back(Output::StopGuest);
         Ok(())
     }
 

@@ -1,7 +1,8 @@
 //! The JSON-lines control socket: one JSON object per line in, one per line out, over a Unix stream socket.
 //!
 //! Requests: `{"cmd":"status"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"quit"}`,
-//! `{"cmd":"migrate","addr":"127.0.0.1:7100"}`. Answers: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
+//! `{"cmd":"migrate","addr":"127.0.0.1:7100"}`, and in a COLO pair `{"cmd":"failover"}`,
+//! `{"cmd":"set_interval","ms":500}`, `{"cmd":"checkpoint"}`. Answers: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
 //! The server is generic: the VMM hands it a handler.
 
 use std::io::{self, BufRead, BufReader, Write};
@@ -33,6 +34,16 @@ pub enum Request {
         /// `host:port` of the destination's `--incoming` listener.
         addr: String,
     },
+    /// COLO: fail over now (the primary runs on alone; the secondary stops the primary and takes over).
+    Failover,
+    /// COLO: change the checkpoint interval (primary; a checkpoint follows at once).
+    #[serde(rename = "set_interval")]
+    SetInterval {
+        /// The new interval in milliseconds.
+        ms: u64,
+    },
+    /// COLO: checkpoint now (primary).
+    Checkpoint,
 }
 
 /// Handles one request; returns the JSON answer (an object; `ok` is added if missing).
@@ -187,6 +198,14 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&Request::Pause).unwrap(),
             r#"{"cmd":"pause"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"set_interval","ms":250}"#).unwrap(),
+            Request::SetInterval { ms: 250 }
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"failover"}"#).unwrap(),
+            Request::Failover
         );
     }
 }

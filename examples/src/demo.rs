@@ -1730,25 +1730,36 @@ fn print_readable(r: &Value) {
     );
 }
 
-/// The arbiter the demo runs for the pair.
-struct Witness {
-    _private: (),
-}
+/// The arbiter the demo runs for the pair: colo-failover's witness server on a thread of this process, on a
+/// loopback port. The pair's sides ask it for the "may run alone" lease when they lose each other.
+struct Witness(colo_failover::witness::WitnessHandle);
 
 impl Witness {
     fn addr(&self) -> String {
-        String::new()
+        self.0.addr().to_string()
     }
 
+    /// Who holds the lease now, e.g. `secondary (token 17)`.
     fn holder(&self) -> Option<String> {
-        None
+        self.0
+            .holder()
+            .map(|(node, token, _)| format!("{node} (token {})", token.0))
     }
 }
 
 fn start_witness() -> Result<Witness, DemoError> {
-    Err(DemoError::Options(
-        "the witness needs colo-failover (not wired yet)",
-    ))
+    use colo_failover::witness::{WitnessConfig, WitnessServer};
+    let config = WitnessConfig {
+        max_ttl: Duration::from_secs(10),
+        ..WitnessConfig::default()
+    };
+    WitnessServer::bind_fresh("127.0.0.1:0", config)
+        .and_then(WitnessServer::spawn)
+        .map(Witness)
+        .map_err(|source| DemoError::Setup {
+            what: "the witness".into(),
+            source,
+        })
 }
 
 #[cfg(test)]

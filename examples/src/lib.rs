@@ -10,8 +10,9 @@
 //! - [`switch`]: a learning L2 switch over Unix datagram sockets, and [`client`]: a host-side TCP client
 //!   (smoltcp) that talks to the guest through the switch;
 //! - [`control`]: the JSON-lines control socket;
-//! - [`migration`]: live migration, the glue that drives colo-proto and colo-ram (the only module that
-//!   knows them).
+//! - [`migration`]: live migration, the glue that drives colo-proto and colo-ram;
+//! - [`colo`]: the COLO pair, the glue that drives colo-pair (and through it all five colo-rs crates) — the
+//!   template for embedding colo-rs in another VMM.
 //!
 //! ```
 //! use colo_vmm::{Machine, MachineConfig, NetConfig};
@@ -40,6 +41,7 @@
 
 pub mod abi;
 pub mod client;
+pub mod colo;
 pub mod control;
 pub mod devices;
 pub mod error;

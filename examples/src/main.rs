@@ -5,6 +5,13 @@
 //! colo-vmm run --disk /tmp/disk.img --disk-mib 16 --switch /tmp/sw --nic-socket /tmp/vm0 --control /tmp/vm0.ctl
 //! colo-vmm run ... --incoming 127.0.0.1:7100          # destination of a live migration
 //! colo-vmm ctl --control /tmp/vm0.ctl '{"cmd":"migrate","addr":"127.0.0.1:7100"}'
+//!
+//! # a COLO pair (start the secondary first; both images must hold the same content)
+//! colo-vmm run --disk /tmp/s.img --switch /tmp/sw --nic-socket /tmp/s.nic --control /tmp/s.ctl \
+//!     --role secondary --colo-listen 127.0.0.1:7200
+//! colo-vmm run --disk /tmp/p.img --switch /tmp/sw --nic-socket /tmp/p.nic --control /tmp/p.ctl \
+//!     --role primary --colo-peer 127.0.0.1:7200
+//! colo-vmm ctl --control /tmp/s.ctl '{"cmd":"failover"}'
 //! ```
 
 use std::path::PathBuf;
@@ -14,6 +21,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use colo_vmm::colo;
 use colo_vmm::control::{self, ControlServer, Request};
 use colo_vmm::migration::{self, Progress};
 use colo_vmm::switch::Switch;
@@ -32,7 +40,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run a VM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run a learning L2 switch over Unix datagram sockets.
     Switch {
         /// Socket path of the switch.
@@ -92,6 +100,39 @@ struct RunArgs {
     /// Exit once the guest has migrated away (default: stay paused until `quit`).
     #[arg(long)]
     exit_after_migration: bool,
+    /// Run one side of a COLO pair (needs --switch and --nic-socket).
+    #[arg(long, value_enum, requires_all = ["switch", "nic_socket"], conflicts_with = "incoming")]
+    role: Option<ColoRole>,
+    /// Primary: the secondary's --colo-listen address.
+    #[arg(long)]
+    colo_peer: Option<String>,
+    /// Secondary: address to listen on for the primary.
+    #[arg(long)]
+    colo_listen: Option<String>,
+    /// Periodic checkpoint interval (ms).
+    #[arg(long, default_value_t = 2000)]
+    checkpoint_ms: u64,
+    /// No word from the peer for this long (ms) and it is lost.
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_timeout_ms: u64,
+    /// Who decides which side may run alone: `none` (unsafe under partitions) or `witness=HOST:PORT`.
+    #[arg(long, default_value = "none")]
+    arbiter: String,
+    /// This node's name at the arbiter (default: the role).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Capacity of the secondary's disk overlays in 4 KiB blocks (both sides must agree).
+    #[arg(long, default_value_t = 8192)]
+    overlay_blocks: usize,
+    /// Test hook: the primary kills itself (SIGKILL) halfway through sending checkpoint N's pages.
+    #[arg(long)]
+    fault_exit_in_checkpoint: Option<u64>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ColoRole {
+    Primary,
+    Secondary,
 }
 
 fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
@@ -124,7 +165,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
-        Cmd::Run(args) => run(args),
+        Cmd::Run(args) => run(*args),
         Cmd::Demo(args) => demo::main(args),
         Cmd::Switch { path } => {
             let mut sw = Switch::bind(&path).with_context(|| format!("binding {}", path.display()))?;
@@ -173,6 +214,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     cfg.ip = ip;
     cfg.prefix = prefix;
     cfg.port = args.port;
+    if let Some(role) = args.role {
+        return run_colo(&args, role, cfg);
+    }
     let mut machine = Machine::new(cfg)?;
 
     // Bind the incoming listener before anything else so a source can connect as soon as we print.
@@ -239,6 +283,50 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 }
 
+fn run_colo(args: &RunArgs, role: ColoRole, machine: MachineConfig) -> anyhow::Result<()> {
+    let peer = match role {
+        ColoRole::Primary => colo::PeerRole::Primary {
+            peer: args
+                .colo_peer
+                .clone()
+                .context("--role primary needs --colo-peer HOST:PORT")?,
+        },
+        ColoRole::Secondary => colo::PeerRole::Secondary {
+            listen: args
+                .colo_listen
+                .clone()
+                .context("--role secondary needs --colo-listen HOST:PORT")?,
+        },
+    };
+    let (Some(switch), Some(nic)) = (&args.switch, &args.nic_socket) else {
+        bail!("--role needs --switch and --nic-socket");
+    };
+    let mut cfg = colo::ColoConfig::new(peer, switch.clone(), nic.clone());
+    cfg.checkpoint_interval = Duration::from_millis(args.checkpoint_ms.max(1));
+    cfg.heartbeat_timeout = Duration::from_millis(args.heartbeat_timeout_ms.max(10));
+    cfg.arbiter = match args.arbiter.as_str() {
+        "none" => colo::ArbiterChoice::None,
+        a => match a.strip_prefix("witness=") {
+            Some(addr) => colo::ArbiterChoice::Witness(
+                std::net::ToSocketAddrs::to_socket_addrs(addr)
+                    .with_context(|| format!("witness address {addr:?}"))?
+                    .next()
+                    .with_context(|| format!("witness address {addr:?} resolves to nothing"))?,
+            ),
+            None => bail!("--arbiter must be none or witness=HOST:PORT, not {a:?}"),
+        },
+    };
+    if let Some(n) = &args.node_name {
+        cfg.node_name = n.clone();
+    }
+    cfg.overlay_blocks = args.overlay_blocks.max(1);
+    cfg.fault_exit_in_checkpoint = args.fault_exit_in_checkpoint;
+    match colo::run(machine, cfg, args.control.as_deref())? {
+        colo::Exit::Quit | colo::Exit::GuestShutdown => Ok(()),
+        colo::Exit::GuestFault(f) => bail!("guest fault: {f}"),
+    }
+}
+
 fn handle(
     m: &Arc<Machine>,
     progress: &Arc<Mutex<Progress>>,
@@ -271,6 +359,9 @@ fn handle(
         Request::Quit => {
             events.quit.store(true, Ordering::SeqCst);
             json!({})
+        }
+        Request::Failover | Request::SetInterval { .. } | Request::Checkpoint => {
+            err(&"not a COLO pair (run with --role)")
         }
         Request::Migrate { addr } => {
             {

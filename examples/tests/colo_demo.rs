@@ -95,3 +95,82 @@ fn the_reference_run_without_colo_is_consistent() {
     assert_eq!(v["killed"], "none", "{v}");
     assert!(v["failover_ms"].is_null(), "{v}");
 }
+
+/// The kill happened after the asked number of checkpoints and the survivor failed over.
+fn assert_failover(v: &Value, killed: &str, survivor: &str, checkpoints: u64) {
+    assert_eq!(v["colo"], true, "{v}");
+    assert_eq!(v["killed"], killed, "{v}");
+    assert_eq!(v["failover"], true, "{v}");
+    assert!(v["failover_ms"].as_f64().is_some(), "{v}");
+    assert!(v["takeover_ms"].as_f64().is_some(), "{v}");
+    let before = v["checkpoints_before_kill"].as_u64().unwrap();
+    assert!(before >= checkpoints, "{v}");
+    assert!(v["checkpoints"].as_u64().unwrap() >= before, "{v}");
+    assert_eq!(v["survivor"]["side"], survivor, "{v}");
+    assert_eq!(v["survivor"]["role"], "primary", "{v}");
+    assert_eq!(v["survivor"]["phase"], "alone", "{v}");
+    assert!(v["pause_ms_p99"].as_f64().is_some(), "{v}");
+}
+
+#[test]
+fn primary_killed_the_secondary_takes_over_the_clients_connection() {
+    if !kvm_or_skip("primary_killed_the_secondary_takes_over_the_clients_connection") {
+        return;
+    }
+    let (ok, v) = demo(
+        &["--kill", "primary", "--checkpoints-before-kill", "3"],
+        Duration::from_secs(120),
+    );
+    assert_clean(ok, &v);
+    assert_failover(&v, "primary", "secondary", 3);
+    assert_eq!(v["kill_how"], "sigkill", "{v}");
+}
+
+#[test]
+fn secondary_killed_the_primary_goes_on_alone() {
+    if !kvm_or_skip("secondary_killed_the_primary_goes_on_alone") {
+        return;
+    }
+    let (ok, v) = demo(
+        &["--kill", "secondary", "--checkpoints-before-kill", "3"],
+        Duration::from_secs(120),
+    );
+    assert_clean(ok, &v);
+    assert_failover(&v, "secondary", "primary", 3);
+    assert_eq!(v["kill_how"], "sigkill", "{v}");
+}
+
+#[test]
+fn primary_killed_in_the_middle_of_a_checkpoint() {
+    if !kvm_or_skip("primary_killed_in_the_middle_of_a_checkpoint") {
+        return;
+    }
+    let (ok, v) = demo(
+        &["--kill-mid-checkpoint", "--checkpoints-before-kill", "3"],
+        Duration::from_secs(120),
+    );
+    assert_clean(ok, &v);
+    assert_failover(&v, "primary", "secondary", 3);
+    assert_eq!(v["kill_how"], "fault-exit-in-checkpoint", "{v}");
+    // The primary died while sending checkpoint 4: the secondary ran on from checkpoint 3, discarding the
+    // torn one.
+    assert_eq!(v["checkpoints_before_kill"], 3, "{v}");
+    assert_eq!(v["survivor"]["epoch"], 3, "{v}");
+}
+
+#[test]
+fn without_a_kill_the_pair_stays_in_colo() {
+    if !kvm_or_skip("without_a_kill_the_pair_stays_in_colo") {
+        return;
+    }
+    let (ok, v) = demo(
+        &["--kill", "none", "--checkpoints-before-kill", "3"],
+        Duration::from_secs(120),
+    );
+    assert_clean(ok, &v);
+    assert_eq!(v["colo"], true, "{v}");
+    assert_eq!(v["killed"], "none", "{v}");
+    assert_eq!(v["failover"], false, "{v}");
+    assert!(v["checkpoints"].as_u64().unwrap() >= 3, "{v}");
+    assert_eq!(v["survivor"]["phase"], "colo", "{v}");
+}

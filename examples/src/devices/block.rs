@@ -36,6 +36,10 @@ pub struct BlockState {
 
 /// Storage behind the block device. A COLO VMM puts its replication layer here (forwarding the primary's
 /// writes, the secondary's overlay); [`RawFile`] is a plain image.
+///
+/// An error of kind [`io::ErrorKind::WouldBlock`] means "not now": nothing was done, and the device leaves
+/// the request (and every request behind it) queued and retries it at its next poll. A COLO disk uses it
+/// for a write that has to wait for the next checkpoint.
 pub trait DiskBackend: Send {
     /// Size in bytes.
     fn size(&self) -> io::Result<u64>;
@@ -78,6 +82,18 @@ impl std::fmt::Debug for Block {
         f.debug_struct("Block")
             .field("state", &self.state)
             .finish_non_exhaustive()
+    }
+}
+
+/// Internal status: the backend held the request (never written to the guest).
+const HELD: u32 = u32::MAX;
+
+fn io_status(e: io::Error) -> u32 {
+    if e.kind() == io::ErrorKind::WouldBlock {
+        HELD
+    } else {
+        tracing::warn!("block: I/O failed: {e}");
+        BLK_ST_IOERR
     }
 }
 
@@ -160,10 +176,14 @@ impl Block {
                 ),
             });
         }
+        let mut completed = 0;
         for _ in 0..queued {
             let desc = BLK_GPA + BLK_DESC_OFF + u64::from(self.state.done % BLK_SLOTS) * BLK_DESC_SIZE;
             let status = match self.execute(ram, desc) {
                 Ok(()) => BLK_ST_OK,
+                // The backend holds the request (a COLO disk whose epoch is full): leave it and the ones
+                // behind it queued; the next poll retries them in order.
+                Err(HELD) => break,
                 Err(st) => {
                     self.state.errors += 1;
                     st
@@ -171,11 +191,12 @@ impl Block {
             };
             ram.write_obj(status, GuestAddress(desc + 4)).map_err(mem(desc))?;
             self.state.done = self.state.done.wrapping_add(1);
+            completed += 1;
         }
-        if queued > 0 {
+        if completed > 0 {
             self.sync_to_guest(ram)?;
         }
-        Ok(queued as usize)
+        Ok(completed)
     }
 
     fn execute(&mut self, ram: &GuestRam, desc: u64) -> std::result::Result<(), u32> {
@@ -184,10 +205,7 @@ impl Block {
         let count: u32 = ram.read_obj(GuestAddress(desc + 16)).map_err(|_| BLK_ST_BADREQ)?;
         let buf: u64 = ram.read_obj(GuestAddress(desc + 24)).map_err(|_| BLK_ST_BADREQ)?;
         if op == BLK_OP_FLUSH {
-            self.disk.flush().map_err(|e| {
-                tracing::warn!("block: flush failed: {e}");
-                BLK_ST_IOERR
-            })?;
+            self.disk.flush().map_err(io_status)?;
             self.state.flushes += 1;
             return Ok(());
         }
@@ -203,7 +221,7 @@ impl Block {
         let off = sector * SECTOR_SIZE;
         match op {
             BLK_OP_READ => {
-                self.disk.read_at(&mut self.buf, off).map_err(|_| BLK_ST_IOERR)?;
+                self.disk.read_at(&mut self.buf, off).map_err(io_status)?;
                 ram.write_slice(&self.buf, GuestAddress(buf))
                     .map_err(|_| BLK_ST_BADREQ)?;
                 self.state.reads += 1;
@@ -211,7 +229,7 @@ impl Block {
             BLK_OP_WRITE => {
                 ram.read_slice(&mut self.buf, GuestAddress(buf))
                     .map_err(|_| BLK_ST_BADREQ)?;
-                self.disk.write_at(&self.buf, off).map_err(|_| BLK_ST_IOERR)?;
+                self.disk.write_at(&self.buf, off).map_err(io_status)?;
                 self.state.writes += 1;
             }
             _ => return Err(BLK_ST_BADREQ),

@@ -1,0 +1,307 @@
+//! The checkpoint channel between the two processes: one TCP connection carrying colo-proto frames.
+//!
+//! - [`SharedLink`] is the sending half colo-pair drives ([`colo_pair::Link`]); the same lock serialises a
+//!   heartbeat thread, so heartbeats keep flowing while the driver thread is busy with something other than
+//!   the link (a RAM cache flush, loading state, an arbiter call). A driver that makes no progress for
+//!   [`STALL_LIMIT`] stops those heartbeats, so a wedged process is still detected.
+//! - [`spawn_reader`] is the receiving half: a thread that hands each message to the driver, in order, and
+//!   stops reading (TCP backpressure) while the driver is far behind.
+//! - Pre-copy pages are copied out of the running guest before colo-proto computes their checksum (the
+//!   guest could change a page between checksum and write; the receiver would rightly refuse the frame).
+//! - Fault injection for tests: [`SharedLink::kill_in_checkpoint`] makes this process die by SIGKILL after
+//!   sending about half of one checkpoint's pages.
+
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use colo_pair::Link;
+use colo_proto::{Channel, Message, PagePhase};
+
+use super::driver::Event;
+
+/// Most received messages waiting for the driver before the reader stops reading.
+pub const MAX_PENDING_MESSAGES: usize = 64;
+/// A driver thread that has not come round its loop for this long gets no more heartbeats sent for it.
+pub const STALL_LIMIT: Duration = Duration::from_secs(10);
+/// Pre-copy pages staged per frame group.
+const STAGE_PAGES: usize = 256;
+const PAGE: usize = 4096;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Debug)]
+struct Inner {
+    chan: Mutex<Channel<TcpStream>>,
+    socket: TcpStream,
+    origin: Instant,
+    /// Milliseconds since `origin` of the last write.
+    last_send: AtomicU64,
+    /// Milliseconds since `origin` when the driver last came round its loop.
+    driver_tick: AtomicU64,
+    closed: AtomicBool,
+    kill_in_checkpoint: Option<u64>,
+    heartbeats: AtomicU64,
+}
+
+impl Inner {
+    fn ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+}
+
+/// The sending half of the channel, shared by the driver (through colo-pair) and the heartbeat thread.
+#[derive(Debug, Clone)]
+pub struct SharedLink {
+    inner: Arc<Inner>,
+}
+
+impl SharedLink {
+    /// Wraps a channel whose handshake is done. `kill_in_checkpoint`: the test hook (see the module docs).
+    pub fn new(chan: Channel<TcpStream>, kill_in_checkpoint: Option<u64>) -> std::io::Result<Self> {
+        let socket = chan.get_ref().try_clone()?;
+        let origin = Instant::now();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                chan: Mutex::new(chan),
+                socket,
+                origin,
+                last_send: AtomicU64::new(0),
+                driver_tick: AtomicU64::new(0),
+                closed: AtomicBool::new(false),
+                kill_in_checkpoint,
+                heartbeats: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Shuts the connection down both ways (the peer sees the link closed; a blocked send or receive on
+    /// either half returns at once). Idempotent.
+    pub fn close(&self) {
+        if !self.inner.closed.swap(true, Ordering::SeqCst) {
+            let _ = self.inner.socket.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Whether [`SharedLink::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::SeqCst)
+    }
+
+    /// The driver came round its loop.
+    pub fn driver_tick(&self) {
+        self.inner.driver_tick.store(self.inner.ms(), Ordering::Relaxed);
+    }
+
+    /// Heartbeats the heartbeat thread sent.
+    pub fn heartbeats(&self) -> u64 {
+        self.inner.heartbeats.load(Ordering::Relaxed)
+    }
+
+    /// Starts the heartbeat thread: a heartbeat whenever nothing was sent for `interval`, as long as the
+    /// driver is alive and the link open.
+    pub fn spawn_heartbeats(&self, interval: Duration) -> std::io::Result<()> {
+        let inner = self.inner.clone();
+        let interval_ms = interval.as_millis().max(1) as u64;
+        std::thread::Builder::new()
+            .name("colo-heartbeat".into())
+            .spawn(move || {
+                let mut seq = 1u64 << 48;
+                while !inner.closed.load(Ordering::SeqCst) {
+                    std::thread::sleep(interval / 2);
+                    let now = inner.ms();
+                    let stalled = now.saturating_sub(inner.driver_tick.load(Ordering::Relaxed))
+                        > STALL_LIMIT.as_millis() as u64;
+                    if stalled || now.saturating_sub(inner.last_send.load(Ordering::Relaxed)) < interval_ms {
+                        continue;
+                    }
+                    // The driver holds the lock while it writes: then the peer hears from it anyway.
+                    let Ok(mut chan) = inner.chan.try_lock() else {
+                        continue;
+                    };
+                    if inner.closed.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    seq += 1;
+                    if chan.send(&Message::Heartbeat { seq }).is_ok() {
+                        inner.last_send.store(inner.ms(), Ordering::Relaxed);
+                        inner.heartbeats.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })?;
+        Ok(())
+    }
+
+    fn check_open(&self) -> Result<(), colo_proto::Error> {
+        if self.is_closed() {
+            Err(colo_proto::Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn sent(&self) {
+        self.inner.last_send.store(self.inner.ms(), Ordering::Relaxed);
+    }
+
+    fn die_after_half(
+        &self,
+        chan: &mut Channel<TcpStream>,
+        epoch: u64,
+        page_size: u32,
+        pages: &[(u64, &[u8])],
+    ) -> ! {
+        let total: usize = pages.iter().map(|(_, d)| (d.len() / PAGE).max(1)).sum();
+        let mut half = Vec::new();
+        let mut left = total / 2;
+        for &(gpa, data) in pages {
+            if left == 0 {
+                break;
+            }
+            let n = (data.len() / PAGE).max(1);
+            if n <= left {
+                half.push((gpa, data));
+                left -= n;
+            } else {
+                half.push((gpa, &data[..left * PAGE]));
+                left = 0;
+            }
+        }
+        let _ = chan.send_pages(PagePhase::Checkpoint, epoch, page_size, &half);
+        tracing::error!(
+            "COLO: fault injection: dying by SIGKILL in checkpoint {epoch} after {} of {total} pages",
+            total / 2
+        );
+        // SAFETY: raise() with a valid signal number; SIGKILL ends the process here, as a crash would.
+        unsafe { libc::raise(libc::SIGKILL) };
+        std::process::abort()
+    }
+}
+
+impl Link for SharedLink {
+    fn send(&mut self, msg: &Message) -> Result<(), colo_proto::Error> {
+        self.check_open()?;
+        let r = lock(&self.inner.chan).send(msg);
+        self.sent();
+        r
+    }
+
+    fn send_pages(
+        &mut self,
+        phase: PagePhase,
+        epoch: u64,
+        page_size: u32,
+        pages: &[(u64, &[u8])],
+    ) -> Result<(), colo_proto::Error> {
+        self.check_open()?;
+        let mut chan = lock(&self.inner.chan);
+        if phase == PagePhase::Checkpoint && self.inner.kill_in_checkpoint == Some(epoch) {
+            self.die_after_half(&mut chan, epoch, page_size, pages);
+        }
+        let r = if phase == PagePhase::Precopy {
+            send_staged(&mut chan, epoch, page_size, pages)
+        } else {
+            chan.send_pages(phase, epoch, page_size, pages)
+        };
+        drop(chan);
+        self.sent();
+        r
+    }
+
+    fn send_vmstate(
+        &mut self,
+        epoch: u64,
+        devices: &[(u32, &[u8])],
+        chunk: usize,
+    ) -> Result<(), colo_proto::Error> {
+        self.check_open()?;
+        let r = lock(&self.inner.chan).send_vmstate(epoch, devices, chunk);
+        self.sent();
+        r
+    }
+}
+
+/// Sends pre-copy pages from copies: a running guest may change a page while it is being sent.
+fn send_staged(
+    chan: &mut Channel<TcpStream>,
+    epoch: u64,
+    page_size: u32,
+    pages: &[(u64, &[u8])],
+) -> Result<(), colo_proto::Error> {
+    let mut staging = vec![0u8; STAGE_PAGES * PAGE];
+    // (gpa, offset into staging, length); a zero page has length 0.
+    let mut group: Vec<(u64, usize, usize)> = Vec::with_capacity(STAGE_PAGES);
+    let mut used = 0usize;
+    let flush = |chan: &mut Channel<TcpStream>,
+                 group: &mut Vec<(u64, usize, usize)>,
+                 used: &mut usize,
+                 staging: &[u8]|
+     -> Result<(), colo_proto::Error> {
+        if group.is_empty() {
+            return Ok(());
+        }
+        let refs: Vec<(u64, &[u8])> = group
+            .iter()
+            .map(|&(gpa, off, len)| (gpa, &staging[off..off + len]))
+            .collect();
+        chan.send_pages(PagePhase::Precopy, epoch, page_size, &refs)?;
+        group.clear();
+        *used = 0;
+        Ok(())
+    };
+    for &(gpa, data) in pages {
+        if data.is_empty() {
+            if group.len() == STAGE_PAGES {
+                flush(chan, &mut group, &mut used, &staging)?;
+            }
+            group.push((gpa, used, 0));
+            continue;
+        }
+        let mut off = 0;
+        while off < data.len() {
+            if used == staging.len() || group.len() == STAGE_PAGES {
+                flush(chan, &mut group, &mut used, &staging)?;
+            }
+            let n = (data.len() - off).min(staging.len() - used);
+            staging[used..used + n].copy_from_slice(&data[off..off + n]);
+            group.push((gpa + off as u64, used, n));
+            used += n;
+            off += n;
+        }
+    }
+    flush(chan, &mut group, &mut used, &staging)
+}
+
+/// Starts the receiving half: every message (or the error that ends the stream) goes to the driver as
+/// [`Event::Peer`]. `pending` counts messages the driver has not taken yet; the reader waits while it is
+/// above [`MAX_PENDING_MESSAGES`].
+pub fn spawn_reader(
+    mut chan: Channel<TcpStream>,
+    events: Sender<Event>,
+    pending: Arc<AtomicUsize>,
+    link: SharedLink,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("colo-reader".into())
+        .spawn(move || {
+            loop {
+                while pending.load(Ordering::Relaxed) >= MAX_PENDING_MESSAGES {
+                    if link.is_closed() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                let r = chan.recv();
+                let end = r.is_err();
+                pending.fetch_add(1, Ordering::Relaxed);
+                if events.send(Event::Peer(r)).is_err() || end {
+                    return;
+                }
+            }
+        })?;
+    Ok(())
+}

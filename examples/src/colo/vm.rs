@@ -1,0 +1,136 @@
+//! The mini-VMM's [`Machine`] as colo-pair sees it ([`colo_pair::Vm`]), and its dirty log.
+
+use std::borrow::Borrow;
+use std::sync::Arc;
+
+use colo_pair::{DeviceState, Vm, VmError};
+use colo_ram::{AtomicBitmapLog, DirtyLog, KvmDirtyLog, RamError, RamLayout, UnionLog};
+use kvm_ioctls::VmFd;
+
+use super::net::RxQueue;
+use crate::memory::GuestRam;
+use crate::migration::MACHINE_STATE_ID;
+use crate::vm::{Machine, MachineState, RAM_SLOT};
+
+/// Device id of the NIC's receive queue (frames not yet taken by the guest) in a checkpoint.
+pub const RX_QUEUE_ID: u32 = 2;
+
+/// A [`Machine`] for colo-pair: pause/resume, its RAM, and its state as two blobs (vCPU + devices as one
+/// [`MachineState`], and the NIC's host-side receive queue).
+#[derive(Debug, Clone)]
+pub struct ColoVm {
+    machine: Arc<Machine>,
+    rx: Arc<RxQueue>,
+}
+
+impl ColoVm {
+    /// Wraps a machine whose NIC backend reads from `rx`.
+    pub fn new(machine: Arc<Machine>, rx: Arc<RxQueue>) -> Self {
+        Self { machine, rx }
+    }
+
+    /// The machine.
+    pub fn machine(&self) -> &Arc<Machine> {
+        &self.machine
+    }
+}
+
+impl Vm for ColoVm {
+    type Memory = GuestRam;
+
+    fn memory(&self) -> &GuestRam {
+        self.machine.ram()
+    }
+
+    fn pause(&mut self) -> Result<(), VmError> {
+        let took = self.machine.pause()?;
+        if took > std::time::Duration::from_millis(20) {
+            tracing::warn!("COLO: stopping the guest took {took:?}");
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), VmError> {
+        Ok(self.machine.resume()?)
+    }
+
+    fn save_state(&mut self) -> Result<Vec<DeviceState>, VmError> {
+        Ok(vec![
+            DeviceState {
+                id: MACHINE_STATE_ID,
+                data: self.machine.save_state()?.to_bytes()?,
+            },
+            DeviceState {
+                id: RX_QUEUE_ID,
+                data: RxQueue::encode(&self.rx.snapshot()),
+            },
+        ])
+    }
+
+    fn load_state(&mut self, state: &[DeviceState]) -> Result<(), VmError> {
+        let t0 = std::time::Instant::now();
+        let r = self.load_state_inner(state);
+        if t0.elapsed() > std::time::Duration::from_millis(20) {
+            tracing::warn!("COLO: loading state took {:?}", t0.elapsed());
+        }
+        r
+    }
+}
+
+impl ColoVm {
+    fn load_state_inner(&mut self, state: &[DeviceState]) -> Result<(), VmError> {
+        let blob = |id| {
+            let mut found = state.iter().filter(|s| s.id == id);
+            match (found.next(), found.next()) {
+                (Some(s), None) => Ok(&s.data[..]),
+                (None, _) => Err(format!("checkpoint has no device {id}")),
+                (Some(_), Some(_)) => Err(format!("checkpoint has device {id} twice")),
+            }
+        };
+        if let Some(s) = state
+            .iter()
+            .find(|s| ![MACHINE_STATE_ID, RX_QUEUE_ID].contains(&s.id))
+        {
+            return Err(format!("checkpoint has unknown device {}", s.id).into());
+        }
+        // Decode and validate everything before changing anything.
+        let machine = MachineState::from_bytes(blob(MACHINE_STATE_ID)?)?;
+        let rx = RxQueue::decode(blob(RX_QUEUE_ID)?).map_err(|e| format!("NIC receive queue: {e}"))?;
+        self.machine.restore_state(&machine)?;
+        self.rx.replace(rx);
+        Ok(())
+    }
+}
+
+/// Lets colo-ram's KVM log own a reference to the machine's VM fd.
+#[derive(Debug, Clone)]
+pub struct VmFdOf(pub Arc<Machine>);
+
+impl Borrow<VmFd> for VmFdOf {
+    fn borrow(&self) -> &VmFd {
+        self.0.vm_fd()
+    }
+}
+
+/// The dirty log of a machine's RAM: KVM's log (the guest's writes) OR vm-memory's bitmap (the VMM's own
+/// writes: device emulation, a RAM cache flush).
+pub fn dirty_log(machine: &Arc<Machine>) -> Result<Box<dyn DirtyLog + Send>, RamError> {
+    let ram = machine.ram();
+    let layout = RamLayout::of(&**ram)?;
+    Ok(Box::new(Timed(UnionLog::new(
+        KvmDirtyLog::new(VmFdOf(machine.clone()), layout, vec![RAM_SLOT])?,
+        AtomicBitmapLog::new(ram)?,
+    ))))
+}
+
+struct Timed<L>(L);
+impl<L: DirtyLog> DirtyLog for Timed<L> {
+    fn take_into(&mut self, set: &mut colo_ram::DirtySet) -> Result<(), RamError> {
+        let t0 = std::time::Instant::now();
+        let r = self.0.take_into(set);
+        if t0.elapsed() > std::time::Duration::from_millis(20) {
+            tracing::warn!("COLO: dirty log took {:?}", t0.elapsed());
+        }
+        r
+    }
+}
