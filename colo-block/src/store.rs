@@ -7,16 +7,21 @@
 //! # Journal format
 //!
 //! ```text
-//! offset 0     superblock A (512 bytes)    written when its sequence number is even
-//! offset 512   superblock B (512 bytes)    written when its sequence number is odd
+//! offset 0     superblock A (512 bytes)    the two copies: the newer one is current (see below)
+//! offset 512   superblock B (512 bytes)
 //! offset 4096  slot 0: header (512 bytes) + data (block_size bytes)
 //!              slot 1: ...
 //! ```
 //!
 //! A superblock holds a magic, a format version, the block size, a sequence number, the current record
 //! generation and a state (`open` or `committing`), protected by a CRC32. Every change of superblock writes
-//! a copy with the next sequence number (open picks the valid copy with the higher one); a torn superblock write therefore leaves the
-//! previous superblock intact and valid. Precisely: the copy last known durable is never overwritten; a
+//! a copy with the next sequence number (open picks the valid copy with the newer one); a torn superblock
+//! write therefore leaves the previous superblock intact and valid. Sequence numbers wrap around and are
+//! compared as serial numbers (the newer is the one a wrapping difference below 2^63 ahead): the two copies
+//! of a journal differ by the few superblock writes between two flushes, so any value is valid, and every
+//! number the store writes is one that open accepts. (A range bound on open would be crossed by the store's
+//! own next write, and a crash right after a flushed commit mark would then leave a journal that no longer
+//! opens.) Precisely: the copy last known durable is never overwritten; a
 //! superblock written without a flush is replaced in place by the next one. A slot header holds a magic, the record generation, the block index
 //! and the CRC32 of the data, itself protected by a CRC32. Slots are filled in order from slot 0; on open the
 //! store takes slots until the first one that is not a complete, current-generation record. `clear` starts a
@@ -26,6 +31,7 @@
 //! counted again after the reopen would bring those records back.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::backend::{BlockBackend, SECTOR_SIZE};
@@ -116,12 +122,80 @@ fn check_piece(block_size: usize, offset: usize, len: usize) -> Result<()> {
     Ok(())
 }
 
-fn full(used: usize, capacity: usize) -> Error {
-    Error::OverlayFull {
-        store: "overlay",
-        used,
-        capacity,
-        needed: 1,
+fn check_block_len(block_size: usize, data: &[u8]) -> Result<()> {
+    if data.len() != block_size {
+        return Err(Error::Mismatch {
+            what: "block length",
+            expected: block_size as u64,
+            found: data.len() as u64,
+        });
+    }
+    Ok(())
+}
+
+/// Which slot holds which block, for both stores. Slots are handed out in order from 0 and a block keeps
+/// its slot until `clear`, so the slots in use are always `0..len`.
+struct SlotIndex {
+    map: BlockMap,
+    capacity: usize,
+}
+
+impl SlotIndex {
+    fn new(capacity: usize) -> Self {
+        SlotIndex {
+            map: BlockMap::default(),
+            capacity,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    fn contains(&self, block: u64) -> bool {
+        self.map.contains_key(&block)
+    }
+
+    fn get(&self, block: u64) -> Option<usize> {
+        self.map.get(&block).map(|&slot| slot as usize)
+    }
+
+    /// The slot to store `block` in, and whether it is a new one (to [`insert`](Self::insert) once the
+    /// data is there): the block's own slot, or the next free one. A full store is `OverlayFull`.
+    fn slot_for(&self, block: u64) -> Result<(usize, bool)> {
+        match self.get(block) {
+            Some(slot) => Ok((slot, false)),
+            None if self.len() >= self.capacity => Err(Error::OverlayFull {
+                store: "overlay",
+                used: self.len(),
+                capacity: self.capacity,
+                needed: 1,
+            }),
+            None => Ok((self.len(), true)),
+        }
+    }
+
+    /// Records that `block` now occupies the next free slot; false (and nothing changed) when it already
+    /// had one.
+    fn insert(&mut self, block: u64) -> bool {
+        let slot = self.len() as u32;
+        match self.map.entry(block) {
+            Entry::Occupied(_) => false,
+            Entry::Vacant(v) => {
+                v.insert(slot);
+                true
+            }
+        }
+    }
+
+    fn blocks(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.map.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
     }
 }
 
@@ -134,10 +208,8 @@ const CHUNK_BLOCKS: usize = 256;
 /// drop costs one index clear and no frees (call [`MemStore::release_memory`] to give it back).
 pub struct MemStore {
     block_size: usize,
-    capacity: usize,
-    index: BlockMap,
+    index: SlotIndex,
     chunks: Vec<Box<[u8]>>,
-    next: usize,
     committing: bool,
 }
 
@@ -145,7 +217,7 @@ impl std::fmt::Debug for MemStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemStore")
             .field("block_size", &self.block_size)
-            .field("capacity", &self.capacity)
+            .field("capacity", &self.index.capacity)
             .field("len", &self.index.len())
             .finish()
     }
@@ -162,20 +234,18 @@ impl MemStore {
         }
         Ok(MemStore {
             block_size,
-            capacity,
-            index: BlockMap::default(),
+            index: SlotIndex::new(capacity),
             chunks: Vec::new(),
-            next: 0,
             committing: false,
         })
     }
 
     /// Frees the arena memory not in use (all of it after a `clear`).
     pub fn release_memory(&mut self) {
-        let keep = self.next.div_ceil(CHUNK_BLOCKS);
+        let keep = self.index.len().div_ceil(CHUNK_BLOCKS);
         self.chunks.truncate(keep);
         self.chunks.shrink_to_fit();
-        self.index.shrink_to_fit();
+        self.index.map.shrink_to_fit();
     }
 
     fn slot(&self, slot: usize) -> &[u8] {
@@ -196,20 +266,20 @@ impl OverlayStore for MemStore {
         self.block_size
     }
     fn capacity(&self) -> usize {
-        self.capacity
+        self.index.capacity
     }
     fn len(&self) -> usize {
         self.index.len()
     }
     fn contains(&self, block: u64) -> bool {
-        self.index.contains_key(&block)
+        self.index.contains(block)
     }
 
     fn read(&self, block: u64, offset: usize, buf: &mut [u8]) -> Result<bool> {
         check_piece(self.block_size, offset, buf.len())?;
-        match self.index.get(&block) {
-            Some(&slot) => {
-                buf.copy_from_slice(&self.slot(slot as usize)[offset..offset + buf.len()]);
+        match self.index.get(block) {
+            Some(slot) => {
+                buf.copy_from_slice(&self.slot(slot)[offset..offset + buf.len()]);
                 Ok(true)
             }
             None => Ok(false),
@@ -217,31 +287,17 @@ impl OverlayStore for MemStore {
     }
 
     fn put(&mut self, block: u64, data: &[u8]) -> Result<()> {
-        if data.len() != self.block_size {
-            return Err(Error::Mismatch {
-                what: "block length",
-                expected: self.block_size as u64,
-                found: data.len() as u64,
-            });
+        check_block_len(self.block_size, data)?;
+        let (slot, new) = self.index.slot_for(block)?;
+        if slot / CHUNK_BLOCKS >= self.chunks.len() {
+            let blocks = CHUNK_BLOCKS.min(self.index.capacity - slot);
+            self.chunks
+                .push(vec![0u8; blocks * self.block_size].into_boxed_slice());
         }
-        let slot = match self.index.get(&block) {
-            Some(&slot) => slot as usize,
-            None => {
-                if self.next >= self.capacity {
-                    return Err(full(self.index.len(), self.capacity));
-                }
-                let slot = self.next;
-                if slot / CHUNK_BLOCKS >= self.chunks.len() {
-                    let blocks = CHUNK_BLOCKS.min(self.capacity - slot);
-                    self.chunks
-                        .push(vec![0u8; blocks * self.block_size].into_boxed_slice());
-                }
-                self.next += 1;
-                self.index.insert(block, slot as u32);
-                slot
-            }
-        };
         self.slot_mut(slot).copy_from_slice(data);
+        if new {
+            self.index.insert(block);
+        }
         Ok(())
     }
 
@@ -251,15 +307,12 @@ impl OverlayStore for MemStore {
 
     fn clear(&mut self) -> Result<()> {
         self.index.clear();
-        self.next = 0;
         self.committing = false;
         Ok(())
     }
 
     fn blocks(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self.index.keys().copied().collect();
-        v.sort_unstable();
-        v
+        self.index.blocks()
     }
 
     fn is_committing(&self) -> bool {
@@ -280,9 +333,12 @@ pub const JOURNAL_HEADER_BYTES: u64 = 4096;
 const SLOT_HEADER: usize = SECTOR_SIZE as usize;
 const STATE_OPEN: u32 = 0;
 const STATE_COMMITTING: u32 = 1;
-/// Largest superblock sequence number a journal accepts. Each `clear` uses one, so a real journal never gets
-/// near it; a damaged or crafted superblock beyond it would make the next sequence number overflow.
-const MAX_SEQ: u64 = u64::MAX / 2;
+
+/// True when sequence number `seq` is newer than `than`: at most 2^63 - 1 steps ahead of it, wrapping
+/// (serial number arithmetic). Of two copies 2^63 apart, neither is newer.
+fn seq_newer(seq: u64, than: u64) -> bool {
+    (seq.wrapping_sub(than) as i64) > 0
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Superblock {
@@ -380,7 +436,8 @@ fn unique_u64(salt: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-/// Reads both superblock copies: the valid one with the higher sequence number and its slot.
+/// Reads both superblock copies: the valid one with the newer sequence number (copy A when neither is
+/// newer) and its slot.
 fn read_superblock<B: BlockBackend>(backend: &B) -> Result<Option<(Superblock, u64)>> {
     if backend.len() < JOURNAL_HEADER_BYTES {
         return Ok(None);
@@ -390,7 +447,7 @@ fn read_superblock<B: BlockBackend>(backend: &B) -> Result<Option<(Superblock, u
     let a = Superblock::decode(&two[..SECTOR_SIZE as usize]);
     let b = Superblock::decode(&two[SECTOR_SIZE as usize..]);
     Ok(match (a, b) {
-        (Some(a), Some(b)) if b.seq > a.seq => Some((b, 1)),
+        (Some(a), Some(b)) if seq_newer(b.seq, a.seq) => Some((b, 1)),
         (Some(a), _) => Some((a, 0)),
         (None, Some(b)) => Some((b, 1)),
         (None, None) => None,
@@ -407,9 +464,7 @@ pub struct JournalStore<B> {
     sb_slot: u64,
     /// True when `sb` is known to be on the medium (flushed since it was written).
     sb_durable: bool,
-    capacity: usize,
-    index: BlockMap,
-    next: usize,
+    index: SlotIndex,
     scratch: Vec<u8>,
 }
 
@@ -418,7 +473,7 @@ impl<B> std::fmt::Debug for JournalStore<B> {
         f.debug_struct("JournalStore")
             .field("block_size", &self.sb.block_size)
             .field("generation", &self.sb.generation)
-            .field("capacity", &self.capacity)
+            .field("capacity", &self.index.capacity)
             .field("len", &self.index.len())
             .finish()
     }
@@ -434,13 +489,11 @@ impl<B: BlockBackend> JournalStore<B> {
     pub fn format(mut backend: B, block_size: usize) -> Result<Self> {
         check_block_size(block_size)?;
         let capacity = Self::capacity_for(backend.len(), block_size)?;
-        // Continue the sequence of any journal the device held before, so none of its records can
-        // match the new generation; a fresh id guards against records whose superblocks are gone.
-        let previous = read_superblock(&backend)
-            .ok()
-            .flatten()
-            .filter(|(sb, _)| sb.seq <= MAX_SEQ);
-        let seq = previous.map_or(0, |(sb, _)| sb.seq) + 1;
+        // Continue the sequence of any journal the device held before, so the new superblock is newer than
+        // the previous journal's current one, which stays in the other copy; a fresh id and generation
+        // make sure none of its records (or those of a journal whose superblocks are gone) match.
+        let previous = read_superblock(&backend).ok().flatten();
+        let seq = previous.map_or(0, |(sb, _)| sb.seq).wrapping_add(1);
         let journal_id = unique_u64(seq);
         let sb = Superblock {
             block_size: block_size as u32,
@@ -458,9 +511,7 @@ impl<B: BlockBackend> JournalStore<B> {
             sb,
             sb_slot: slot,
             sb_durable: true,
-            capacity,
-            index: BlockMap::default(),
-            next: 0,
+            index: SlotIndex::new(capacity),
             scratch: vec![0; SLOT_HEADER + block_size],
         })
     }
@@ -484,36 +535,28 @@ impl<B: BlockBackend> JournalStore<B> {
                 slot: None,
             });
         }
-        if sb.seq > MAX_SEQ {
-            return Err(Error::CorruptJournal {
-                reason: "superblock sequence number out of range",
-                slot: None,
-            });
-        }
         let capacity = Self::capacity_for(backend.len(), block_size)?;
         let mut store = JournalStore {
             backend,
             sb,
             sb_slot,
             sb_durable: true,
-            capacity,
-            index: BlockMap::default(),
-            next: 0,
+            index: SlotIndex::new(capacity),
             scratch: vec![0; SLOT_HEADER + block_size],
         };
         let mut rec = vec![0u8; SLOT_HEADER + block_size];
-        while store.next < capacity {
-            store.backend.read_at(store.slot_offset(store.next), &mut rec)?;
+        while store.index.len() < capacity {
+            let slot = store.index.len();
+            store.backend.read_at(store.slot_offset(slot), &mut rec)?;
             let Some(block) = decode_record(&rec, &sb) else {
                 break;
             };
-            if store.index.insert(block, store.next as u32).is_some() {
+            if !store.index.insert(block) {
                 return Err(Error::CorruptJournal {
                     reason: "block recorded twice",
-                    slot: Some(store.next as u64),
+                    slot: Some(slot as u64),
                 });
             }
-            store.next += 1;
         }
         Ok(store)
     }
@@ -537,7 +580,7 @@ impl<B: BlockBackend> JournalStore<B> {
         let sb = Superblock {
             journal_id: self.sb.journal_id,
             block_size: self.sb.block_size,
-            seq: self.sb.seq + 1,
+            seq: self.sb.seq.wrapping_add(1),
             generation,
             state,
         };
@@ -577,20 +620,20 @@ impl<B: BlockBackend> OverlayStore for JournalStore<B> {
         self.sb.block_size as usize
     }
     fn capacity(&self) -> usize {
-        self.capacity
+        self.index.capacity
     }
     fn len(&self) -> usize {
         self.index.len()
     }
     fn contains(&self, block: u64) -> bool {
-        self.index.contains_key(&block)
+        self.index.contains(block)
     }
 
     fn read(&self, block: u64, offset: usize, buf: &mut [u8]) -> Result<bool> {
         check_piece(self.block_size(), offset, buf.len())?;
-        match self.index.get(&block) {
-            Some(&slot) => {
-                let at = self.slot_offset(slot as usize) + (SLOT_HEADER + offset) as u64;
+        match self.index.get(block) {
+            Some(slot) => {
+                let at = self.slot_offset(slot) + (SLOT_HEADER + offset) as u64;
                 self.backend.read_at(at, buf)?;
                 Ok(true)
             }
@@ -599,27 +642,15 @@ impl<B: BlockBackend> OverlayStore for JournalStore<B> {
     }
 
     fn put(&mut self, block: u64, data: &[u8]) -> Result<()> {
-        let bs = self.block_size();
-        if data.len() != bs {
-            return Err(Error::Mismatch {
-                what: "block length",
-                expected: bs as u64,
-                found: data.len() as u64,
-            });
-        }
-        let (slot, new) = match self.index.get(&block) {
-            Some(&slot) => (slot as usize, false),
-            None if self.next >= self.capacity => return Err(full(self.index.len(), self.capacity)),
-            None => (self.next, true),
-        };
+        check_block_len(self.block_size(), data)?;
+        let (slot, new) = self.index.slot_for(block)?;
         let (h, d) = self.scratch.split_at_mut(SLOT_HEADER);
         d.copy_from_slice(data);
         encode_record_header(h, &self.sb, block, data);
         let at = self.slot_offset(slot);
         self.backend.write_at(at, &self.scratch)?;
         if new {
-            self.index.insert(block, slot as u32);
-            self.next += 1;
+            self.index.insert(block);
         }
         Ok(())
     }
@@ -639,14 +670,11 @@ impl<B: BlockBackend> OverlayStore for JournalStore<B> {
         }
         self.write_superblock(generation, STATE_OPEN, false)?;
         self.index.clear();
-        self.next = 0;
         Ok(())
     }
 
     fn blocks(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self.index.keys().copied().collect();
-        v.sort_unstable();
-        v
+        self.index.blocks()
     }
 
     fn is_committing(&self) -> bool {
@@ -668,6 +696,26 @@ mod tests {
 
     fn block(v: u8) -> Vec<u8> {
         vec![v; 1024]
+    }
+
+    /// A freshly formatted journal of 4 blocks of `bs` bytes in memory.
+    fn journal(bs: usize) -> JournalStore<MemBackend> {
+        let dev = MemBackend::new(JournalStore::<MemBackend>::required_len(bs, 4)).unwrap();
+        JournalStore::format(dev, bs).unwrap()
+    }
+
+    /// Stores each block of `blocks` filled with its own index, then syncs.
+    fn put_synced(j: &mut JournalStore<MemBackend>, blocks: impl IntoIterator<Item = u64>) {
+        for b in blocks {
+            j.put(b, &vec![b as u8; j.block_size()]).unwrap();
+        }
+        j.sync().unwrap();
+    }
+
+    /// Syncs `j` and opens its device again.
+    fn reopen(mut j: JournalStore<MemBackend>) -> JournalStore<MemBackend> {
+        j.sync().unwrap();
+        JournalStore::open(j.into_backend()).unwrap()
     }
 
     #[test]
@@ -695,31 +743,25 @@ mod tests {
 
     #[test]
     fn journal_survives_reopen_and_clear_invalidates() {
-        let dev = MemBackend::new(JournalStore::<MemBackend>::required_len(1024, 4)).unwrap();
-        let mut j = JournalStore::format(dev, 1024).unwrap();
+        let mut j = journal(1024);
         assert_eq!(j.capacity(), 4);
         j.put(5, &block(5)).unwrap();
         j.put(7, &block(7)).unwrap();
         j.put(5, &block(6)).unwrap();
-        j.sync().unwrap();
-        let j2 = JournalStore::open(j.into_backend()).unwrap();
-        assert_eq!(j2.blocks(), vec![5, 7]);
+        let mut j = reopen(j);
+        assert_eq!(j.blocks(), vec![5, 7]);
         let mut buf = [0u8; 1024];
-        assert!(j2.read(5, 0, &mut buf).unwrap());
+        assert!(j.read(5, 0, &mut buf).unwrap());
         assert_eq!(buf, [6; 1024]);
-        let mut j2 = j2;
-        j2.clear().unwrap();
-        j2.put(9, &block(9)).unwrap();
-        let j3 = JournalStore::open(j2.into_backend()).unwrap();
-        assert_eq!(j3.blocks(), vec![9]);
+        j.clear().unwrap();
+        put_synced(&mut j, [9]);
+        assert_eq!(reopen(j).blocks(), vec![9]);
     }
 
     #[test]
     fn journal_torn_record_and_bad_superblock_are_handled() {
-        let dev = MemBackend::new(JournalStore::<MemBackend>::required_len(512, 4)).unwrap();
-        let mut j = JournalStore::format(dev, 512).unwrap();
-        j.put(1, &[1; 512]).unwrap();
-        j.put(2, &[2; 512]).unwrap();
+        let mut j = journal(512);
+        put_synced(&mut j, [1, 2]);
         let mut dev = j.into_backend();
         // Tear the second record's data: it and everything after it are ignored.
         dev.write_at(JOURNAL_HEADER_BYTES + 1024 + 512, &[0xee; 512])
@@ -736,25 +778,17 @@ mod tests {
 
     #[test]
     fn reformat_never_resurrects_old_records() {
-        let dev = MemBackend::new(JournalStore::<MemBackend>::required_len(512, 4)).unwrap();
-        let mut j = JournalStore::format(dev, 512).unwrap();
-        for b in 1..4 {
-            j.put(b, &[b as u8; 512]).unwrap();
-        }
-        j.sync().unwrap();
+        let mut j = journal(512);
+        put_synced(&mut j, 1..4);
         let mut j = JournalStore::format(j.into_backend(), 512).unwrap();
-        j.put(9, &[9; 512]).unwrap();
-        j.sync().unwrap();
-        let j = JournalStore::open(j.into_backend()).unwrap();
-        assert_eq!(j.blocks(), vec![9]);
+        put_synced(&mut j, [9]);
+        assert_eq!(reopen(j).blocks(), vec![9]);
     }
 
     #[test]
     fn records_of_a_lost_superblock_never_come_back() {
-        let dev = MemBackend::new(JournalStore::<MemBackend>::required_len(512, 4)).unwrap();
-        let mut j = JournalStore::format(dev, 512).unwrap();
-        j.put(1, &[1; 512]).unwrap();
-        j.sync().unwrap();
+        let mut j = journal(512);
+        put_synced(&mut j, [1]);
         let durable_superblocks = j.backend().as_slice()[..1024].to_vec();
         // A clear whose superblock never reaches the medium, though the records written after it do.
         j.clear().unwrap();
@@ -769,18 +803,14 @@ mod tests {
         assert!(j.is_empty());
         j.clear().unwrap();
         j.sync().unwrap();
-        j.put(20, &[20; 512]).unwrap();
-        j.sync().unwrap();
-        let j = JournalStore::open(j.into_backend()).unwrap();
-        assert_eq!(j.blocks(), vec![20]);
+        put_synced(&mut j, [20]);
+        assert_eq!(reopen(j).blocks(), vec![20]);
     }
 
     #[test]
     fn torn_superblock_update_falls_back_to_previous() {
-        let dev = MemBackend::new(JournalStore::<MemBackend>::required_len(512, 4)).unwrap();
-        let mut j = JournalStore::format(dev, 512).unwrap();
-        j.put(3, &[3; 512]).unwrap();
-        j.sync().unwrap();
+        let mut j = journal(512);
+        put_synced(&mut j, [3]);
         let slot = j.sb_slot;
         let mut dev = j.into_backend();
         // A torn write of the next superblock (the other copy) leaves garbage there.

@@ -1033,6 +1033,28 @@ mod tests {
         n
     }
 
+    /// The arbiter's grant of `FenceToken(token)` for `ttl` reaches `node` at `now`.
+    fn grant(node: &mut Node, now: Instant, token: u64, ttl: Option<Duration>) {
+        node.handle_event(
+            now,
+            Event::ArbiterGranted {
+                token: FenceToken(token),
+                ttl,
+            },
+        )
+        .unwrap();
+    }
+
+    /// A primary that lost its secondary at `t0` and won the arbiter (token 1, lease `ttl`): it runs alone.
+    fn primary_alone(t0: Instant, ttl: Option<Duration>) -> Node {
+        let mut p = in_colo(Role::Primary, t0);
+        p.handle_event(t0, Event::ChannelError).unwrap();
+        drain(&mut p);
+        grant(&mut p, t0, 1, ttl);
+        p.handle_event(t0, Event::TakeoverDone).unwrap();
+        p
+    }
+
     /// Runs timers up to `until` in 1 ms steps while the partner keeps quiet.
     fn run_until(n: &mut Node, until: Instant) -> Vec<Action> {
         let mut out = Vec::new();
@@ -1104,14 +1126,7 @@ mod tests {
         s.handle_event(t0, Event::ChannelError).unwrap();
         assert_eq!(drain(&mut s), vec![Action::AcquireArbiter]);
         let ttl = Some(Duration::from_secs(2));
-        s.handle_event(
-            t0 + MS,
-            Event::ArbiterGranted {
-                token: FenceToken(8),
-                ttl,
-            },
-        )
-        .unwrap();
+        grant(&mut s, t0 + MS, 8, ttl);
         assert_eq!(drain(&mut s), vec![Action::Promote { token: FenceToken(8) }]);
         assert_eq!(s.status().failover, FailoverStatus::Active);
         assert_eq!(s.output_token(t0 + MS), Some(FenceToken(8)));
@@ -1200,14 +1215,7 @@ mod tests {
             )
             .unwrap();
         }
-        s.handle_event(
-            now,
-            Event::ArbiterGranted {
-                token: FenceToken(2),
-                ttl: None,
-            },
-        )
-        .unwrap();
+        grant(&mut s, now, 2, None);
         assert_eq!(drain(&mut s), vec![Action::Promote { token: FenceToken(2) }]);
 
         // A live holder keeps refusing: the node gives up after the patience.
@@ -1254,14 +1262,7 @@ mod tests {
         p.handle_event(t0, Event::ArbiterUnreachable).unwrap();
         assert!(drain(&mut p).is_empty());
         assert_eq!(run_until(&mut p, t0 + 100 * MS), vec![Action::AcquireArbiter]);
-        p.handle_event(
-            t0 + 100 * MS,
-            Event::ArbiterGranted {
-                token: FenceToken(1),
-                ttl: None,
-            },
-        )
-        .unwrap();
+        grant(&mut p, t0 + 100 * MS, 1, None);
         assert_eq!(
             drain(&mut p),
             vec![Action::ContinueAlone { token: FenceToken(1) }]
@@ -1285,14 +1286,7 @@ mod tests {
         s.handle_event(t0 + MS, Event::CheckpointLoadFinished).unwrap();
         assert_eq!(s.status().failover, FailoverStatus::Required);
         assert_eq!(drain(&mut s), vec![Action::AcquireArbiter]);
-        s.handle_event(
-            t0 + MS,
-            Event::ArbiterGranted {
-                token: FenceToken(2),
-                ttl: None,
-            },
-        )
-        .unwrap();
+        grant(&mut s, t0 + MS, 2, None);
         s.handle_event(t0 + MS, Event::TakeoverDone).unwrap();
         assert_eq!(s.status().reason, ExitReason::Request);
     }
@@ -1304,14 +1298,7 @@ mod tests {
         // Become primary through a failover, holding a 2 s lease.
         p.handle_event(t0, Event::FailoverCommand).unwrap();
         drain(&mut p);
-        p.handle_event(
-            t0,
-            Event::ArbiterGranted {
-                token: FenceToken(4),
-                ttl: Some(Duration::from_secs(2)),
-            },
-        )
-        .unwrap();
+        grant(&mut p, t0, 4, Some(Duration::from_secs(2)));
         p.handle_event(t0, Event::TakeoverDone).unwrap();
         // Re-protect with a new secondary: the guest never stops, the token stays.
         p.handle_event(t0 + MS, Event::Protect).unwrap();
@@ -1330,19 +1317,8 @@ mod tests {
     #[test]
     fn lapsed_lease_while_alone_suspends_output_until_won_again() {
         let t0 = Instant::now();
-        let mut p = in_colo(Role::Primary, t0);
-        p.handle_event(t0, Event::ChannelError).unwrap();
-        drain(&mut p);
         let ttl = Some(Duration::from_millis(900));
-        p.handle_event(
-            t0,
-            Event::ArbiterGranted {
-                token: FenceToken(1),
-                ttl,
-            },
-        )
-        .unwrap();
-        p.handle_event(t0, Event::TakeoverDone).unwrap();
+        let mut p = primary_alone(t0, ttl);
         drain(&mut p);
         // Renewals go unanswered (the arbiter is unreachable).
         let mut now = t0;
@@ -1360,14 +1336,7 @@ mod tests {
         assert!(!p.is_primary_alone(t0 + Duration::from_millis(900)));
         assert_eq!(p.status().failover, FailoverStatus::Required);
         assert_eq!((p.status().role, p.status().mode), (Role::Primary, Role::None));
-        p.handle_event(
-            t0 + Duration::from_millis(950),
-            Event::ArbiterGranted {
-                token: FenceToken(1),
-                ttl,
-            },
-        )
-        .unwrap();
+        grant(&mut p, t0 + Duration::from_millis(950), 1, ttl);
         assert_eq!(
             drain(&mut p),
             vec![Action::ContinueAlone { token: FenceToken(1) }]
@@ -1377,19 +1346,8 @@ mod tests {
     #[test]
     fn reprotecting_primary_whose_lease_lapses_gives_the_sync_up_and_asks_again() {
         let t0 = Instant::now();
-        let mut p = in_colo(Role::Primary, t0);
-        p.handle_event(t0, Event::ChannelError).unwrap();
-        drain(&mut p);
         let ttl = Some(Duration::from_millis(900));
-        p.handle_event(
-            t0,
-            Event::ArbiterGranted {
-                token: FenceToken(1),
-                ttl,
-            },
-        )
-        .unwrap();
-        p.handle_event(t0, Event::TakeoverDone).unwrap();
+        let mut p = primary_alone(t0, ttl);
         p.handle_event(t0, Event::Protect).unwrap();
         drain(&mut p);
         // Frozen through its lease: it wakes up past both the lease and the new secondary's heartbeats.
@@ -1485,14 +1443,7 @@ mod tests {
         let mut s = in_colo(Role::Secondary, t0);
         s.handle_event(t0, Event::ChannelError).unwrap();
         drain(&mut s);
-        s.handle_event(
-            t0,
-            Event::ArbiterGranted {
-                token: FenceToken(1),
-                ttl: Some(Duration::MAX),
-            },
-        )
-        .unwrap();
+        grant(&mut s, t0, 1, Some(Duration::MAX));
         assert_eq!(s.lease_ttl(), Some(MAX_LEASE_TTL));
         assert!(s.poll_timeout().is_some());
     }
@@ -1503,14 +1454,7 @@ mod tests {
         let mut p = in_colo(Role::Primary, t0);
         p.handle_event(t0, Event::FailoverCommand).unwrap();
         drain(&mut p);
-        p.handle_event(
-            t0,
-            Event::ArbiterGranted {
-                token: FenceToken(1),
-                ttl: Some(Duration::from_secs(1)),
-            },
-        )
-        .unwrap();
+        grant(&mut p, t0, 1, Some(Duration::from_secs(1)));
         drain(&mut p);
         p.handle_event(t0, Event::Stop).unwrap();
         assert_eq!(drain(&mut p), vec![Action::ReleaseArbiter]);

@@ -23,6 +23,9 @@ pub struct PairConfig {
     pub device_chunk: usize,
     /// The interface id carried in forwarded frames.
     pub interface: u32,
+    /// Initial disk sync: the most bytes of the disk the primary sends per driver entry (each
+    /// `handle_timeout` while the sync runs), so that the guest and the other timers get their turn.
+    pub disk_sync_burst: u64,
 }
 
 impl Default for PairConfig {
@@ -37,6 +40,7 @@ impl Default for PairConfig {
             flush: colo_ram::FlushOptions::default(),
             device_chunk: 1 << 20,
             interface: 0,
+            disk_sync_burst: 8 << 20,
         }
     }
 }

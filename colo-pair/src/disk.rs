@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use colo_block::{BlockBackend, Error, OverlayStore, PrimaryDisk, SecondaryDisk, WriteStatus};
+use colo_block::{BlockBackend, Error, OverlayStore, PrimaryDisk, SecondaryDisk, WriteId, WriteStatus};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic elsewhere while holding the lock leaves the disk state as colo-block left it (each call is
@@ -22,6 +22,8 @@ struct PrimaryInner<B> {
     disk: Mutex<PrimaryDisk<B>>,
     /// A write was refused with `EpochFull`: the driver must checkpoint.
     epoch_full: AtomicBool,
+    /// Writes (Sync completion mode) the secondary acknowledged, or that completed because it was lost.
+    completed: Mutex<Vec<WriteId>>,
 }
 
 /// The primary's disk, shared between the VMM's block device and the [`PrimaryPair`](crate::PrimaryPair).
@@ -45,12 +47,15 @@ impl<B: BlockBackend> SharedPrimaryDisk<B> {
             inner: Arc::new(PrimaryInner {
                 disk: Mutex::new(disk),
                 epoch_full: AtomicBool::new(false),
+                completed: Mutex::new(Vec::new()),
             }),
         }
     }
 
-    /// A guest write. `Err(EpochFull)`: nothing was written; hold the request and retry it after the next
-    /// checkpoint. The driver starts that checkpoint at its next entry (any `handle_*` call, or
+    /// A guest write. `Ok(AwaitingAck(id))` (colo-block's Sync completion mode, DRBD protocol C): complete
+    /// the guest's request once `id` comes out of [`take_completed`](Self::take_completed), which happens
+    /// when the secondary has applied it (its `BlockAck`), or when the secondary is lost.
+    /// `Err(EpochFull)`: nothing was written; hold the request and retry it after the next checkpoint. The driver starts that checkpoint at its next entry (any `handle_*` call, or
     /// `checkpoint_now` if the VMM wants it at once from another thread's notice).
     pub fn write(&self, offset: u64, data: Bytes) -> Result<WriteStatus, Error> {
         let r = lock(&self.inner.disk).write(offset, data);
@@ -77,6 +82,18 @@ impl<B: BlockBackend> SharedPrimaryDisk<B> {
 
     pub(crate) fn take_epoch_full(&self) -> bool {
         self.inner.epoch_full.swap(false, Ordering::SeqCst)
+    }
+
+    /// The writes that completed since the last call (Sync completion mode), in completion order: complete
+    /// the guest's requests for them now. Always empty in Async mode.
+    pub fn take_completed(&self) -> Vec<WriteId> {
+        std::mem::take(&mut *lock(&self.inner.completed))
+    }
+
+    pub(crate) fn push_completed(&self, ids: Vec<WriteId>) {
+        if !ids.is_empty() {
+            lock(&self.inner.completed).extend(ids);
+        }
     }
 }
 

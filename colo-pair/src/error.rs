@@ -66,6 +66,14 @@ pub enum PairError {
         /// Frames held.
         held: usize,
     },
+    /// A feature needs a newer protocol version than the link speaks.
+    #[error("{feature} needs protocol version 3; the link speaks version {version}")]
+    NeedsVersion {
+        /// The feature.
+        feature: &'static str,
+        /// The link's version.
+        version: u16,
+    },
     /// A command given in a state where it makes no sense; nothing changed.
     #[error("{command} is not possible while {state}")]
     BadCommand {

@@ -4,11 +4,15 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use colo_block::{BlockBackend, Outgoing};
+use colo_block::{BlockBackend, Outgoing, WriteId};
 use colo_failover::{Action as NodeAction, Arbiter, Event as NodeEvent, FenceToken, Node};
-use colo_net::{Action as NetAction, Backpressure, Comparator, Time};
-use colo_proto::message::encoded_len;
-use colo_proto::{BlockWrite, Message, OutputFrame, PagePhase, PrimaryAction, PrimarySession, Reason};
+use colo_net::packet::{IpVersion, tcp_flags};
+use colo_net::{Action as NetAction, Backpressure, Comparator, FlowKey, PacketView, Time};
+use colo_proto::message::{MAX_DISK_CHUNK, encoded_len};
+use colo_proto::{
+    BlockDiscard, BlockWrite, DiskSyncChunk, DiskSyncDone, Message, OutputFrame, PagePhase, PrimaryAction,
+    PrimaryIsn, PrimarySession, Reason, TcpFlow,
+};
 use colo_ram::{DirtyLog, GuestRam, PAGE_SIZE, PageRun, PrimaryRam, RamLayout};
 
 use crate::config::PairConfig;
@@ -56,6 +60,10 @@ pub struct PrimaryPair<V: Vm, B: BlockBackend> {
     pauses: Pauses,
     bytes_sent: u64,
     exit_detail: Option<String>,
+    /// The initial disk sync runs (the first checkpoint waits for its end).
+    disk_syncing: bool,
+    /// Bytes of disk sync data sent.
+    sync_bytes: u64,
 }
 
 impl<V: Vm, B: BlockBackend> std::fmt::Debug for PrimaryPair<V, B> {
@@ -71,10 +79,15 @@ impl<V: Vm, B: BlockBackend> std::fmt::Debug for PrimaryPair<V, B> {
 impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     /// Starts protecting `vm` (running) over `link`, after the VMM's handshake on it.
     ///
-    /// `dirty_log` tracks `vm`'s memory (KVM's log OR the VMM's own writes); `disk` is the guest's disk,
-    /// whose content the secondary's disk already equals (both copied from one image). The whole of guest
-    /// RAM is sent at once as pre-copy pages; the first checkpoint, started as soon as the secondary is
-    /// ready, completes the migration.
+    /// `dirty_log` tracks `vm`'s memory (KVM's log OR the VMM's own writes). `disk` is the guest's disk:
+    /// either standalone, when the secondary's disk already equals it (both copied from one image), or
+    /// with an initial sync started (`disk.lock().start_sync(InitialSync::new(..))`, protocol v3), when the
+    /// secondary's disk is empty or stale ([`SecondaryDisk::new_syncing`](colo_block::SecondaryDisk)). The
+    /// sync then runs while the guest runs: the guest's writes land on the primary's disk and mark their
+    /// chunks dirty again, so they are re-sent (colo-block's `InitialSync`); the sync sends at most
+    /// [`PairConfig::disk_sync_burst`] bytes per `handle_timeout`, and the first checkpoint waits for its
+    /// end. The whole of guest RAM is sent at once as pre-copy pages; the first checkpoint, started as soon
+    /// as the secondary is ready (and the disk synced), completes the migration.
     pub fn new(
         cfg: PairConfig,
         now: Instant,
@@ -86,12 +99,21 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     ) -> Result<Self> {
         let layout = RamLayout::of(vm.memory()).map_err(|source| PairError::Ram { epoch: 0, source })?;
         let ram = PrimaryRam::new(layout, dirty_log, cfg.collect);
-        disk.lock()
-            .start_replication()
-            .map_err(|source| PairError::Block {
-                what: "start replication",
-                source,
-            })?;
+        let disk_syncing = disk.lock().sync_progress().is_some();
+        if disk_syncing && link.version() < 3 {
+            return Err(PairError::NeedsVersion {
+                feature: "initial disk sync",
+                version: link.version(),
+            });
+        }
+        if !disk_syncing {
+            disk.lock()
+                .start_replication()
+                .map_err(|source| PairError::Block {
+                    what: "start replication",
+                    source,
+                })?;
+        }
         let cmp = Comparator::new(cfg.compare.clone(), Time::ZERO)?;
         let mut node = Node::new(cfg.failover)?;
         node.handle_event(now, NodeEvent::Protect)?;
@@ -124,6 +146,8 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
             pauses: Pauses::default(),
             bytes_sent: 0,
             exit_detail: None,
+            disk_syncing,
+            sync_bytes: 0,
         };
         pair.ram
             .mark_all()
@@ -181,7 +205,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
             if self.phase == Phase::Colo {
                 add(self.next_checkpoint);
             }
-            if self.wanted.is_some() && self.session.is_idle() {
+            if (self.wanted.is_some() && self.session.is_idle()) || (self.disk_syncing && self.link_ok) {
                 add(self.origin);
             }
         }
@@ -228,6 +252,17 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
                 self.stop_for_takeover(now, format!("the secondary takes over ({reason:?})"))?;
                 return Ok(());
             }
+            Message::BlockAck { id, .. } => {
+                let r = self.disk.lock().handle_ack(WriteId(id));
+                match r {
+                    Ok(done) => self.disk.push_completed(done),
+                    // An ack for a write never sent: the secondary does not follow the protocol.
+                    Err(e) => self.link_lost(now, format!("block ack from the secondary: {e}")),
+                }
+            }
+            Message::CheckpointWanted { reason } => {
+                self.wanted.get_or_insert(Trigger::Secondary(reason));
+            }
             m if m.is_session_message() => {
                 // An error here also comes out as `PrimaryAction::Failed`.
                 let _ = self.session.handle_message(now, m);
@@ -250,6 +285,13 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
         self.link_lost(now, detail.to_string());
         self.drive_session(now)?;
         self.drive_node(now)
+    }
+
+    /// The VMM's receiver got this error from the channel (`Channel::recv`). The primary treats every
+    /// channel error as the loss of its secondary (it goes on alone, after the arbiter); the method exists
+    /// for symmetry with [`SecondaryPair::channel_error`](crate::SecondaryPair::channel_error).
+    pub fn channel_error(&mut self, now: Instant, error: &colo_proto::Error) -> Result<()> {
+        self.link_failed(now, &error.to_string())
     }
 
     /// A frame from the client: to the PVM, and mirrored to the SVM while protected.
@@ -281,8 +323,12 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
         match self.phase {
             Phase::Syncing | Phase::Colo if self.held.is_empty() => {
                 let t = self.net_time(now);
+                let syn = self.guest_syn(&frame);
                 if let Err(Backpressure(f)) = self.cmp.handle_primary(t, frame) {
                     self.held.push_back(f);
+                }
+                if let Some(flow) = syn {
+                    self.forward_isn(now, &flow);
                 }
                 self.drain_compare(now, None);
                 self.maybe_checkpoint(now)?;
@@ -356,6 +402,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
             mismatch_checkpoints: self.mismatch_checkpoints,
             last_pause: self.pauses.last(),
             p99_pause: self.pauses.percentile(99),
+            pause_p50: self.pauses.percentile(50),
             bytes_sent: self.bytes_sent,
             compare: Some(self.cmp.stats()),
             rewrite: None,
@@ -365,6 +412,37 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     }
 
     // ---- internals ----
+
+    /// The flow of a guest-opened TCP connection, if `frame` is its SYN (no ACK) and the link can carry the
+    /// PVM's ISN to the secondary's rewriter.
+    fn guest_syn(&self, frame: &[u8]) -> Option<FlowKey> {
+        if self.link.version() < 3 || !self.link_ok {
+            return None;
+        }
+        let view = PacketView::parse(frame, self.cfg.compare.vnet_hdr_len).ok()?;
+        let tcp = view.tcp()?;
+        (tcp.has(tcp_flags::SYN) && !tcp.has(tcp_flags::ACK)).then(|| FlowKey::of(&view))
+    }
+
+    /// Tells the secondary's rewriter the PVM's ISN of a connection the guest opens, once the comparator
+    /// has seen the SYN (colo-net's `Comparator::primary_isn` -> `Rewriter::set_primary_isn` seam).
+    fn forward_isn(&mut self, now: Instant, flow: &FlowKey) {
+        let Some(isn) = self.cmp.primary_isn(flow) else {
+            return;
+        };
+        let msg = Message::PrimaryIsn(PrimaryIsn {
+            flow: TcpFlow {
+                src: flow.src,
+                dst: flow.dst,
+                src_port: flow.src_port,
+                dst_port: flow.dst_port,
+                vlan: flow.vlan,
+                ipv6: flow.version == IpVersion::V6,
+            },
+            isn,
+        });
+        self.send(now, &msg);
+    }
 
     fn send(&mut self, now: Instant, msg: &Message) -> bool {
         if !self.link_ok {
@@ -419,6 +497,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
         }
         let due = self.phase == Phase::Colo && now >= self.next_checkpoint;
         if !self.link_ok
+            || self.disk_syncing
             || !matches!(self.phase, Phase::Syncing | Phase::Colo)
             || !self.session.is_idle()
             || !(due || self.wanted.is_some())
@@ -543,9 +622,11 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
         }
     }
 
-    /// Sends every queued disk write (barriers are implied by the session's `BlockBarrier`).
+    /// Sends every queued disk write (barriers are implied by the session's `BlockBarrier`), and during an
+    /// initial sync up to [`PairConfig::disk_sync_burst`] bytes of sync data.
     fn pump_disk(&mut self, now: Instant) -> Result<()> {
-        while self.link_ok {
+        let mut burst = 0u64;
+        while self.link_ok && !(self.disk_syncing && burst >= self.cfg.disk_sync_burst) {
             let out = self
                 .disk
                 .lock()
@@ -565,8 +646,18 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
                     });
                     self.send(now, &msg);
                 }
+                Some(Outgoing::Discard(rec)) if self.link.version() >= 3 => {
+                    let msg = Message::BlockDiscard(BlockDiscard {
+                        epoch: rec.epoch,
+                        disk: 0,
+                        offset: rec.offset,
+                        len: rec.len,
+                    });
+                    self.send(now, &msg);
+                }
                 Some(Outgoing::Discard(rec)) => {
-                    // colo-proto has no discard message: the secondary gets zeros, which read the same.
+                    // Protocol v2 has no discard message: the secondary gets zeros, which read the same.
+                    // (Block acks, which number writes and discards one to one, need v3.)
                     let mut off = 0;
                     while off < rec.len {
                         let n = (rec.len - off).min(MAX_BLOCK_MESSAGE);
@@ -580,7 +671,36 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
                         off += n;
                     }
                 }
-                Some(Outgoing::Barrier { .. } | Outgoing::SyncChunk { .. } | Outgoing::SyncDone) => {}
+                Some(Outgoing::SyncChunk { offset, data }) => {
+                    burst += data.len() as u64;
+                    let mut at = 0;
+                    while at < data.len() {
+                        let n = (data.len() - at).min(MAX_DISK_CHUNK);
+                        let msg = Message::DiskSyncChunk(DiskSyncChunk {
+                            disk: 0,
+                            offset: offset + at as u64,
+                            data: data.slice(at..at + n),
+                        });
+                        self.send(now, &msg);
+                        self.sync_bytes += n as u64;
+                        at += n;
+                    }
+                }
+                Some(Outgoing::SyncDone) => {
+                    let (epoch, disk_len) = {
+                        let d = self.disk.lock();
+                        (d.epoch(), d.disk().len())
+                    };
+                    let msg = Message::DiskSyncDone(DiskSyncDone {
+                        disk: 0,
+                        epoch,
+                        disk_len,
+                        bytes: self.sync_bytes,
+                    });
+                    self.send(now, &msg);
+                    self.disk_syncing = false;
+                }
+                Some(Outgoing::Barrier { .. }) => {}
             }
         }
         Ok(())
@@ -706,7 +826,10 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
         }
         self.link_ok = false;
         while self.session.poll_action().is_some() {}
-        let _ = self.disk.lock().stop_replication();
+        // Writes waiting for the secondary's ack are on our disk: they complete now.
+        let waiting = self.disk.lock().stop_replication();
+        self.disk.push_completed(waiting);
+        self.disk_syncing = false;
         self.phase = Phase::Alone;
         self.suspended = false;
         let t = self.net_time(now);

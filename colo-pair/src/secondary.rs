@@ -4,11 +4,14 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use colo_block::{BlockBackend, OverlayStore, WriteId, WriteRecord};
+use colo_block::{BlockBackend, DiscardRecord, OverlayStore, SecondaryState, WriteId, WriteRecord};
 use colo_failover::{Action as NodeAction, Arbiter, Event as NodeEvent, FenceToken, Node};
-use colo_net::{Rewriter, Time};
+use colo_net::packet::IpVersion;
+use colo_net::{FlowKey, Rewriter, Time};
 use colo_proto::message::encoded_len;
-use colo_proto::{Message, OutputFrame, PageBatch, SecondaryAction, SecondarySession};
+use colo_proto::{
+    DiskSyncDone, Message, OutputFrame, PageBatch, SecondaryAction, SecondarySession, WantReason,
+};
 use colo_ram::{DirtyLog, GuestRam, PAGE_SIZE, RamCache, RamLayout};
 
 use crate::config::PairConfig;
@@ -58,6 +61,12 @@ pub struct SecondaryPair<V: Vm, D, H, A> {
     pauses: Pauses,
     bytes_sent: u64,
     exit_detail: Option<String>,
+    /// Bytes of initial disk sync data received.
+    sync_bytes: u64,
+    /// A checkpoint was asked for in this epoch (asked once per epoch).
+    asked_checkpoint: bool,
+    /// Rewriter evictions seen so far (a rise is table pressure).
+    evictions_seen: u64,
 }
 
 impl<V: Vm, D, H, A> std::fmt::Debug for SecondaryPair<V, D, H, A> {
@@ -73,7 +82,10 @@ impl<V: Vm, D, H, A> std::fmt::Debug for SecondaryPair<V, D, H, A> {
 impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, D, H, A> {
     /// Starts shadowing over `link` (after the VMM's handshake). `vm` has not run yet: its RAM comes from
     /// the primary, and the first checkpoint starts it. `svm_log` tracks `vm`'s memory; `disk` holds the
-    /// same image as the primary's disk.
+    /// same image as the primary's disk, or is syncing ([`SecondaryDisk::new_syncing`], protocol v3): it
+    /// then receives the primary's initial disk sync before the first checkpoint.
+    ///
+    /// [`SecondaryDisk::new_syncing`]: colo_block::SecondaryDisk::new_syncing
     pub fn new(
         cfg: PairConfig,
         now: Instant,
@@ -85,6 +97,12 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
     ) -> Result<Self> {
         let layout = RamLayout::of(vm.memory()).map_err(|source| PairError::Ram { epoch: 0, source })?;
         let cache = RamCache::new(layout, cfg.flush).map_err(|source| PairError::Ram { epoch: 0, source })?;
+        if disk.lock().state() == SecondaryState::Syncing && link.version() < 3 {
+            return Err(PairError::NeedsVersion {
+                feature: "initial disk sync",
+                version: link.version(),
+            });
+        }
         let rewriter = Rewriter::new(cfg.rewriter.clone())?;
         let mut node = Node::new(cfg.failover)?;
         node.handle_event(now, NodeEvent::Join)?;
@@ -115,6 +133,9 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
             pauses: Pauses::default(),
             bytes_sent: 0,
             exit_detail: None,
+            sync_bytes: 0,
+            asked_checkpoint: false,
+            evictions_seen: 0,
         };
         pair.drive_session(now)?;
         pair.drive_node(now)?;
@@ -188,9 +209,7 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
             self.rewriter.expire(t);
             self.drain_input();
         }
-        // An SVM write refused for lack of overlay room waits for the next checkpoint; colo-proto has no
-        // message to ask the primary for one early.
-        let _ = self.disk.take_overlay_full();
+        self.check_pressure(now);
         self.drive_node(now)
     }
 
@@ -211,12 +230,45 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
                 };
                 self.next_write_id += 1;
                 let r = self.disk.lock().apply(&rec);
-                if let Err(e) = r {
-                    self.give_up(
-                        now,
-                        format!("applying the primary's write at {}: {e}", rec.offset),
-                    )?;
+                self.applied(now, r, rec.offset)?;
+            }
+            Message::BlockDiscard(d) => {
+                let rec = DiscardRecord {
+                    id: WriteId(self.next_write_id),
+                    epoch: d.epoch,
+                    offset: d.offset,
+                    len: d.len,
+                };
+                self.next_write_id += 1;
+                let r = self.disk.lock().apply_discard(&rec);
+                self.applied(now, r, rec.offset)?;
+            }
+            Message::DiskSyncChunk(c) => {
+                let r = self.disk.lock().apply_sync_chunk(c.offset, &c.data);
+                match r {
+                    Ok(()) => self.sync_bytes += c.data.len() as u64,
+                    Err(e) => self.give_up(now, format!("initial disk sync at {}: {e}", c.offset))?,
                 }
+            }
+            Message::DiskSyncDone(done) => {
+                if let Err(e) = self.finish_sync(&done) {
+                    self.give_up(now, format!("initial disk sync: {e}"))?;
+                }
+            }
+            Message::PrimaryIsn(i) => {
+                let f = i.flow;
+                let flow = FlowKey {
+                    src: f.src,
+                    dst: f.dst,
+                    src_port: f.src_port,
+                    dst_port: f.dst_port,
+                    vlan: f.vlan,
+                    proto: 6,
+                    version: if f.ipv6 { IpVersion::V6 } else { IpVersion::V4 },
+                };
+                let t = self.net_time(now);
+                self.rewriter.set_primary_isn(t, flow, i.isn);
+                self.drain_input();
             }
             Message::OutputFrame(f) => {
                 // The client's frames, mirrored by the primary.
@@ -252,14 +304,29 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
                 });
             }
         }
+        self.check_pressure(now);
         self.drive_node(now)
     }
 
-    /// The VMM's receiver saw the channel fail or close.
+    /// The VMM's receiver saw the channel fail or close (the primary may be dead: this may promote).
     pub fn link_failed(&mut self, now: Instant, detail: &str) -> Result<()> {
         self.link_lost(now, detail.to_string());
         self.drive_session(now)?;
         self.drive_node(now)
+    }
+
+    /// The VMM's receiver got this error from the channel (`Channel::recv`).
+    ///
+    /// A protocol error ([`colo_proto::Error::is_protocol_error`]: garbage, a bad CRC, a message out of
+    /// order) comes from a primary that is alive, since it wrote those bytes: the secondary stops (phase
+    /// `Stopped`, [`Output::StopGuest`], exit detail) and is never promoted next to it. Anything else (the
+    /// stream closed or broke off inside a frame, a socket error) is the loss of the primary, as
+    /// [`link_failed`](Self::link_failed).
+    pub fn channel_error(&mut self, now: Instant, error: &colo_proto::Error) -> Result<()> {
+        if error.is_protocol_error() && matches!(self.phase, Phase::Syncing | Phase::Colo) {
+            return self.give_up(now, format!("protocol error from the primary: {error}"));
+        }
+        self.link_failed(now, &error.to_string())
     }
 
     /// A frame the SVM sent: through the rewriter to the primary's comparator, or to the client once
@@ -321,6 +388,7 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
             mismatch_checkpoints: 0,
             last_pause: self.pauses.last(),
             p99_pause: self.pauses.percentile(99),
+            pause_p50: self.pauses.percentile(50),
             bytes_sent: self.bytes_sent,
             compare: None,
             rewrite: Some(self.rewriter.stats()),
@@ -355,6 +423,63 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
         self.exit_detail.get_or_insert(detail.clone());
         self.session.fail(colo_proto::Error::Local(detail));
         let _ = self.node.handle_event(now, NodeEvent::ChannelError);
+    }
+
+    /// A replicated write or discard was applied (or not): acknowledge it (protocol v3), or give up.
+    fn applied(
+        &mut self,
+        now: Instant,
+        r: std::result::Result<(), colo_block::Error>,
+        offset: u64,
+    ) -> Result<()> {
+        match r {
+            Ok(()) => {
+                let last = self.disk.lock().last_applied();
+                if let Some(WriteId(id)) = last
+                    && self.link.version() >= 3
+                {
+                    self.send(now, &Message::BlockAck { disk: 0, id });
+                }
+                Ok(())
+            }
+            Err(e) => self.give_up(now, format!("applying the primary's write at {offset}: {e}")),
+        }
+    }
+
+    /// The primary's sync summary: the disk lengths agree and every byte announced arrived.
+    fn finish_sync(&mut self, done: &DiskSyncDone) -> std::result::Result<(), String> {
+        let mut disk = self.disk.lock();
+        let len = disk.disk().len();
+        if done.disk_len != len {
+            return Err(format!("primary disk has {} bytes, ours {len}", done.disk_len));
+        }
+        if done.bytes != self.sync_bytes {
+            return Err(format!(
+                "primary sent {} bytes, {} arrived",
+                done.bytes, self.sync_bytes
+            ));
+        }
+        disk.finish_sync(done.epoch).map_err(|e| e.to_string())
+    }
+
+    /// Asks the primary for an early checkpoint (once per epoch, protocol v3) when an SVM write was refused
+    /// for lack of active-overlay room, or the rewriter had to evict connections.
+    fn check_pressure(&mut self, now: Instant) {
+        let overlay_full = self.disk.take_overlay_full();
+        let evictions = self.rewriter.stats().evictions;
+        let rewriter_full = evictions > self.evictions_seen;
+        self.evictions_seen = evictions;
+        let reason = if overlay_full {
+            WantReason::OverlayFull
+        } else if rewriter_full {
+            WantReason::RewriterFull
+        } else {
+            return;
+        };
+        if self.phase == Phase::Colo && !self.asked_checkpoint && self.link.version() >= 3 {
+            self.asked_checkpoint = true;
+            self.send(now, &Message::CheckpointWanted { reason });
+        }
     }
 
     /// This copy cannot follow the primary any more: tell it (it runs on alone) and stop.
@@ -493,6 +618,7 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
                 SecondaryAction::ResumeGuest => self.resume_guest(now)?,
                 SecondaryAction::CheckpointDone { .. } => {
                     self.checkpoints += 1;
+                    self.asked_checkpoint = false;
                     if self.phase == Phase::Syncing {
                         self.phase = Phase::Colo;
                         self.node.handle_event(now, NodeEvent::SyncCompleted)?;
@@ -500,6 +626,10 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
                 }
                 SecondaryAction::PeerClosed(reason) => {
                     self.link_lost(now, format!("the primary left ({reason:?})"));
+                }
+                SecondaryAction::Failed(e) if e.is_protocol_error() => {
+                    // The primary is alive (it sent this): never promote next to it.
+                    self.give_up(now, format!("protocol error from the primary: {e}"))?;
                 }
                 SecondaryAction::Failed(e) => self.link_lost(now, e.to_string()),
             }

@@ -54,6 +54,8 @@ pub enum Trigger {
     Compare(colo_net::CheckpointReason),
     /// The disk's epoch limit (the secondary's hidden store would overflow).
     EpochFull,
+    /// The secondary asked for it (its active overlay is full, or its rewriter table under pressure).
+    Secondary(colo_proto::WantReason),
     /// An operator command (or a changed interval).
     Command,
 }
@@ -75,8 +77,10 @@ pub struct PairStatus {
     pub mismatch_checkpoints: u64,
     /// Guest pause of the last checkpoint (primary: request to resume; secondary: pause to resume).
     pub last_pause: Duration,
-    /// 99th percentile of the pauses of the last 1024 checkpoints.
+    /// 99th percentile (nearest rank) of the pauses of the last 1024 checkpoints.
     pub p99_pause: Duration,
+    /// Median (50th percentile, nearest rank) of the pauses of the same last 1024 checkpoints.
+    pub pause_p50: Duration,
     /// Bytes of message bodies and page data handed to the link.
     pub bytes_sent: u64,
     /// Comparator counters (primary only).
@@ -141,6 +145,28 @@ mod tests {
         assert_eq!(
             p.percentile(99),
             Duration::from_millis(1),
+            "only the last 1024 count"
+        );
+    }
+
+    #[test]
+    fn p50_is_nearest_rank_over_the_same_window() {
+        let mut p = Pauses::default();
+        assert_eq!(p.percentile(50), Duration::ZERO);
+        for ms in [100, 1, 2] {
+            p.push(Duration::from_millis(ms));
+        }
+        // Ranks: 1, 2, 100; the nearest rank of 50% of 3 is the 2nd.
+        assert_eq!(p.percentile(50), Duration::from_millis(2));
+        p.push(Duration::from_millis(3));
+        // 1, 2, 3, 100: 50% of 4 is exactly the 2nd.
+        assert_eq!(p.percentile(50), Duration::from_millis(2));
+        for _ in 0..Pauses::KEEP {
+            p.push(Duration::from_millis(7));
+        }
+        assert_eq!(
+            p.percentile(50),
+            Duration::from_millis(7),
             "only the last 1024 count"
         );
     }

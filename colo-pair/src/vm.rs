@@ -70,6 +70,13 @@ pub trait Link {
         devices: &[(u32, &[u8])],
         chunk: usize,
     ) -> Result<(), colo_proto::Error>;
+
+    /// The protocol version frames are written in (the handshake's result). The drivers send the
+    /// version-3 messages (disk sync, block acks, checkpoint wishes, primary ISNs) only from version 3.
+    /// The default claims the newest version.
+    fn version(&self) -> u16 {
+        colo_proto::PROTOCOL_VERSION
+    }
 }
 
 impl<S: Read + Write> Link for Channel<S> {
@@ -94,6 +101,10 @@ impl<S: Read + Write> Link for Channel<S> {
         chunk: usize,
     ) -> Result<(), colo_proto::Error> {
         Channel::send_vmstate(self, epoch, devices, chunk)
+    }
+
+    fn version(&self) -> u16 {
+        Channel::version(self)
     }
 }
 

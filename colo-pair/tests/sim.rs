@@ -8,7 +8,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use colo_block::{MemBackend, MemStore, PrimaryConfig, PrimaryDisk, SecondaryDisk};
+use colo_block::{
+    BlockBackend, CompletionMode, InitialSync, MemBackend, MemStore, PrimaryConfig, PrimaryDisk,
+    SecondaryDisk, WriteId, WriteStatus,
+};
 use colo_failover::{Arbiter, ArbiterError, Decision, FenceGate, FenceToken, Grant, NoArbiter};
 use colo_net::build::{Endpoint, TcpSpec, tcp, udp};
 use colo_net::packet::tcp_flags;
@@ -202,6 +205,16 @@ struct FakeVm {
     tx: Vec<Bytes>,
     shutdown: bool,
     noise: bool,
+    /// Disk writes waiting for the secondary's ack (Sync completion mode): the guest's output waits for
+    /// them, as a service answers only once its write is durable.
+    awaiting: Vec<WriteId>,
+    /// Output held behind `awaiting`.
+    held_tx: Vec<Bytes>,
+    /// Writes that had to wait for an ack.
+    waited: u64,
+    /// Host timing: the guest opens its TCP connection to the client at this step (the SVM's vCPU may
+    /// reach that point later than the PVM's).
+    connect_at: Option<u64>,
 }
 
 impl FakeVm {
@@ -215,6 +228,53 @@ impl FakeVm {
             tx: Vec::new(),
             shutdown: false,
             noise: true,
+            awaiting: Vec::new(),
+            held_tx: Vec::new(),
+            waited: 0,
+            connect_at: None,
+        }
+    }
+
+    /// A guest-opened connection: SYN when the guest gets there, again every 300 steps until answered.
+    /// The state shares page 80 with the server side (3: SYN sent, 2: established).
+    fn connect(&mut self) {
+        let base = 80 * PAGE;
+        let steps = self.regs.steps;
+        if self.connect_at.is_none_or(|at| steps < at) {
+            return;
+        }
+        match self.read_u64(base) {
+            0 => {
+                let isn = self.entropy.next() as u32;
+                self.write_u64(base, 3);
+                self.write_u64(base + 8, isn as u64);
+                self.write_u64(base + 16, isn.wrapping_add(1) as u64);
+                self.write_u64(base + 40, steps);
+                self.tcp_out(isn, 0, tcp_flags::SYN, &[]);
+            }
+            3 if steps >= self.read_u64(base + 40) + 300 => {
+                self.write_u64(base + 40, steps);
+                let isn = self.read_u64(base + 8) as u32;
+                self.tcp_out(isn, 0, tcp_flags::SYN, &[]);
+            }
+            _ => {}
+        }
+    }
+
+    /// Output leaves in order, after every write it may depend on completed.
+    fn send(&mut self, frame: Bytes) {
+        if self.awaiting.is_empty() && self.held_tx.is_empty() {
+            self.tx.push(frame);
+        } else {
+            self.held_tx.push(frame);
+        }
+    }
+
+    /// Sync completion mode: these writes completed.
+    fn complete(&mut self, ids: &[WriteId]) {
+        self.awaiting.retain(|id| !ids.contains(id));
+        if self.awaiting.is_empty() {
+            self.tx.append(&mut self.held_tx);
         }
     }
 
@@ -227,13 +287,18 @@ impl FakeVm {
     }
 
     /// Writes a block; `false`: the disk refused it for now (the epoch or overlay is full), retry later.
-    fn disk_write(&self, offset: u64, fill: u64) -> bool {
+    fn disk_write(&mut self, offset: u64, fill: u64) -> bool {
         let mut block = vec![0u8; PAGE as usize];
         for c in block.chunks_mut(8) {
             c.copy_from_slice(&fill.to_le_bytes());
         }
         let r = match &self.disk {
-            Port::Primary(d) => d.write(offset, Bytes::from(block)).map(|_| ()),
+            Port::Primary(d) => d.write(offset, Bytes::from(block)).map(|status| {
+                if let WriteStatus::AwaitingAck(id) = status {
+                    self.awaiting.push(id);
+                    self.waited += 1;
+                }
+            }),
             Port::Secondary(d) => d.write(offset, &block),
         };
         match r {
@@ -247,8 +312,8 @@ impl FakeVm {
         let mut src = GUEST;
         src.port = port;
         // The IP id comes from the step counter: the two guests choose different ones.
-        self.tx
-            .push(Bytes::from(udp(src, CLIENT, self.regs.steps as u16, payload)));
+        let frame = Bytes::from(udp(src, CLIENT, self.regs.steps as u16, payload));
+        self.send(frame);
     }
 
     /// Runs one step of the guest, if it runs.
@@ -268,6 +333,7 @@ impl FakeVm {
                 self.emit(9, &noise.to_le_bytes());
             }
         }
+        self.connect();
         if let Some(frame) = self.regs.rx.pop_front() {
             self.serve(&frame);
         }
@@ -336,7 +402,7 @@ impl FakeVm {
         let mut spec = TcpSpec::data(src, CLIENT, seq, ack, payload);
         spec.flags = flags;
         spec.ip_id = self.regs.steps as u16;
-        self.tx.push(Bytes::from(tcp(&spec)));
+        self.send(Bytes::from(tcp(&spec)));
     }
 
     /// A minimal TCP server for one client connection; its state lives in guest RAM (page 80). The ISN
@@ -358,6 +424,18 @@ impl FakeVm {
             self.read_u64(base + 24) as u32,
         );
         let last_seq = self.read_u64(base + 32) as u32;
+        if flags & tcp_flags::SYN != 0 && flags & tcp_flags::ACK != 0 {
+            // The client's answer to the guest's own SYN.
+            if state == 3 && ack == isn.wrapping_add(1) {
+                self.write_u64(base, 2);
+                self.write_u64(base + 24, seq.wrapping_add(1) as u64);
+            }
+            if state >= 2 {
+                let rcv = self.read_u64(base + 24) as u32;
+                self.tcp_out(snd_nxt, rcv, tcp_flags::ACK, &[]);
+            }
+            return;
+        }
         if flags & tcp_flags::SYN != 0 {
             let isn = if state == 0 {
                 let isn = self.entropy.next() as u32;
@@ -486,6 +564,8 @@ struct TcpClient {
     out: Vec<Bytes>,
     /// Guest segments beyond what was expected (a wrong sequence translation would show here).
     out_of_window: u64,
+    /// The guest opens the connection; the client answers its SYN.
+    guest_opens: bool,
 }
 
 impl TcpClient {
@@ -497,6 +577,7 @@ impl TcpClient {
             rcv: 0,
             out: Vec::new(),
             out_of_window: 0,
+            guest_opens: false,
         }
     }
 
@@ -519,8 +600,12 @@ impl TcpClient {
                 self.rcv = seq.wrapping_add(1);
                 self.established = true;
             }
-            let ack = self.segment(self.nxt, tcp_flags::ACK, &[]);
-            self.out.push(ack);
+            let answer = if self.guest_opens {
+                self.segment(CLIENT_ISN, tcp_flags::SYN | tcp_flags::ACK, &[])
+            } else {
+                self.segment(self.nxt, tcp_flags::ACK, &[])
+            };
+            self.out.push(answer);
             return None;
         }
         if payload.is_empty() {
@@ -575,6 +660,9 @@ impl Client {
         if let Some(c) = &mut self.tcp
             && !c.established
         {
+            if c.guest_opens {
+                return None;
+            }
             // Connect (and retry the SYN) first.
             if t >= 50 && c.syn_sent.is_none_or(|at| t >= at + 300) {
                 c.syn_sent = Some(t);
@@ -756,6 +844,19 @@ struct Sim {
     partitioned: bool,
     promoted: bool,
     stopped: [bool; 2],
+    /// Sync-mode writes completed (each checked against the secondary's applied writes).
+    writes_completed: u64,
+    /// When (ms) the secondary received a primary ISN.
+    isn_notices: Vec<u64>,
+}
+
+/// Variations of the pair's disks.
+#[derive(Default)]
+struct Opts {
+    /// The secondary's disk starts empty and the primary's holds data: an initial sync runs first.
+    sync: bool,
+    /// Capacity of the secondary's active overlay in blocks (default 256).
+    active_blocks: Option<usize>,
 }
 
 fn config() -> PairConfig {
@@ -780,18 +881,42 @@ impl Sim {
     }
 
     fn with_disk(cfg: PairConfig, seed: u64, arbiter: Option<SimArbiter>, disk: PrimaryConfig) -> Sim {
+        Self::build(cfg, seed, arbiter, disk, Opts::default())
+    }
+
+    fn build(
+        cfg: PairConfig,
+        seed: u64,
+        arbiter: Option<SimArbiter>,
+        disk: PrimaryConfig,
+        opts: Opts,
+    ) -> Sim {
         let base = Instant::now();
         let (p_end, s_end) = pipe();
-        let pdisk = SharedPrimaryDisk::new(PrimaryDisk::new(MemBackend::new(DISK).unwrap(), disk));
-        let sdisk = SharedSecondaryDisk::new(
-            SecondaryDisk::new(
-                MemBackend::new(DISK).unwrap(),
-                MemStore::new(PAGE as usize, 256).unwrap(),
-                MemStore::new(PAGE as usize, 256).unwrap(),
-                0,
-            )
-            .unwrap(),
+        let mut pbackend = MemBackend::new(DISK).unwrap();
+        if opts.sync {
+            // Data beyond the key blocks that only the primary's disk holds.
+            for block in KEYS as u64..DISK / PAGE {
+                pbackend
+                    .write_at(block * PAGE, &[block as u8 ^ 0x5a; PAGE as usize])
+                    .unwrap();
+            }
+        }
+        let mut pdisk = PrimaryDisk::new(pbackend, disk);
+        if opts.sync {
+            pdisk.start_sync(InitialSync::new(DISK, PAGE).unwrap()).unwrap();
+        }
+        let pdisk = SharedPrimaryDisk::new(pdisk);
+        let (hidden, active) = (
+            MemStore::new(PAGE as usize, 256).unwrap(),
+            MemStore::new(PAGE as usize, opts.active_blocks.unwrap_or(256)).unwrap(),
         );
+        let sbackend = MemBackend::new(DISK).unwrap();
+        let sdisk = SharedSecondaryDisk::new(if opts.sync {
+            SecondaryDisk::new_syncing(sbackend, hidden, active).unwrap()
+        } else {
+            SecondaryDisk::new(sbackend, hidden, active, 0).unwrap()
+        });
         let mut pvm = FakeVm::new(0x9e37_79b9 ^ seed, Port::Primary(pdisk.clone()));
         pvm.running = true;
         // The PVM booted before protection started: some RAM already written.
@@ -852,6 +977,8 @@ impl Sim {
             partitioned: false,
             promoted: false,
             stopped: [false; 2],
+            writes_completed: 0,
+            isn_notices: Vec::new(),
         }
     }
 
@@ -949,6 +1076,23 @@ impl Sim {
 
     fn step_primary(&mut self, now: Instant) {
         let Some(p) = &mut self.primary else { return };
+        let done = p.disk().take_completed();
+        if !done.is_empty() {
+            if let Some(s) = &self.secondary
+                && !self.failed_over
+            {
+                // Protocol C: a write completes only once the secondary has applied it.
+                let applied = s.disk().lock().last_applied();
+                for id in &done {
+                    assert!(
+                        applied >= Some(*id),
+                        "{id:?} completed, secondary applied {applied:?}"
+                    );
+                }
+            }
+            self.writes_completed += done.len() as u64;
+            p.vm_mut().complete(&done);
+        }
         p.vm_mut().step();
         for f in std::mem::take(&mut p.vm_mut().tx) {
             p.guest_output(now, f).unwrap();
@@ -967,7 +1111,7 @@ impl Sim {
                 Ok(m) => p.handle_message(now, m).unwrap(),
                 Err(e) => {
                     self.p_link_down = true;
-                    p.link_failed(now, &e.to_string()).unwrap();
+                    p.channel_error(now, &e).unwrap();
                 }
             }
         }
@@ -1010,10 +1154,15 @@ impl Sim {
         }
         while !self.s_link_down && self.s_end.available() > 0 {
             match self.s_rx.recv() {
-                Ok(m) => s.handle_message(now, m).unwrap(),
+                Ok(m) => {
+                    if matches!(m, Message::PrimaryIsn(_)) {
+                        self.isn_notices.push(self.t);
+                    }
+                    s.handle_message(now, m).unwrap()
+                }
                 Err(e) => {
                     self.s_link_down = true;
-                    s.link_failed(now, &e.to_string()).unwrap();
+                    s.channel_error(now, &e).unwrap();
                 }
             }
         }
@@ -1155,6 +1304,7 @@ fn checkpoints_keep_the_pair_identical_and_release_only_compared_or_committed_ou
     assert!(sim.client.ticks_seen > 10);
     assert!(p.bytes_sent > RAM as u64, "at least the initial RAM went out");
     assert!(p.compare.unwrap().mismatches > 0);
+    assert!(p.pause_p50 <= p.p99_pause && s.pause_p50 <= s.p99_pause);
     sim.check_survivor();
 }
 
@@ -1752,4 +1902,260 @@ fn primary_lost_before_the_first_checkpoint_the_secondary_has_nothing_to_run() {
     assert_eq!(s.phase(), Phase::Stopped);
     assert!(s.is_paused(), "a guest without a consistent copy never runs");
     assert!(!sim.promoted);
+}
+
+// ---------- protocol v3: disk sync, block acks, early checkpoints, protocol errors ----------
+
+#[test]
+fn initial_disk_sync_brings_an_empty_secondary_disk_to_the_primary_while_the_guest_writes() {
+    let mut cfg = config();
+    cfg.disk_sync_burst = PAGE;
+    let opts = Opts {
+        sync: true,
+        ..Opts::default()
+    };
+    let mut sim = Sim::build(cfg, 5, None, PrimaryConfig::default(), opts);
+    let (mut resent, mut synced_at, mut answered_during_sync) = (0, None, 0);
+    for _ in 0..3000 {
+        sim.step(false);
+        let p = sim.primary.as_ref().unwrap();
+        match p.disk().lock().sync_progress() {
+            Some(progress) => {
+                resent = resent.max(progress.resent_bytes);
+                assert_eq!(
+                    p.status().checkpoints,
+                    0,
+                    "no checkpoint before the disk is synced"
+                );
+                answered_during_sync = sim.client.answered;
+            }
+            None if synced_at.is_none() => synced_at = Some(sim.t),
+            None => {}
+        }
+    }
+    let synced_at = synced_at.expect("the sync finished");
+    eprintln!("synced at {synced_at} ms, {resent} bytes re-sent, {answered_during_sync} answers meanwhile");
+    // 256 chunks, about one per step: the sync spans many steps, and the guest kept writing (its noise
+    // block, at 200 * PAGE, every 37 steps).
+    assert!(synced_at >= 200, "synced at {synced_at}");
+    assert!(
+        resent > 0,
+        "guest writes during the sync re-dirtied chunks already sent"
+    );
+    let p = sim.primary.as_ref().unwrap().status();
+    assert_eq!(p.phase, Phase::Colo);
+    // Every checkpoint compared the whole disks (check_checkpoint): the data only the primary had is there.
+    assert!(
+        sim.checked_checkpoints >= 10,
+        "{} checkpoints",
+        sim.checked_checkpoints
+    );
+    let mut block = vec![0u8; PAGE as usize];
+    sim.secondary
+        .as_ref()
+        .unwrap()
+        .disk()
+        .lock()
+        .disk()
+        .read_at(150 * PAGE, &mut block)
+        .unwrap();
+    assert!(block.iter().all(|&b| b == 150u8 ^ 0x5a));
+    sim.drain();
+    sim.check_survivor();
+    // The synced secondary can take over.
+    sim.kill_primary(Kill::Crash);
+    sim.run(1500);
+    sim.drain();
+    assert!(sim.promoted && sim.client.answered_after_failover > 100);
+    sim.check_survivor();
+}
+
+#[test]
+fn a_v2_link_refuses_an_initial_disk_sync_with_a_typed_error() {
+    let mem = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), RAM)]).unwrap();
+    let log = AtomicBitmapLog::new(&mem).unwrap();
+    let mut pdisk = PrimaryDisk::new(MemBackend::new(DISK).unwrap(), PrimaryConfig::default());
+    pdisk.start_sync(InitialSync::new(DISK, PAGE).unwrap()).unwrap();
+    let (p_end, _s_end) = pipe();
+    let mut ch = channel(&p_end);
+    ch.set_version(2);
+    let vm = FakeVm::new(
+        1,
+        Port::Primary(SharedPrimaryDisk::new(PrimaryDisk::new(
+            MemBackend::new(DISK).unwrap(),
+            PrimaryConfig::default(),
+        ))),
+    );
+    let r = PrimaryPair::new(
+        config(),
+        Instant::now(),
+        FakeVm { mem, ..vm },
+        Box::new(log),
+        SharedPrimaryDisk::new(pdisk),
+        Box::new(ch),
+        Box::new(NoArbiter::unsafe_under_partitions()),
+    );
+    assert!(matches!(
+        r,
+        Err(colo_pair::PairError::NeedsVersion { version: 2, .. })
+    ));
+}
+
+fn sync_mode() -> PrimaryConfig {
+    PrimaryConfig {
+        mode: CompletionMode::Sync,
+        ..PrimaryConfig::default()
+    }
+}
+
+#[test]
+fn sync_mode_writes_complete_only_after_the_secondary_acks_them() {
+    let mut sim = Sim::build(config(), 3, None, sync_mode(), Opts::default());
+    sim.run(3000);
+    sim.drain();
+    let p = sim.primary.as_ref().unwrap();
+    let waited = p.vm().waited;
+    eprintln!("{waited} writes waited, {} completed", sim.writes_completed);
+    assert!(waited > 100, "{waited} writes waited for an ack");
+    assert!(
+        sim.writes_completed + 2 >= waited,
+        "every write but the last ones completed"
+    );
+    assert!(sim.client.answered > 300);
+    assert!(sim.checked_checkpoints >= 10);
+    sim.check_survivor();
+}
+
+#[test]
+fn sync_mode_survives_either_side_being_killed() {
+    for how in [Kill::Crash, Kill::Silent] {
+        let mut sim = Sim::build(config(), 4, None, sync_mode(), Opts::default());
+        sim.run(1500);
+        sim.kill_primary(how);
+        sim.run(1500);
+        sim.drain();
+        assert!(sim.promoted, "{how:?}");
+        assert!(sim.client.answered_after_failover > 100);
+        sim.check_survivor();
+
+        let mut sim = Sim::build(config(), 4, None, sync_mode(), Opts::default());
+        sim.run(1500);
+        sim.kill_secondary(how);
+        sim.run(1500);
+        sim.drain();
+        let p = sim.primary.as_ref().unwrap();
+        assert_eq!(p.phase(), Phase::Alone, "{how:?}");
+        // The writes that waited for the lost secondary completed: the guest's answers came out.
+        assert!(p.vm().awaiting.is_empty() && p.vm().held_tx.is_empty());
+        assert!(sim.client.answered_after_failover > 100);
+        sim.check_survivor();
+    }
+}
+
+#[test]
+fn a_full_secondary_overlay_asks_the_primary_for_an_early_checkpoint() {
+    let mut cfg = config();
+    cfg.checkpoint_interval = Duration::from_secs(3600);
+    let opts = Opts {
+        active_blocks: Some(3),
+        ..Opts::default()
+    };
+    let mut sim = Sim::build(cfg, 8, None, PrimaryConfig::default(), opts);
+    for vm in [
+        sim.primary.as_mut().unwrap().vm_mut(),
+        sim.secondary.as_mut().unwrap().vm_mut(),
+    ] {
+        vm.noise = false;
+    }
+    let mut asked = 0;
+    for _ in 0..3000 {
+        let before = sim.primary.as_ref().unwrap().status().checkpoints;
+        sim.step(false);
+        let p = sim.primary.as_ref().unwrap();
+        if p.status().checkpoints > before
+            && p.last_trigger() == Some(colo_pair::Trigger::Secondary(colo_proto::WantReason::OverlayFull))
+        {
+            asked += 1;
+        }
+    }
+    sim.drain();
+    let p = sim.primary.as_ref().unwrap().status();
+    eprintln!(
+        "{asked} asked-for checkpoints of {}; {} answers",
+        p.checkpoints, sim.client.answered
+    );
+    assert!(asked >= 10, "{asked} checkpoints asked for by the secondary");
+    assert!(sim.client.answered > 100);
+    sim.check_survivor();
+}
+
+#[test]
+fn a_protocol_error_from_a_live_primary_stops_the_secondary_instead_of_promoting_it() {
+    for garbage in [true, false] {
+        let mut sim = warmed_up_with(garbage as u64);
+        if garbage {
+            // Bytes that are no frame, between two frames of a living primary.
+            sim.p_end.write_all(&[0xde; 64]).unwrap();
+        } else {
+            // A valid frame the session cannot accept: a checkpoint far in the future.
+            let mut wire = Vec::new();
+            Message::VmstateSend { epoch: 999 }
+                .encode(PROTOCOL_VERSION, &mut wire)
+                .unwrap();
+            sim.p_end.write_all(&wire).unwrap();
+        }
+        sim.run(2000);
+        sim.drain();
+        let s = sim.secondary.as_ref().unwrap();
+        assert_eq!(s.phase(), Phase::Stopped, "garbage {garbage}");
+        assert!(!sim.promoted, "never promoted next to a living primary");
+        assert!(s.status().exit_detail.unwrap().contains("protocol error"));
+        assert!(sim.stopped[1]);
+        let p = sim.primary.as_ref().unwrap();
+        assert_eq!(p.phase(), Phase::Alone, "the primary goes on alone");
+        assert!(sim.client.answered_after_failover > 100);
+        sim.check_survivor();
+    }
+}
+
+#[test]
+fn a_guest_opened_tcp_connection_survives_a_primary_crash_through_the_rewriter() {
+    for seed in 0..3 {
+        let mut sim = tcp_sim(seed, false);
+        sim.client.tcp.as_mut().unwrap().guest_opens = true;
+        // The SVM's vCPU reaches the connect 30 steps after the PVM's.
+        sim.primary.as_mut().unwrap().vm_mut().connect_at = Some(60);
+        sim.secondary.as_mut().unwrap().vm_mut().connect_at = Some(90);
+        sim.run(1000);
+        assert!(sim.client.tcp.as_ref().unwrap().established);
+        assert!(sim.client.answered > 100, "{} answers", sim.client.answered);
+        // The PVM's ISN reached the rewriter before the SVM's SYN did.
+        let svm_syn_at = sim.t - (sim.primary.as_ref().unwrap().vm().regs.steps - 90);
+        assert!(
+            sim.isn_notices.first().is_some_and(|&t| t < svm_syn_at),
+            "primary ISN notices at {:?}, SVM SYN at about {svm_syn_at}",
+            sim.isn_notices
+        );
+        let s = sim.secondary.as_ref().unwrap().status();
+        assert!(s.rewrite.unwrap().offsets_learned >= 1);
+        sim.kill_primary(Kill::Crash);
+        sim.run(1500);
+        sim.drain();
+        let c = sim.client.tcp.as_ref().unwrap();
+        assert_eq!(
+            c.out_of_window, 0,
+            "the promoted SVM answers in the PVM's sequence space"
+        );
+        assert!(
+            sim.client.answered_after_failover > 100,
+            "the same connection goes on"
+        );
+        let s = sim.secondary.as_ref().unwrap().status();
+        assert_eq!(s.phase, Phase::Alone);
+        assert_eq!(
+            s.checkpoints, 1,
+            "only the initial checkpoint: the offset was in use"
+        );
+        sim.check_survivor();
+    }
 }

@@ -184,6 +184,45 @@ pub enum Error {
     Io(Arc<std::io::Error>),
 }
 
+impl Error {
+    /// Whether the peer broke the protocol: it sent bytes that are not a valid frame (bad magic, version,
+    /// CRC, kind, flags, size or body), a message out of order or with the wrong epoch, bad device state,
+    /// an error report, or a goodbye in the middle of a checkpoint. The peer is then alive (it wrote those
+    /// bytes) but cannot be trusted to follow the protocol.
+    ///
+    /// False for what a dead or unreachable peer looks like: the stream closed or ended inside a frame, a
+    /// socket error, a missed deadline, and for local failures and refused local commands.
+    pub fn is_protocol_error(&self) -> bool {
+        match self {
+            Error::BadMagic { .. }
+            | Error::UnsupportedVersion { .. }
+            | Error::HeaderCrc { .. }
+            | Error::UnknownKind { .. }
+            | Error::UnknownFlags { .. }
+            | Error::Oversize { .. }
+            | Error::BodyCrc { .. }
+            | Error::Malformed { .. }
+            | Error::DecoderFailed
+            | Error::Refused(_)
+            | Error::PeerRefused { .. }
+            | Error::Unexpected { .. }
+            | Error::Epoch { .. }
+            | Error::DeviceState { .. }
+            | Error::Peer { .. }
+            | Error::Goodbye(_) => true,
+            Error::AlreadyFailed(e) => e.is_protocol_error(),
+            Error::Truncated { .. }
+            | Error::Closed
+            | Error::Encode { .. }
+            | Error::KindNotInVersion { .. }
+            | Error::BadCommand { .. }
+            | Error::Timeout { .. }
+            | Error::Local(_)
+            | Error::Io(_) => false,
+        }
+    }
+}
+
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
         Error::Io(Arc::new(e))

@@ -5,14 +5,15 @@
 //!      0     4  magic        b"COLO"
 //!      4     2  version      protocol version the frame is written in
 //!      6     2  kind         message kind (`Kind`)
-//!      8     4  flags        reserved, must be zero
+//!      8     4  flags        `flags::*` bits defined for this kind and version; others must be zero
 //!     12     4  body_len     length of the body in bytes
 //!     16     4  body_crc     CRC32 (IEEE, crc32fast) of the body
 //!     20     4  header_crc   CRC32 of bytes 0..20
 //! ```
 //!
 //! The header carries its own CRC so that a damaged length or kind is caught before it is acted upon, and
-//! every single damaged byte of a frame is detected. Checks run in the order magic, version, header CRC,
+//! every single damaged byte of a frame is detected (one exception by design: the page data of a version-3
+//! pre-copy frame, see [`flags::PREFIX_CRC`]). Checks run in the order magic, version, header CRC,
 //! kind, flags, length cap, so that a peer speaking a future version gets `UnsupportedVersion` even if that
 //! version changed the rest of the header.
 
@@ -25,12 +26,50 @@ pub const HEADER_LEN: usize = 24;
 pub const MAGIC: u32 = u32::from_le_bytes(*b"COLO");
 
 /// The newest protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
-
-/// The oldest protocol version this crate still accepts (the previous one).
 ///
-/// Version 1 is version 2 without [`Kind::PrecopyPages`] and [`Kind::Heartbeat`].
+/// Version 3 adds the disk initial sync ([`Kind::DiskSyncChunk`], [`Kind::DiskSyncDone`]), block
+/// acknowledgements and discards ([`Kind::BlockAck`], [`Kind::BlockDiscard`]), the secondary's
+/// [`Kind::CheckpointWanted`], [`Kind::PrimaryIsn`] forwarding, and the [`flags::PREFIX_CRC`] flag on
+/// pre-copy page frames. A version-3 peer talks to a version-2 (or 1) peer in the older version: it then
+/// sends none of these, and a frame carrying one is refused by both encoder and decoder.
+pub const PROTOCOL_VERSION: u16 = 3;
+
+/// The oldest protocol version this crate still accepts.
+///
+/// Version 1 is version 2 without [`Kind::PrecopyPages`] and [`Kind::Heartbeat`]; version 2 is version 3
+/// without the kinds and the flag listed at [`PROTOCOL_VERSION`].
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// Frame flag bits. A bit is valid only on the kinds and versions its documentation names; any other set
+/// bit is [`Error::UnknownFlags`].
+pub mod flags {
+    /// On a [`Kind::PrecopyPages`](super::Kind::PrecopyPages) frame of version 3 or later: the body CRC covers
+    /// only the batch's fixed part and descriptors (`16 + 8 * count` bytes), not the page data.
+    ///
+    /// Pre-copy pages are read from the running guest. The sender computes the CRC and the kernel copies
+    /// the pages a moment later; a vCPU that writes a page in between makes the bytes on the wire differ
+    /// from the bytes the CRC saw, and a full-body CRC would then reject a frame that is harmless: the
+    /// write also set the page's dirty bit, so the page is sent again, fully checked, by the next pre-copy
+    /// pass or at the latest in the checkpoint ([`Kind::RamPages`](super::Kind::RamPages), which always has
+    /// a full CRC; the guest is paused then, so its pages cannot change under the send). The descriptors
+    /// (addresses, zero markers, page size, count, epoch) stay checked, so a damaged frame can never put
+    /// data at the wrong address or desynchronise the stream. What is given up: a page damaged on the wire
+    /// (past TCP's and the link's own checksums) in a pre-copy frame and never dirtied again goes
+    /// undetected. The alternative, copying every pre-copy page before the CRC, costs a full memcpy of the
+    /// guest's RAM on the sender.
+    pub const PREFIX_CRC: u32 = 1 << 0;
+}
+
+/// The flag bits valid on a frame of `kind` in `version`.
+pub fn allowed_flags(kind: Kind, version: u16) -> u32 {
+    match kind {
+        Kind::PrecopyPages if version >= 3 => flags::PREFIX_CRC,
+        _ => 0,
+    }
+}
+
+/// Length of the fixed part of a page batch body (epoch, page size, count).
+const BATCH_FIXED: usize = 16;
 
 /// Default cap on a frame body: 64 MiB.
 pub const DEFAULT_MAX_BODY: u32 = 64 << 20;
@@ -94,6 +133,8 @@ kinds! {
     VmstateLoaded = 19 since 1,
     /// A batch of guest pages sent while the guest runs (pre-copy).
     PrecopyPages = 20 since 2,
+    /// The secondary asks for a checkpoint soon (its overlay or rewriter table is filling up).
+    CheckpointWanted = 21 since 3,
     /// Liveness beacon.
     Heartbeat = 30 since 2,
     /// The guest shut down.
@@ -102,8 +143,18 @@ kinds! {
     BlockWrite = 40 since 1,
     /// All block writes of an epoch have been sent.
     BlockBarrier = 41 since 1,
+    /// Initial disk sync: a range of the primary's disk.
+    DiskSyncChunk = 42 since 3,
+    /// Initial disk sync finished (summary).
+    DiskSyncDone = 43 since 3,
+    /// The secondary applied every replicated write up to an id (cumulative).
+    BlockAck = 44 since 3,
+    /// A primary disk discard forwarded to the secondary.
+    BlockDiscard = 45 since 3,
     /// A secondary guest's output frame forwarded to the primary's comparator.
     OutputFrame = 50 since 1,
+    /// The PVM's initial sequence number of a TCP connection, for the secondary's rewriter.
+    PrimaryIsn = 51 since 3,
     /// A side announces it is failing over.
     FailoverNotice = 60 since 1,
     /// A side leaves the session.
@@ -119,7 +170,7 @@ pub struct FrameHeader {
     pub version: u16,
     /// Message kind.
     pub kind: Kind,
-    /// Flag bits (none defined yet).
+    /// Flag bits (see [`flags`]).
     pub flags: u32,
     /// Length of the body.
     pub body_len: u32,
@@ -143,7 +194,8 @@ impl FrameHeader {
     }
 
     /// Decodes and validates a header: magic, version within `MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION`,
-    /// header CRC, kind known in that version, no unknown flags, and `body_len <= max_body`.
+    /// header CRC, kind known in that version, no flag outside [`allowed_flags`], and
+    /// `body_len <= max_body`.
     pub fn decode(bytes: &[u8; HEADER_LEN], max_body: u32) -> Result<FrameHeader> {
         let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]);
         let u32_at = |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
@@ -170,7 +222,7 @@ impl FrameHeader {
             version,
         })?;
         let flags = u32_at(8);
-        if flags != 0 {
+        if flags & !allowed_flags(kind, version) != 0 {
             return Err(Error::UnknownFlags { kind, flags });
         }
         let body_len = u32_at(12);
@@ -190,9 +242,10 @@ impl FrameHeader {
         })
     }
 
-    /// Checks `body` against the header's CRC.
+    /// Checks `body` against the header's CRC (over the part of the body the CRC covers: all of it, or the
+    /// descriptors only with [`flags::PREFIX_CRC`]).
     pub fn check_body(&self, body: &[u8]) -> Result<()> {
-        let computed = crc32fast::hash(body);
+        let computed = crc32fast::hash(&body[..self.crc_len(body)?]);
         if computed != self.body_crc {
             return Err(Error::BodyCrc {
                 kind: self.kind,
@@ -201,6 +254,27 @@ impl FrameHeader {
             });
         }
         Ok(())
+    }
+
+    /// How many leading bytes of `body` the body CRC covers.
+    fn crc_len(&self, body: &[u8]) -> Result<usize> {
+        if self.flags & flags::PREFIX_CRC == 0 {
+            return Ok(body.len());
+        }
+        let count = body
+            .get(12..BATCH_FIXED)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize);
+        count
+            .and_then(|n| n.checked_mul(8))
+            .and_then(|d| d.checked_add(BATCH_FIXED))
+            .filter(|&len| len <= body.len())
+            .ok_or_else(|| Error::Malformed {
+                kind: self.kind,
+                what: format!(
+                    "prefix-checked body of {} bytes is shorter than its descriptors",
+                    body.len()
+                ),
+            })
     }
 
     /// Total frame length (header and body).

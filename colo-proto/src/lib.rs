@@ -47,8 +47,8 @@ pub use error::{Error, Result};
 pub use frame::{DEFAULT_MAX_BODY, FrameHeader, HEADER_LEN, Kind, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 pub use handshake::{LocalConfig, Negotiated, Refusal};
 pub use message::{
-    BlockWrite, DeviceStateChunk, Hello, MemoryRegion, Message, OutputFrame, PageBatch, RamPage, Reason,
-    Role, Welcome,
+    BlockDiscard, BlockWrite, DeviceStateChunk, DiskSyncChunk, DiskSyncDone, Hello, MemoryRegion, Message,
+    OutputFrame, PageBatch, PrimaryIsn, RamPage, Reason, Role, TcpFlow, WantReason, Welcome,
 };
 
 pub use session::{PrimaryAction, PrimarySession, SecondaryAction, SecondarySession, SessionConfig};

@@ -12,12 +12,26 @@
 //! epoch u64 | page_size u32 | count u32 | count x descriptor u64 | data of every non-zero page, in order
 //! descriptor = guest physical address | 1 if the page is all zeroes (no data follows for it)
 //! ```
+//!
+//! From version 3 a pre-copy batch's CRC covers only `epoch .. descriptors` (see
+//! [`crate::frame::flags::PREFIX_CRC`]); a checkpoint batch's CRC always covers the whole body.
+//!
+//! Version-3 messages (all little-endian):
+//!
+//! ```text
+//! DiskSyncChunk    disk u32 | reserved u32 (0) | offset u64 | data (1 ..= MAX_DISK_CHUNK bytes, sector multiple)
+//! DiskSyncDone     bincode: disk u32, epoch u64, disk_len u64, bytes u64
+//! BlockAck         bincode: disk u32, id u64
+//! BlockDiscard     bincode: epoch u64, disk u32, offset u64, len u64
+//! CheckpointWanted bincode: reason (u32 variant index of WantReason)
+//! PrimaryIsn       bincode: src u128, dst u128, src_port u16, dst_port u16, vlan u32, ipv6 bool, isn u32
+//! ```
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::error::{Error, Result};
-use crate::frame::{FrameHeader, HEADER_LEN, Kind};
+use crate::frame::{FrameHeader, HEADER_LEN, Kind, allowed_flags, flags};
 
 /// Byte limit for the bincode body of a control message.
 pub const CONTROL_LIMIT: usize = 1 << 20;
@@ -26,6 +40,11 @@ pub const CONTROL_LIMIT: usize = 1 << 20;
 pub const MIN_PAGE_SIZE: u32 = 512;
 /// Largest page size a batch may use (2 MiB huge pages).
 pub const MAX_PAGE_SIZE: u32 = 2 << 20;
+
+/// Disk sectors: offsets and lengths of disk sync chunks and discards are multiples of this.
+pub const SECTOR_SIZE: u64 = 512;
+/// Largest data of one [`DiskSyncChunk`] (a VMM splits larger sync chunks into several messages).
+pub const MAX_DISK_CHUNK: usize = 16 << 20;
 
 /// Descriptor bit marking a zero page.
 const ZERO_FLAG: u64 = 1;
@@ -160,6 +179,81 @@ pub struct BlockWrite {
     pub data: Bytes,
 }
 
+/// Initial disk sync: the primary's content of `data.len()` bytes at `offset` (protocol v3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSyncChunk {
+    /// The VMM's id for the disk.
+    pub disk: u32,
+    /// Byte offset on the disk (a multiple of [`SECTOR_SIZE`]).
+    pub offset: u64,
+    /// The bytes (a non-zero multiple of [`SECTOR_SIZE`], at most [`MAX_DISK_CHUNK`]).
+    pub data: Bytes,
+}
+
+/// Initial disk sync finished: the secondary now holds the primary's disk, and replicated writes of `epoch`
+/// follow (protocol v3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSyncDone {
+    /// The VMM's id for the disk.
+    pub disk: u32,
+    /// The replication epoch the secondary starts at.
+    pub epoch: u64,
+    /// The primary's disk length in bytes (the secondary's must be equal).
+    pub disk_len: u64,
+    /// Bytes of [`DiskSyncChunk`] data sent for this disk, re-sends included (the secondary checks that it
+    /// received exactly this many).
+    pub bytes: u64,
+}
+
+/// A primary disk discard forwarded to the secondary: the range reads as zeros once applied (protocol v3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockDiscard {
+    /// Epoch during which the guest discarded.
+    pub epoch: u64,
+    /// The VMM's id for the disk.
+    pub disk: u32,
+    /// Byte offset (a multiple of [`SECTOR_SIZE`]).
+    pub offset: u64,
+    /// Length in bytes (a multiple of [`SECTOR_SIZE`]).
+    pub len: u64,
+}
+
+/// Why the secondary wants a checkpoint before the next periodic one (protocol v3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum WantReason {
+    /// The SVM's active disk overlay is full: its writes wait for the next checkpoint.
+    OverlayFull,
+    /// The TCP rewriter's connection table is under pressure (it evicts connections).
+    RewriterFull,
+}
+
+/// One direction of a TCP connection, as the guest sends it (guest -> client), in the form of colo-net's
+/// flow key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TcpFlow {
+    /// Source address (IPv4 in the low 32 bits).
+    pub src: u128,
+    /// Destination address.
+    pub dst: u128,
+    /// Source port.
+    pub src_port: u16,
+    /// Destination port.
+    pub dst_port: u16,
+    /// VLAN ids as the VMM's packet parser reports them.
+    pub vlan: u32,
+    /// IPv6 (else IPv4).
+    pub ipv6: bool,
+}
+
+/// The PVM's initial sequence number on a TCP connection it opened (protocol v3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrimaryIsn {
+    /// The guest -> client direction of the connection.
+    pub flow: TcpFlow,
+    /// The PVM's ISN.
+    pub isn: u32,
+}
+
 /// An output frame of the secondary guest, forwarded to the primary's comparator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutputFrame {
@@ -222,6 +316,28 @@ pub enum Message {
         /// Epoch now committed.
         epoch: u64,
     },
+    /// The secondary asks for a checkpoint soon (secondary to primary). Protocol v3.
+    CheckpointWanted {
+        /// Why.
+        reason: WantReason,
+    },
+    /// Initial disk sync data (primary to secondary). Protocol v3.
+    DiskSyncChunk(DiskSyncChunk),
+    /// Initial disk sync finished (primary to secondary). Protocol v3.
+    DiskSyncDone(DiskSyncDone),
+    /// The secondary applied every replicated write and discard up to and including `id` (secondary to
+    /// primary). Writes and discards are numbered in the order the primary sends them, from 0 when
+    /// replication starts (after the initial sync, if any). Protocol v3.
+    BlockAck {
+        /// The VMM's id for the disk.
+        disk: u32,
+        /// The highest write id applied.
+        id: u64,
+    },
+    /// A forwarded primary disk discard. Protocol v3.
+    BlockDiscard(BlockDiscard),
+    /// The PVM's ISN of a TCP connection (primary to secondary). Protocol v3.
+    PrimaryIsn(PrimaryIsn),
     /// Liveness beacon. Protocol v2.
     Heartbeat {
         /// Sender's sequence number.
@@ -317,6 +433,27 @@ impl Cursor<'_> {
     fn u64(&mut self) -> Result<u64> {
         self.take::<8>().map(u64::from_le_bytes)
     }
+}
+
+/// Checks that a disk range is whole sectors and does not wrap.
+fn check_sectors(offset: u64, len: u64) -> std::result::Result<(), String> {
+    if !offset.is_multiple_of(SECTOR_SIZE) || !len.is_multiple_of(SECTOR_SIZE) {
+        return Err(format!(
+            "range {len} bytes at {offset} is not whole {SECTOR_SIZE}-byte sectors"
+        ));
+    }
+    if offset.checked_add(len).is_none() {
+        return Err(format!("range {len} bytes at {offset} wraps"));
+    }
+    Ok(())
+}
+
+/// Checks the range of a disk sync chunk: whole sectors, not empty, at most [`MAX_DISK_CHUNK`].
+fn check_sync_chunk(offset: u64, len: usize) -> std::result::Result<(), String> {
+    if len == 0 || len > MAX_DISK_CHUNK {
+        return Err(format!("{len} bytes of sync data (1..={MAX_DISK_CHUNK})"));
+    }
+    check_sectors(offset, len as u64)
 }
 
 /// Checks a page size.
@@ -474,6 +611,12 @@ impl Message {
             Message::GuestShutdown => Kind::GuestShutdown,
             Message::BlockWrite(_) => Kind::BlockWrite,
             Message::BlockBarrier { .. } => Kind::BlockBarrier,
+            Message::CheckpointWanted { .. } => Kind::CheckpointWanted,
+            Message::DiskSyncChunk(_) => Kind::DiskSyncChunk,
+            Message::DiskSyncDone(_) => Kind::DiskSyncDone,
+            Message::BlockAck { .. } => Kind::BlockAck,
+            Message::BlockDiscard(_) => Kind::BlockDiscard,
+            Message::PrimaryIsn(_) => Kind::PrimaryIsn,
             Message::OutputFrame(_) => Kind::OutputFrame,
             Message::FailoverNotice { .. } => Kind::FailoverNotice,
             Message::Goodbye { .. } => Kind::Goodbye,
@@ -500,6 +643,22 @@ impl Message {
             Message::VmstateSize { epoch, size } => put_ctl(kind, &(epoch, size), prefix),
             Message::FailoverNotice { reason } | Message::Goodbye { reason } => put_ctl(kind, reason, prefix),
             Message::Error { code, text } => put_ctl(kind, &(code, text), prefix),
+            Message::CheckpointWanted { reason } => put_ctl(kind, reason, prefix),
+            Message::DiskSyncDone(d) => put_ctl(kind, d, prefix),
+            Message::BlockAck { disk, id } => put_ctl(kind, &(disk, id), prefix),
+            Message::BlockDiscard(d) => {
+                check_sectors(d.offset, d.len).map_err(|what| Error::Encode { kind, what })?;
+                put_ctl(kind, d, prefix)
+            }
+            Message::PrimaryIsn(i) => put_ctl(kind, i, prefix),
+            Message::DiskSyncChunk(c) => {
+                check_sync_chunk(c.offset, c.data.len()).map_err(|what| Error::Encode { kind, what })?;
+                prefix.extend_from_slice(&c.disk.to_le_bytes());
+                prefix.extend_from_slice(&0u32.to_le_bytes());
+                prefix.extend_from_slice(&c.offset.to_le_bytes());
+                data.push(&c.data);
+                Ok(())
+            }
             Message::RamPages(b) | Message::PrecopyPages(b) => encode_pages(
                 kind,
                 b.epoch,
@@ -626,6 +785,36 @@ impl Message {
                 let (code, text) = get_ctl(kind, &body)?;
                 Message::Error { code, text }
             }
+            Kind::CheckpointWanted => Message::CheckpointWanted {
+                reason: get_ctl(kind, &body)?,
+            },
+            Kind::DiskSyncDone => Message::DiskSyncDone(get_ctl(kind, &body)?),
+            Kind::BlockAck => {
+                let (disk, id) = get_ctl(kind, &body)?;
+                Message::BlockAck { disk, id }
+            }
+            Kind::BlockDiscard => {
+                let d: BlockDiscard = get_ctl(kind, &body)?;
+                check_sectors(d.offset, d.len).map_err(|what| malformed(kind, what))?;
+                Message::BlockDiscard(d)
+            }
+            Kind::PrimaryIsn => Message::PrimaryIsn(get_ctl(kind, &body)?),
+            Kind::DiskSyncChunk => {
+                let mut c = Cursor {
+                    kind,
+                    buf: &body,
+                    pos: 0,
+                };
+                let disk = c.u32()?;
+                let reserved = c.u32()?;
+                let offset = c.u64()?;
+                if reserved != 0 {
+                    return Err(malformed(kind, format!("reserved field {reserved:#x}")));
+                }
+                let data = body.slice(c.pos..);
+                check_sync_chunk(offset, data.len()).map_err(|what| malformed(kind, what))?;
+                Message::DiskSyncChunk(DiskSyncChunk { disk, offset, data })
+            }
             Kind::RamPages => Message::RamPages(decode_pages(kind, body)?),
             Kind::PrecopyPages => Message::PrecopyPages(decode_pages(kind, body)?),
             Kind::DeviceState => {
@@ -724,6 +913,7 @@ impl Message {
             Message::RamPages(b) | Message::PrecopyPages(b) => Some(b.epoch),
             Message::DeviceState(c) => Some(c.epoch),
             Message::BlockWrite(w) => Some(w.epoch),
+            Message::BlockDiscard(d) => Some(d.epoch),
             _ => None,
         }
     }
@@ -766,15 +956,20 @@ pub(crate) fn body_header(kind: Kind, version: u16, prefix: &[u8], data: &[&[u8]
         kind,
         what: format!("body of {len} bytes"),
     })?;
+    // Pre-copy pages are read from a running guest: the CRC covers the descriptors only (see
+    // `flags::PREFIX_CRC`). The page batch encoder puts exactly the fixed part and descriptors in `prefix`.
+    let flags = allowed_flags(kind, version) & flags::PREFIX_CRC;
     let mut h = crc32fast::Hasher::new();
     h.update(prefix);
-    for d in data {
-        h.update(d);
+    if flags & flags::PREFIX_CRC == 0 {
+        for d in data {
+            h.update(d);
+        }
     }
     Ok(FrameHeader {
         version,
         kind,
-        flags: 0,
+        flags,
         body_len,
         body_crc: h.finalize(),
     })

@@ -124,6 +124,9 @@ struct RunArgs {
     /// Capacity of the secondary's disk overlays in 4 KiB blocks (both sides must agree).
     #[arg(long, default_value_t = 8192)]
     overlay_blocks: usize,
+    /// Skip the initial disk copy (both images already hold the same content; both sides must agree).
+    #[arg(long)]
+    no_disk_sync: bool,
     /// Test hook: the primary kills itself (SIGKILL) halfway through sending checkpoint N's pages.
     #[arg(long)]
     fault_exit_in_checkpoint: Option<u64>,
@@ -321,6 +324,7 @@ fn run_colo(args: &RunArgs, role: ColoRole, machine: MachineConfig) -> anyhow::R
     }
     cfg.overlay_blocks = args.overlay_blocks.max(1);
     cfg.fault_exit_in_checkpoint = args.fault_exit_in_checkpoint;
+    cfg.disk_sync = !args.no_disk_sync;
     match colo::run(machine, cfg, args.control.as_deref())? {
         colo::Exit::Quit | colo::Exit::GuestShutdown => Ok(()),
         colo::Exit::GuestFault(f) => bail!("guest fault: {f}"),

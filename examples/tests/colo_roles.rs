@@ -27,13 +27,12 @@ struct Vmm {
 }
 
 impl Vmm {
-    fn spawn(dir: &Path, name: &'static str, switch: &Path, extra: &[&str]) -> Self {
+    fn spawn_on(dir: &Path, name: &'static str, switch: &Path, disk: &Path, extra: &[&str]) -> Self {
         let control = dir.join(format!("{name}.ctl"));
-        let disk = disk(dir, &format!("{name}.img"), 8);
         let mut child = Command::new(env!("CARGO_BIN_EXE_colo-vmm"))
             .arg("run")
             .arg("--disk")
-            .arg(&disk)
+            .arg(disk)
             .arg("--switch")
             .arg(switch)
             .arg("--nic-socket")
@@ -150,15 +149,27 @@ struct Pair {
 /// A pair in COLO (checkpoint 1 committed on both sides).
 fn pair(extra: &[&str]) -> Pair {
     let tmp = tempfile::tempdir().unwrap();
+    let sw = Switch::spawn(&tmp.path().join("switch")).unwrap();
+    pair_in(tmp, sw, extra)
+}
+
+/// A pair on `primary.img` and `secondary.img` in `tmp` (fresh zero images unless they exist).
+fn pair_in(tmp: tempfile::TempDir, sw: SwitchHandle, extra: &[&str]) -> Pair {
     let dir = tmp.path().to_path_buf();
-    let sw = Switch::spawn(&dir.join("switch")).unwrap();
+    let image = |name: &str| {
+        let p = dir.join(format!("{name}.img"));
+        if !p.exists() {
+            disk(&dir, &format!("{name}.img"), 8);
+        }
+        p
+    };
     let addr = free_addr();
     let mut s_args = vec!["--role", "secondary", "--colo-listen", &addr];
     s_args.extend_from_slice(extra);
-    let secondary = Vmm::spawn(&dir, "secondary", sw.path(), &s_args);
+    let secondary = Vmm::spawn_on(&dir, "secondary", sw.path(), &image("secondary"), &s_args);
     let mut p_args = vec!["--role", "primary", "--colo-peer", &addr];
     p_args.extend_from_slice(extra);
-    let primary = Vmm::spawn(&dir, "primary", sw.path(), &p_args);
+    let primary = Vmm::spawn_on(&dir, "primary", sw.path(), &image("primary"), &p_args);
     for v in [&primary, &secondary] {
         v.wait_status("COLO", T, |s| {
             s["phase"] == "colo" && s["checkpoints"].as_u64() >= Some(1)
@@ -183,7 +194,11 @@ struct Model {
 
 impl Model {
     fn connect(p: &Pair) -> Self {
-        let c = KvClient::connect(p.sw.path(), &p.dir.join("client"), &ClientConfig::default(), T).unwrap();
+        Self::connect_to(p.sw.path(), &p.dir.join("client"))
+    }
+
+    fn connect_to(switch: &Path, port: &Path) -> Self {
+        let c = KvClient::connect(switch, port, &ClientConfig::default(), T).unwrap();
         Self {
             c,
             store: HashMap::new(),
@@ -261,6 +276,278 @@ fn checkpoints_run_and_the_client_gets_correct_answers_through_the_pair() {
     assert!(num(&ps["bytes_sent"]) > 100_000, "RAM and state went across");
     assert_eq!(ps["failover"]["state"], "none");
     assert!(p.primary.has_log("COLO: checkpoint"));
+    p.primary.quit();
+    p.secondary.quit();
+}
+
+#[test]
+fn failover_command_on_the_secondary_stops_the_primary_and_the_same_connection_continues() {
+    if !kvm_or_skip("failover_command_on_the_secondary_stops_the_primary_and_the_same_connection_continues") {
+        return;
+    }
+    let p = pair(&["--checkpoint-ms", "200"]);
+    let mut m = Model::connect(&p);
+    m.work(60);
+    let a = p.secondary.ctl(Request::Failover);
+    assert_eq!(a["ok"], true, "{a}");
+    assert_eq!(a["phase"], "alone", "{a}");
+    let ss = p.secondary.colo();
+    assert_eq!(ss["node_role"], "primary", "{ss}");
+    assert_eq!(ss["failover"]["reason"], "request", "{ss}");
+    // The old primary stopped before the secondary took over, and stays stopped.
+    let ps = p
+        .primary
+        .wait_status("stopped primary", T, |s| s["phase"] == "stopped");
+    assert!(
+        ps["failover"]["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("takes over"),
+        "{ps}"
+    );
+    assert_eq!(p.primary.ctl(Request::Status)["state"], "paused");
+    // The same TCP connection goes on, answered by the promoted guest, with every earlier write there.
+    m.work(60);
+    m.check_all();
+    assert!(p.secondary.has_log("COLO: promoted"));
+    // A second failover is refused and changes nothing.
+    assert_eq!(p.secondary.ctl(Request::Failover)["ok"], false);
+    p.primary.quit();
+    p.secondary.quit();
+}
+
+#[test]
+fn failover_command_on_the_primary_stops_the_secondary_and_the_primary_goes_on() {
+    if !kvm_or_skip("failover_command_on_the_primary_stops_the_secondary_and_the_primary_goes_on") {
+        return;
+    }
+    let p = pair(&["--checkpoint-ms", "200"]);
+    let mut m = Model::connect(&p);
+    m.work(30);
+    let a = p.primary.ctl(Request::Failover);
+    assert_eq!(a["ok"], true, "{a}");
+    p.secondary
+        .wait_status("stopped secondary", T, |s| s["phase"] == "stopped");
+    assert_eq!(p.primary.colo()["phase"], "alone");
+    m.work(30);
+    m.check_all();
+    p.secondary.quit();
+    p.primary.quit();
+}
+
+#[test]
+fn secondary_killed_the_primary_goes_on_alone_and_releases_queued_output() {
+    if !kvm_or_skip("secondary_killed_the_primary_goes_on_alone_and_releases_queued_output") {
+        return;
+    }
+    // Long interval: output waits in the comparator unless the secondary's copy matches it.
+    let mut p = pair(&["--checkpoint-ms", "60000", "--heartbeat-timeout-ms", "500"]);
+    let mut m = Model::connect(&p);
+    m.work(40);
+    p.secondary.kill();
+    let t0 = Instant::now();
+    // Requests sent now are answered once the primary has given the secondary up.
+    m.work(40);
+    eprintln!("first answers after the kill within {:?}", t0.elapsed());
+    let ps = p.primary.wait_status("alone", T, |s| s["phase"] == "alone");
+    assert_eq!(ps["failover"]["state"], "completed", "{ps}");
+    assert_eq!(ps["failover"]["reason"], "error", "{ps}");
+    assert!(p.primary.has_log("COLO: continuing alone"));
+    m.check_all();
+    p.primary.quit();
+}
+
+#[test]
+fn guest_shutdown_on_the_primary_is_mirrored_and_both_exit() {
+    if !kvm_or_skip("guest_shutdown_on_the_primary_is_mirrored_and_both_exit") {
+        return;
+    }
+    let mut p = pair(&["--checkpoint-ms", "200"]);
+    let mut m = Model::connect(&p);
+    m.work(10);
+    let _ = m.c.request("POWEROFF", Duration::from_secs(5));
+    let ps = p.primary.wait_exit(T);
+    let ss = p.secondary.wait_exit(T);
+    assert!(ps.success() && ss.success(), "primary {ps}, secondary {ss}");
+    assert!(p.secondary.has_log("shut down on the primary"));
+}
+
+#[test]
+fn quitting_either_side_of_an_active_pair_never_hangs() {
+    if !kvm_or_skip("quitting_either_side_of_an_active_pair_never_hangs") {
+        return;
+    }
+    // Quitting the primary: the secondary sees the link go and takes over.
+    let p = pair(&["--checkpoint-ms", "50"]);
+    let mut m = Model::connect(&p);
+    m.work(20);
+    let Pair {
+        primary, secondary, ..
+    } = p;
+    primary.quit();
+    secondary.wait_status("takeover", T, |s| s["phase"] == "alone");
+    m.work(20);
+    m.check_all();
+    secondary.quit();
+    // Quitting the secondary: the primary goes on alone; then it quits too.
+    let p = pair(&["--checkpoint-ms", "50"]);
+    let Pair {
+        primary, secondary, ..
+    } = p;
+    secondary.quit();
+    primary.wait_status("alone", T, |s| s["phase"] == "alone");
+    primary.quit();
+}
+
+#[test]
+fn set_interval_takes_effect_and_checkpoint_runs_one_now() {
+    if !kvm_or_skip("set_interval_takes_effect_and_checkpoint_runs_one_now") {
+        return;
+    }
+    let p = pair(&["--checkpoint-ms", "60000"]);
+    let c0 = num(&p.primary.colo()["checkpoints"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        num(&p.primary.colo()["checkpoints"]),
+        c0,
+        "no periodic checkpoint at 60 s"
+    );
+    let a = p.primary.ctl(Request::Checkpoint);
+    assert_eq!(a["ok"], true, "{a}");
+    p.primary
+        .wait_status("commanded checkpoint", T, |s| num(&s["checkpoints"]) > c0);
+    let a = p.primary.ctl(Request::SetInterval { ms: 50 });
+    assert_eq!(a["ok"], true, "{a}");
+    let st = p.primary.colo();
+    assert_eq!(st["interval_ms"], 50);
+    let c1 = num(&st["checkpoints"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    let c2 = num(&p.primary.colo()["checkpoints"]);
+    assert!(c2 >= c1 + 5, "{c1} -> {c2} checkpoints in 1 s at 50 ms");
+    // The secondary refuses what only the primary can do; a bad interval is refused.
+    assert_eq!(p.secondary.ctl(Request::SetInterval { ms: 10 })["ok"], false);
+    assert_eq!(p.secondary.ctl(Request::Checkpoint)["ok"], false);
+    assert_eq!(p.primary.ctl(Request::SetInterval { ms: 0 })["ok"], false);
+    p.primary.quit();
+    p.secondary.quit();
+}
+
+#[test]
+fn the_secondary_gets_the_primarys_disk_and_after_a_failover_its_image_holds_every_write() {
+    if !kvm_or_skip("the_secondary_gets_the_primarys_disk_and_after_a_failover_its_image_holds_every_write") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let sw = Switch::spawn(&dir.join("switch")).unwrap();
+    // Before COLO: the guest runs alone on the primary's image and writes 40 records.
+    let img = disk(&dir, "primary.img", 8);
+    disk(&dir, "secondary.img", 8);
+    let alone = Vmm::spawn_on(&dir, "alone", sw.path(), &img, &[]);
+    let t0 = Instant::now();
+    while !alone.has_log("log replayed") {
+        assert!(t0.elapsed() < T, "the lone guest did not boot");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut m = Model::connect_to(sw.path(), &dir.join("client0"));
+    for i in 0..40 {
+        m.set(&format!("old{i}"), &format!("o{i}"));
+    }
+    drop(m.c);
+    alone.quit();
+    // The pair: the secondary's image is all zeros; the initial sync copies the primary's.
+    let p = pair_in(tmp, sw, &["--checkpoint-ms", "100"]);
+    let mut m2 = Model::connect(&p);
+    m2.seq = 40;
+    m2.work(60);
+    // The primary dies; the promoted secondary goes on writing on its own image.
+    let Pair {
+        _dir: tmp,
+        dir,
+        sw,
+        mut primary,
+        secondary,
+    } = p;
+    primary.kill();
+    m2.work(60);
+    secondary.quit();
+    drop(m2.c);
+    // A fresh VMM on the secondary's image replays the log: the old records and every COLO write.
+    let after = Vmm::spawn_on(&dir, "after", sw.path(), &dir.join("secondary.img"), &[]);
+    let t0 = Instant::now();
+    let replayed = loop {
+        if let Some(l) = after
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains("log replayed"))
+        {
+            break l.clone();
+        }
+        assert!(
+            t0.elapsed() < T,
+            "the guest did not boot on the secondary's image"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(replayed.contains(&format!("{} records", m2.seq)), "{replayed}");
+    let mut m3 = Model::connect_to(sw.path(), &dir.join("client3"));
+    m3.seq = m2.seq;
+    m3.store = m2.store.clone();
+    for i in 0..40 {
+        m3.store.insert(format!("old{i}"), format!("o{i}"));
+    }
+    m3.check_all();
+    after.quit();
+    drop(tmp);
+}
+
+#[test]
+fn a_full_disk_epoch_holds_the_write_until_a_forced_checkpoint_and_nothing_is_lost() {
+    if !kvm_or_skip("a_full_disk_epoch_holds_the_write_until_a_forced_checkpoint_and_nothing_is_lost") {
+        return;
+    }
+    // Two 4 KiB blocks per epoch: the log's writes fill an epoch every few SETs. No periodic checkpoint.
+    let p = pair(&["--checkpoint-ms", "60000", "--overlay-blocks", "2"]);
+    let c0 = num(&p.primary.colo()["checkpoints"]);
+    let mut m = Model::connect(&p);
+    m.work(150);
+    m.check_all();
+    let st = p.primary.colo();
+    assert!(num(&st["checkpoints"]) > c0 + 3, "forced checkpoints: {st}");
+    assert!(
+        p.primary.has_log("(disk epoch full)") || p.primary.has_log("secondary asked"),
+        "a checkpoint was started by the disk"
+    );
+    p.primary.quit();
+    p.secondary.quit();
+}
+
+#[test]
+fn with_a_witness_the_promoted_secondary_holds_the_lease() {
+    if !kvm_or_skip("with_a_witness_the_promoted_secondary_holds_the_lease") {
+        return;
+    }
+    use colo_failover::witness::{WitnessConfig, WitnessServer};
+    let w = WitnessServer::bind_fresh("127.0.0.1:0", WitnessConfig::default())
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let arb = format!("witness={}", w.addr());
+    let p = pair(&["--checkpoint-ms", "200", "--arbiter", &arb]);
+    assert!(!p.primary.has_log("NO ARBITER"));
+    let mut m = Model::connect(&p);
+    m.work(30);
+    assert_eq!(w.holder(), None, "nobody holds the lease while the pair is healthy");
+    let a = p.secondary.ctl(Request::Failover);
+    assert_eq!(a["ok"], true, "{a}");
+    let (holder, token, _) = w.holder().expect("a holder");
+    assert_eq!(holder, "secondary");
+    assert_eq!(p.secondary.colo()["failover"]["token"], token.0);
+    p.primary.wait_status("stopped primary", T, |s| s["phase"] == "stopped");
+    m.work(30);
+    m.check_all();
     p.primary.quit();
     p.secondary.quit();
 }

@@ -65,10 +65,12 @@ fuzz_target!(|data: &[u8]| {
         repair_superblock(&mut image[512..1024], bs);
     }
     if mode & 4 != 0 {
-        // Records of the copy the reader will pick (the valid one with the higher sequence number).
+        // Records of the copy the reader will pick (the valid one with the newer sequence number,
+        // compared as wrapping serial numbers).
         let a_seq = u64::from_le_bytes(image[16..24].try_into().unwrap_or_default());
         let b_seq = u64::from_le_bytes(image[528..536].try_into().unwrap_or_default());
-        let sb = if mode & 2 != 0 && (mode & 1 == 0 || b_seq > a_seq) {
+        let b_newer = (b_seq.wrapping_sub(a_seq) as i64) > 0;
+        let sb = if mode & 2 != 0 && (mode & 1 == 0 || b_newer) {
             image[512..1024].to_vec()
         } else {
             image[0..512].to_vec()

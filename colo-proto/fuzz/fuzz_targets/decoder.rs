@@ -8,6 +8,7 @@
 use std::io::{self, Read, Write};
 
 use bytes::Bytes;
+use colo_proto::frame::allowed_flags;
 use colo_proto::{Channel, Decoder, FrameHeader, HEADER_LEN, Kind, Message, PROTOCOL_VERSION};
 use libfuzzer_sys::fuzz_target;
 
@@ -70,4 +71,11 @@ fuzz_target!(|data: &[u8]| {
         body_crc: 0,
     };
     let _ = Message::decode(&header, Bytes::copy_from_slice(stream));
+    // The flagged CRC check (a pre-copy body whose CRC covers only its descriptors) reads the descriptor
+    // count from the body itself.
+    let flagged = FrameHeader {
+        flags: allowed_flags(kind, PROTOCOL_VERSION),
+        ..header
+    };
+    let _ = flagged.check_body(stream);
 });

@@ -34,8 +34,6 @@ const ROUND: usize = 4096;
 /// How long a secondary told to take over waits for the primary to confirm it stopped (by closing the
 /// link) before it takes over anyway (the arbiter still fences a primary that did not hear).
 pub const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
-/// Pauses kept for the median.
-const KEEP_PAUSES: usize = 1024;
 
 /// Something for the driver thread.
 #[derive(Debug)]
@@ -69,8 +67,8 @@ pub enum Command {
 pub trait PairDriver {
     /// See [`PrimaryPair::handle_message`].
     fn handle_message(&mut self, now: Instant, msg: Message) -> colo_pair::Result<()>;
-    /// See [`PrimaryPair::link_failed`].
-    fn link_failed(&mut self, now: Instant, detail: &str) -> colo_pair::Result<()>;
+    /// See [`SecondaryPair::channel_error`].
+    fn channel_error(&mut self, now: Instant, error: &colo_proto::Error) -> colo_pair::Result<()>;
     /// See [`PrimaryPair::client_input`].
     fn client_input(&mut self, now: Instant, frame: Bytes) -> colo_pair::Result<()>;
     /// See [`PrimaryPair::guest_output`].
@@ -105,8 +103,8 @@ macro_rules! common_calls {
         fn handle_message(&mut self, now: Instant, msg: Message) -> colo_pair::Result<()> {
             Self::handle_message(self, now, msg)
         }
-        fn link_failed(&mut self, now: Instant, detail: &str) -> colo_pair::Result<()> {
-            Self::link_failed(self, now, detail)
+        fn channel_error(&mut self, now: Instant, error: &colo_proto::Error) -> colo_pair::Result<()> {
+            Self::channel_error(self, now, error)
         }
         fn client_input(&mut self, now: Instant, frame: Bytes) -> colo_pair::Result<()> {
             Self::client_input(self, now, frame)
@@ -203,7 +201,6 @@ pub struct Driver<P: PairDriver> {
     switch: Option<SwitchPort>,
     attach: Option<Attach>,
     status: Arc<Mutex<Value>>,
-    pauses: VecDeque<Duration>,
     seen_checkpoints: u64,
     last_phase: Phase,
     takeover: Option<Takeover>,
@@ -264,6 +261,7 @@ fn trigger_name(t: Trigger) -> String {
         Trigger::Periodic => "periodic".into(),
         Trigger::Compare(r) => format!("compare: {r:?}"),
         Trigger::EpochFull => "disk epoch full".into(),
+        Trigger::Secondary(r) => format!("secondary asked: {r:?}"),
         Trigger::Command => "command".into(),
     }
 }
@@ -286,7 +284,6 @@ impl<P: PairDriver> Driver<P> {
             switch: parts.switch,
             attach: parts.attach,
             status: parts.status,
-            pauses: VecDeque::new(),
             seen_checkpoints: 0,
             last_phase,
             takeover: None,
@@ -387,7 +384,7 @@ impl<P: PairDriver> Driver<P> {
                         if !self.link.is_closed() {
                             tracing::warn!("COLO: link to the peer lost: {e}");
                         }
-                        let r = self.pair.link_failed(now, &e.to_string());
+                        let r = self.pair.channel_error(now, &e);
                         self.settle(r)?;
                     }
                 }
@@ -492,6 +489,8 @@ impl<P: PairDriver> Driver<P> {
         };
         self.settle(Ok(()))?;
         let phase = phase_name(self.pair.status().phase);
+        // The operator reads the status next: show the command's effect there first.
+        self.publish(true);
         let _ = reply.send(match err {
             None => json!({ "ok": true, "phase": phase }),
             Some(e) => json!({ "ok": false, "error": e, "phase": phase }),
@@ -521,10 +520,6 @@ impl<P: PairDriver> Driver<P> {
         let st = self.pair.status();
         if st.checkpoints > self.seen_checkpoints {
             self.seen_checkpoints = st.checkpoints;
-            if self.pauses.len() == KEEP_PAUSES {
-                self.pauses.pop_front();
-            }
-            self.pauses.push_back(st.last_pause);
             match self.pair.last_trigger() {
                 Some(t) => tracing::info!(
                     "COLO: checkpoint {} ({}): guest paused {:.2} ms, {} bytes sent in all",
@@ -539,6 +534,7 @@ impl<P: PairDriver> Driver<P> {
                     ms(st.last_pause)
                 ),
             }
+            self.publish(true);
         }
         if st.phase != self.last_phase {
             tracing::info!(
@@ -665,27 +661,12 @@ impl<P: PairDriver> Driver<P> {
         Ok(())
     }
 
-    fn p50(&self) -> Duration {
-        if self.pauses.is_empty() {
-            return Duration::ZERO;
-        }
-        let mut v: Vec<Duration> = self.pauses.iter().copied().collect();
-        v.sort_unstable();
-        v[(v.len().div_ceil(2)).max(1) - 1]
-    }
-
     fn publish(&mut self, force: bool) {
         if !force && self.last_publish.elapsed() < Duration::from_millis(10) {
             return;
         }
         self.last_publish = Instant::now();
-        let v = status_json(
-            self.side,
-            &self.pair.status(),
-            self.p50(),
-            self.failover_ms,
-            self.extra(),
-        );
+        let v = status_json(self.side, &self.pair.status(), self.failover_ms, self.extra());
         *self.status.lock().unwrap_or_else(|e| e.into_inner()) = v;
     }
 
@@ -710,13 +691,7 @@ fn role_name(r: NodeRole) -> &'static str {
 }
 
 /// The `colo` object of the control socket's status answer.
-pub fn status_json(
-    side: Side,
-    st: &PairStatus,
-    p50: Duration,
-    failover_ms: Option<u64>,
-    extra: Value,
-) -> Value {
+pub fn status_json(side: Side, st: &PairStatus, failover_ms: Option<u64>, extra: Value) -> Value {
     let failover_state = match st.failover.failover {
         FailoverStatus::None => "none",
         FailoverStatus::Required => "required",
@@ -765,7 +740,7 @@ pub fn status_json(
         "checkpoints": st.checkpoints,
         "mismatch_checkpoints": st.mismatch_checkpoints,
         "pause_ms_last": ms(st.last_pause),
-        "pause_ms_p50": ms(p50),
+        "pause_ms_p50": ms(st.pause_p50),
         "pause_ms_p99": ms(st.p99_pause),
         "bytes_sent": st.bytes_sent,
         "compare": compare,

@@ -6,8 +6,6 @@
 //!   [`STALL_LIMIT`] stops those heartbeats, so a wedged process is still detected.
 //! - [`spawn_reader`] is the receiving half: a thread that hands each message to the driver, in order, and
 //!   stops reading (TCP backpressure) while the driver is far behind.
-//! - Pre-copy pages are copied out of the running guest before colo-proto computes their checksum (the
-//!   guest could change a page between checksum and write; the receiver would rightly refuse the frame).
 //! - Fault injection for tests: [`SharedLink::kill_in_checkpoint`] makes this process die by SIGKILL after
 //!   sending about half of one checkpoint's pages.
 
@@ -26,8 +24,6 @@ use super::driver::Event;
 pub const MAX_PENDING_MESSAGES: usize = 64;
 /// A driver thread that has not come round its loop for this long gets no more heartbeats sent for it.
 pub const STALL_LIMIT: Duration = Duration::from_secs(10);
-/// Pre-copy pages staged per frame group.
-const STAGE_PAGES: usize = 256;
 const PAGE: usize = 4096;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -202,11 +198,9 @@ impl Link for SharedLink {
         if phase == PagePhase::Checkpoint && self.inner.kill_in_checkpoint == Some(epoch) {
             self.die_after_half(&mut chan, epoch, page_size, pages);
         }
-        let r = if phase == PagePhase::Precopy {
-            send_staged(&mut chan, epoch, page_size, pages)
-        } else {
-            chan.send_pages(phase, epoch, page_size, pages)
-        };
+        // Pre-copy frames (protocol v3) carry a CRC over their descriptors only, so pages the running
+        // guest writes while they are sent are accepted (the dirty log sends them again).
+        let r = chan.send_pages(phase, epoch, page_size, pages);
         drop(chan);
         self.sent();
         r
@@ -223,57 +217,10 @@ impl Link for SharedLink {
         self.sent();
         r
     }
-}
 
-/// Sends pre-copy pages from copies: a running guest may change a page while it is being sent.
-fn send_staged(
-    chan: &mut Channel<TcpStream>,
-    epoch: u64,
-    page_size: u32,
-    pages: &[(u64, &[u8])],
-) -> Result<(), colo_proto::Error> {
-    let mut staging = vec![0u8; STAGE_PAGES * PAGE];
-    // (gpa, offset into staging, length); a zero page has length 0.
-    let mut group: Vec<(u64, usize, usize)> = Vec::with_capacity(STAGE_PAGES);
-    let mut used = 0usize;
-    let flush = |chan: &mut Channel<TcpStream>,
-                 group: &mut Vec<(u64, usize, usize)>,
-                 used: &mut usize,
-                 staging: &[u8]|
-     -> Result<(), colo_proto::Error> {
-        if group.is_empty() {
-            return Ok(());
-        }
-        let refs: Vec<(u64, &[u8])> = group
-            .iter()
-            .map(|&(gpa, off, len)| (gpa, &staging[off..off + len]))
-            .collect();
-        chan.send_pages(PagePhase::Precopy, epoch, page_size, &refs)?;
-        group.clear();
-        *used = 0;
-        Ok(())
-    };
-    for &(gpa, data) in pages {
-        if data.is_empty() {
-            if group.len() == STAGE_PAGES {
-                flush(chan, &mut group, &mut used, &staging)?;
-            }
-            group.push((gpa, used, 0));
-            continue;
-        }
-        let mut off = 0;
-        while off < data.len() {
-            if used == staging.len() || group.len() == STAGE_PAGES {
-                flush(chan, &mut group, &mut used, &staging)?;
-            }
-            let n = (data.len() - off).min(staging.len() - used);
-            staging[used..used + n].copy_from_slice(&data[off..off + n]);
-            group.push((gpa + off as u64, used, n));
-            used += n;
-            off += n;
-        }
+    fn version(&self) -> u16 {
+        lock(&self.inner.chan).version()
     }
-    flush(chan, &mut group, &mut used, &staging)
 }
 
 /// Starts the receiving half: every message (or the error that ends the stream) goes to the driver as

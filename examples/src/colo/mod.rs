@@ -40,7 +40,7 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use colo_block::{EpochLimit, MemStore, PrimaryConfig, PrimaryDisk, RawFile, SecondaryDisk};
+use colo_block::{EpochLimit, InitialSync, MemStore, PrimaryConfig, PrimaryDisk, RawFile, SecondaryDisk};
 use colo_failover::witness::WitnessArbiter;
 use colo_failover::{Arbiter, NoArbiter};
 use colo_pair::{PairConfig, PrimaryPair, SecondaryPair, SharedPrimaryDisk, SharedSecondaryDisk, Side};
@@ -59,6 +59,8 @@ use crate::vm::{Machine, MachineConfig, NetConfig};
 
 /// Block size of the secondary's overlays and of the primary's epoch limit.
 pub const OVERLAY_BLOCK: usize = 4096;
+/// Chunk size of the initial disk sync.
+pub const SYNC_CHUNK: u64 = 256 << 10;
 
 /// Which side this process runs, and where its peer is.
 #[derive(Debug, Clone)]
@@ -110,6 +112,9 @@ pub struct ColoConfig {
     pub overlay_blocks: usize,
     /// How long the primary keeps trying to reach the secondary.
     pub connect_timeout: Duration,
+    /// Copy the primary's disk to the secondary's before the first checkpoint (colo-block's initial sync,
+    /// protocol v3). Both sides must agree; without it both images must already hold the same content.
+    pub disk_sync: bool,
 }
 
 impl ColoConfig {
@@ -132,6 +137,7 @@ impl ColoConfig {
             nic_socket,
             overlay_blocks: 8192,
             connect_timeout: Duration::from_secs(60),
+            disk_sync: true,
         }
     }
 
@@ -353,9 +359,9 @@ fn open_image(path: &Path) -> Result<RawFile, ColoError> {
 /// Runs one side of a COLO pair until the guest shuts down or the control socket says `quit`.
 ///
 /// `machine` names the guest (RAM size, disk image, MAC, address); its `net` is ignored (the NIC is the
-/// pair's). The disk image must exist; both sides' images must hold the same content (colo-proto has no
-/// disk-sync message yet: start the secondary from a copy of the primary's image, e.g. two fresh zero
-/// images).
+/// pair's). The disk image must exist on both sides with the same size; with [`ColoConfig::disk_sync`]
+/// the primary copies its content to the secondary's before the first checkpoint, without it both must
+/// already hold the same content.
 pub fn run(mut machine: MachineConfig, cfg: ColoConfig, control: Option<&Path>) -> Result<Exit, ColoError> {
     let side = match cfg.role {
         PeerRole::Primary { .. } => Side::Primary,
@@ -385,21 +391,32 @@ pub fn run(mut machine: MachineConfig, cfg: ColoConfig, control: Option<&Path>) 
                 block_size: OVERLAY_BLOCK as u64,
                 max_blocks: blocks,
             };
-            let disk = SharedPrimaryDisk::new(PrimaryDisk::new(
+            let len = colo_block::BlockBackend::len(&image);
+            let mut pd = PrimaryDisk::new(
                 image,
                 PrimaryConfig {
                     epoch_limit: Some(limit),
                     ..PrimaryConfig::default()
                 },
-            ));
+            );
+            if cfg.disk_sync {
+                // Every chunk goes across before checkpoint 1; what the guest writes meanwhile goes again.
+                pd.start_sync(InitialSync::new(len, SYNC_CHUNK).map_err(disk_err)?)
+                    .map_err(disk_err)?;
+            }
+            let disk = SharedPrimaryDisk::new(pd);
             let block = Box::new(PrimaryBlock::new(disk.clone(), events_tx.clone()));
             (SideDisk::Primary(disk), block)
         }
         Side::Secondary => {
             let store = || MemStore::new(OVERLAY_BLOCK, blocks).map_err(disk_err);
             let (image, durable) = disk::SvmImage::new(image);
-            let disk =
-                SharedSecondaryDisk::new(SecondaryDisk::new(image, store()?, store()?, 0).map_err(disk_err)?);
+            let sd = if cfg.disk_sync {
+                SecondaryDisk::new_syncing(image, store()?, store()?)
+            } else {
+                SecondaryDisk::new(image, store()?, store()?, 0)
+            };
+            let disk = SharedSecondaryDisk::new(sd.map_err(disk_err)?);
             let block = Box::new(SecondaryBlock::new(disk.clone()));
             (SideDisk::Secondary(disk, durable), block)
         }
