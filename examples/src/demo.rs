@@ -9,7 +9,8 @@
 //!    connection and sends a random mix of `SET`/`GET`/`DEL`/`STAT`, checking every answer against its own
 //!    model of the store ([`Model`]);
 //! 4. after `--checkpoints-before-kill` checkpoints, SIGKILLs the chosen side (or, with
-//!    `--kill-mid-checkpoint`, lets the primary kill itself in the middle of sending a checkpoint's pages);
+//!    `--kill-mid-checkpoint`, lets the primary kill itself in the middle of sending a checkpoint's pages; or,
+//!    with `--freeze`, SIGSTOPs it so that only the heartbeat timeout reveals it);
 //! 5. waits for the survivor to take over and keeps the client going on the SAME connection for
 //!    `--after-kill-secs`;
 //! 6. reads every key back, compares the guest's whole store (`STAT` key count and sequence number, and a
@@ -88,6 +89,11 @@ pub struct DemoArgs {
     /// Let the primary kill itself in the middle of sending a checkpoint's pages (implies --kill primary).
     #[arg(long)]
     pub kill_mid_checkpoint: bool,
+    /// SIGSTOP the chosen side instead of SIGKILL: it stays alive with its sockets open but silent, so the
+    /// survivor notices only through the heartbeat timeout (and, with the witness, waits for the frozen
+    /// side's lease to run out). The frozen process is SIGKILLed at the end.
+    #[arg(long, conflicts_with = "kill_mid_checkpoint")]
+    pub freeze: bool,
     /// Checkpoints the pair completes before the kill (and the kill waits at least this many checkpoint
     /// intervals of COLO, so that mismatch checkpoints do not cut the show short). With
     /// `--kill-mid-checkpoint` the primary dies in checkpoint N+1.
@@ -268,6 +274,7 @@ struct Vmm {
     control: PathBuf,
     log: PathBuf,
     exited: Option<ExitStatus>,
+    frozen: bool,
 }
 
 impl Vmm {
@@ -305,6 +312,7 @@ impl Vmm {
             control,
             log,
             exited: None,
+            frozen: false,
         })
     }
 
@@ -376,9 +384,21 @@ impl Vmm {
         t
     }
 
+    /// SIGSTOP; returns the instant just before the signal was sent.
+    fn sigstop(&mut self) -> Instant {
+        let t = Instant::now();
+        if self.poll_exit().is_none() {
+            let pid = libc::pid_t::try_from(self.child.id()).unwrap_or(libc::pid_t::MAX);
+            // SAFETY: kill(2) on our own unreaped child's pid (it cannot have been reused before we reap it).
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+            self.frozen = true;
+        }
+        t
+    }
+
     /// Ask the VMM to quit; SIGKILL it if it has not exited within `timeout`. Returns the exit status.
     fn quit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        if self.poll_exit().is_none() {
+        if self.poll_exit().is_none() && !self.frozen {
             let _ = self.request(&Request::Quit, Duration::from_secs(2));
             let t0 = Instant::now();
             while self.poll_exit().is_none() && t0.elapsed() < timeout {
@@ -1102,12 +1122,17 @@ impl Demo {
                     return Err(DemoError::Options("no such side"));
                 };
                 let pid = v.pid();
-                let at = v.sigkill();
+                let (at, how) = if self.args.freeze {
+                    (v.sigstop(), "sigstop")
+                } else {
+                    (v.sigkill(), "sigkill")
+                };
                 self.out.kill_at = Some(at);
-                self.out.kill_how = "sigkill";
+                self.out.kill_how = how;
                 self.out.killed_pid = Some(pid);
                 self.event(format!(
-                    "SIGKILL -> {} (pid {pid}) after {n} checkpoints, {} requests answered",
+                    "{} -> {} (pid {pid}) after {n} checkpoints, {} requests answered",
+                    how.to_uppercase(),
                     kill.name(),
                     answered()
                 ));

@@ -174,3 +174,20 @@ fn without_a_kill_the_pair_stays_in_colo() {
     assert!(v["checkpoints"].as_u64().unwrap() >= 3, "{v}");
     assert_eq!(v["survivor"]["phase"], "colo", "{v}");
 }
+
+#[test]
+fn primary_frozen_the_heartbeat_timeout_promotes_the_secondary() {
+    if !kvm_or_skip("primary_frozen_the_heartbeat_timeout_promotes_the_secondary") {
+        return;
+    }
+    // SIGSTOP keeps the primary's sockets open: only the heartbeat timeout (1 s) can tell.
+    let (ok, v) = demo(
+        &["--freeze", "--kill", "primary", "--checkpoints-before-kill", "3"],
+        Duration::from_secs(120),
+    );
+    assert_clean(ok, &v);
+    assert_failover(&v, "primary", "secondary", 3);
+    assert_eq!(v["kill_how"], "sigstop", "{v}");
+    let takeover = v["takeover_ms"].as_f64().unwrap();
+    assert!(takeover >= 900.0, "promoted before the heartbeat timeout: {v}");
+}
