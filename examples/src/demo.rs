@@ -1678,12 +1678,16 @@ fn print_readable(r: &Value) {
         show(&r["kill_how"]),
         show(&r["checkpoints_before_kill"])
     );
+    let f = &r["survivor"]["failover"];
     println!(
-        "  survivor:              {} -> role {}, phase {}, failover {}",
+        "  survivor:              {} -> role {}, phase {}; failover {} ({}: {}), fence token {}",
         show(&r["survivor"]["side"]),
         show(&r["survivor"]["role"]),
         show(&r["survivor"]["phase"]),
-        show(&r["survivor"]["failover"])
+        show(&f["state"]),
+        show(&f["reason"]),
+        show(&f["detail"]),
+        show(&f["token"])
     );
     println!(
         "  arbiter:               {}, lease now held by {}",
