@@ -10,7 +10,8 @@
 //!    model of the store ([`Model`]);
 //! 4. after `--checkpoints-before-kill` checkpoints, SIGKILLs the chosen side (or, with
 //!    `--kill-mid-checkpoint`, lets the primary kill itself in the middle of sending a checkpoint's pages; or,
-//!    with `--freeze`, SIGSTOPs it so that only the heartbeat timeout reveals it);
+//!    with `--freeze`, SIGSTOPs it so that only the heartbeat timeout reveals it; or, with `--by-command`,
+//!    sends the other side the operator's `{"cmd":"failover"}`);
 //! 5. waits for the survivor to take over and keeps the client going on the SAME connection for
 //!    `--after-kill-secs`;
 //! 6. reads every key back, compares the guest's whole store (`STAT` key count and sequence number, and a
@@ -94,6 +95,11 @@ pub struct DemoArgs {
     /// side's lease to run out). The frozen process is SIGKILLed at the end.
     #[arg(long, conflicts_with = "kill_mid_checkpoint")]
     pub freeze: bool,
+    /// Instead of a signal, send the failover command to the other side: the secondary asks the primary to
+    /// stop and takes over (`--kill primary`), or the primary goes on alone and the secondary stops
+    /// (`--kill secondary`).
+    #[arg(long, conflicts_with_all = ["kill_mid_checkpoint", "freeze"])]
+    pub by_command: bool,
     /// Checkpoints the pair completes before the kill (and the kill waits at least this many checkpoint
     /// intervals of COLO, so that mismatch checkpoints do not cut the show short). With
     /// `--kill-mid-checkpoint` the primary dies in checkpoint N+1.
@@ -834,6 +840,8 @@ struct Outcome {
     last_primary_status: Option<Value>,
     last_secondary_status: Option<Value>,
     survivor_status: Option<Value>,
+    /// The side that was told to stop, if it is still there at the end (`--by-command`).
+    victim_status: Option<Value>,
     survivor_exit: Option<String>,
     verify: Option<VerifyReport>,
     verify_error: Option<String>,
@@ -1122,6 +1130,28 @@ impl Demo {
                     return Err(DemoError::Options("no such side"));
                 };
                 let pid = v.pid();
+                if self.args.by_command {
+                    // The operator's failover: the other side is told to take over; `kill` names the side
+                    // that is to stop.
+                    let survivor = match kill {
+                        KillSide::Primary => self.secondary.as_ref(),
+                        _ => self.primary.as_ref(),
+                    };
+                    let Some(s) = survivor else {
+                        return Err(DemoError::Options("no such side"));
+                    };
+                    let at = Instant::now();
+                    let answer = s.request(&Request::Failover, Duration::from_secs(30))?;
+                    self.out.kill_at = Some(at);
+                    self.out.kill_how = "failover-command";
+                    self.out.killed_pid = Some(pid);
+                    self.event(format!(
+                        "{{\"cmd\":\"failover\"}} -> {} after {n} checkpoints, {} requests answered; answer {answer}",
+                        s.name,
+                        answered()
+                    ));
+                    return Ok(());
+                }
                 let (at, how) = if self.args.freeze {
                     (v.sigstop(), "sigstop")
                 } else {
@@ -1534,6 +1564,17 @@ impl Demo {
         if let Some(s) = self.survivor().and_then(|s| s.status().ok()) {
             self.out.survivor_status = Some(s);
         }
+        let victim = match self.killed() {
+            KillSide::Primary => self.primary.as_mut(),
+            KillSide::Secondary => self.secondary.as_mut(),
+            KillSide::None => None,
+        };
+        if let Some(v) = victim
+            && !v.frozen
+            && v.poll_exit().is_none()
+        {
+            self.out.victim_status = v.status().ok();
+        }
         if let Some(w) = &witness {
             self.out.witness_holder = w.holder();
         }
@@ -1626,6 +1667,11 @@ impl Demo {
                 "exit": o.survivor_exit,
             },
             "witness_holder": o.witness_holder,
+            "victim": {
+                "alive_at_end": o.victim_status.is_some(),
+                "phase": colo(&o.victim_status)["phase"],
+                "vm_state": o.victim_status.as_ref().map(|v| v["state"].clone()),
+            },
         });
         let client = json!({
             "client_requests": c.requests,

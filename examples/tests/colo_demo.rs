@@ -191,3 +191,27 @@ fn primary_frozen_the_heartbeat_timeout_promotes_the_secondary() {
     let takeover = v["takeover_ms"].as_f64().unwrap();
     assert!(takeover >= 900.0, "promoted before the heartbeat timeout: {v}");
 }
+
+#[test]
+fn operator_failover_the_secondary_takes_over_and_the_primary_stops() {
+    if !kvm_or_skip("operator_failover_the_secondary_takes_over_and_the_primary_stops") {
+        return;
+    }
+    let (ok, v) = demo(
+        &[
+            "--by-command",
+            "--kill",
+            "primary",
+            "--checkpoints-before-kill",
+            "3",
+        ],
+        Duration::from_secs(120),
+    );
+    assert_clean(ok, &v);
+    assert_failover(&v, "primary", "secondary", 3);
+    assert_eq!(v["kill_how"], "failover-command", "{v}");
+    assert_eq!(v["survivor"]["failover"]["reason"], "request", "{v}");
+    // The primary was told to stop, and did: one guest runs, not two.
+    assert_eq!(v["victim"]["alive_at_end"], true, "{v}");
+    assert_eq!(v["victim"]["phase"], "stopped", "{v}");
+}
