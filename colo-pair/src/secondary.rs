@@ -370,6 +370,24 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
         Ok(())
     }
 
+    /// The first half of an operator's takeover while the primary is alive: tells it (`FailoverNotice`)
+    /// to stop its guest for good and release nothing more; it then closes the link. Call
+    /// [`failover_now`](Self::failover_now) once the link is gone (or after a bound: an arbiter still
+    /// fences a primary that did not hear). Nothing else changes here.
+    pub fn ask_primary_to_stop(&mut self, now: Instant) -> Result<()> {
+        if self.phase != Phase::Colo || !self.link_ok {
+            return Err(PairError::BadCommand {
+                command: "ask the primary to stop",
+                state: self.phase.name(),
+            });
+        }
+        let msg = Message::FailoverNotice {
+            reason: colo_proto::Reason::Operator,
+        };
+        self.send(now, &msg);
+        self.drive_node(now)
+    }
+
     /// The operator's "failover now": promote the SVM (after winning the arbiter).
     pub fn failover_now(&mut self, now: Instant) -> Result<()> {
         self.node.handle_event(now, NodeEvent::FailoverCommand)?;

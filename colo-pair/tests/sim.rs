@@ -1636,6 +1636,59 @@ fn a_message_the_primary_never_accepts_is_a_typed_error_and_changes_nothing() {
     sim.check_survivor();
 }
 
+#[test]
+fn operator_takeover_on_the_secondary_stops_the_live_primary_first() {
+    let mut sim = warmed_up();
+    let now = sim.now();
+    sim.secondary.as_mut().unwrap().ask_primary_to_stop(now).unwrap();
+    sim.run(50);
+    assert_eq!(sim.primary.as_ref().unwrap().phase(), Phase::Stopped);
+    assert!(!sim.primary.as_ref().unwrap().vm().running);
+    // The primary has stopped (its VMM closes the link): the secondary takes over.
+    let now = sim.now();
+    let s = sim.secondary.as_mut().unwrap();
+    s.failover_now(now).unwrap();
+    sim.run(1000);
+    sim.drain();
+    let s = sim.secondary.as_ref().unwrap().status();
+    assert_eq!(s.phase, Phase::Alone);
+    assert_eq!(s.failover.reason, colo_failover::ExitReason::Request);
+    assert!(sim.client.answered_after_failover > 100);
+    assert_eq!(sim.primary.as_ref().unwrap().phase(), Phase::Stopped);
+    sim.check_survivor();
+    // Only a secondary in COLO can ask.
+    let now = sim.now();
+    assert!(sim.secondary.as_mut().unwrap().ask_primary_to_stop(now).is_err());
+}
+
+#[test]
+fn a_secondary_taking_over_by_command_makes_the_primary_stop_and_release_nothing_more() {
+    let mut sim = warmed_up();
+    let now = sim.now();
+    let p = sim.primary.as_mut().unwrap();
+    let notice = Message::FailoverNotice {
+        reason: colo_proto::Reason::Operator,
+    };
+    p.handle_message(now, notice).unwrap();
+    assert_eq!(p.phase(), Phase::Stopped);
+    assert!(!p.vm().running, "the primary's guest is paused for good");
+    let outs: Vec<Output> = std::iter::from_fn(|| p.poll_output()).collect();
+    assert!(outs.contains(&Output::StopGuest), "{outs:?}");
+    assert!(
+        !outs.iter().any(|o| matches!(o, Output::ToClient { .. })),
+        "nothing held is released: the new primary produces that output itself"
+    );
+    // What still arrives changes nothing; the link's end is not a reason to run alone.
+    p.guest_output(now, Bytes::from_static(&[0; 60])).unwrap();
+    p.link_failed(now, "the secondary closed the link").unwrap();
+    p.handle_timeout(now + Duration::from_secs(10)).unwrap();
+    assert_eq!(p.phase(), Phase::Stopped);
+    assert!(!p.vm().running);
+    assert!(p.poll_output().is_none());
+    let st = p.status();
+    assert!(st.exit_detail.unwrap_or_default().contains("takes over"));
+}
+
 // ---------- the same drivers on real threads and sockets, run as the README's loop ----------
 
 type Received = Result<Message, colo_proto::Error>;

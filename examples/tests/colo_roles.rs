@@ -539,15 +539,47 @@ fn with_a_witness_the_promoted_secondary_holds_the_lease() {
     assert!(!p.primary.has_log("NO ARBITER"));
     let mut m = Model::connect(&p);
     m.work(30);
-    assert_eq!(w.holder(), None, "nobody holds the lease while the pair is healthy");
+    assert_eq!(
+        w.holder(),
+        None,
+        "nobody holds the lease while the pair is healthy"
+    );
     let a = p.secondary.ctl(Request::Failover);
     assert_eq!(a["ok"], true, "{a}");
     let (holder, token, _) = w.holder().expect("a holder");
     assert_eq!(holder, "secondary");
     assert_eq!(p.secondary.colo()["failover"]["token"], token.0);
-    p.primary.wait_status("stopped primary", T, |s| s["phase"] == "stopped");
+    p.primary
+        .wait_status("stopped primary", T, |s| s["phase"] == "stopped");
     m.work(30);
     m.check_all();
     p.primary.quit();
     p.secondary.quit();
+}
+
+#[test]
+fn a_frozen_secondary_is_given_up_after_the_heartbeat_timeout() {
+    if !kvm_or_skip("a_frozen_secondary_is_given_up_after_the_heartbeat_timeout") {
+        return;
+    }
+    let mut p = pair(&["--checkpoint-ms", "50", "--heartbeat-timeout-ms", "500"]);
+    let mut m = Model::connect(&p);
+    m.work(30);
+    let pid = p.secondary.child.id() as libc::pid_t;
+    // SAFETY: plain kill(2) on our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let t0 = Instant::now();
+    m.work(30);
+    let ps = p.primary.wait_status("alone", T, |s| s["phase"] == "alone");
+    eprintln!(
+        "the primary went on alone within {:?}: {}",
+        t0.elapsed(),
+        ps["failover"]
+    );
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    m.check_all();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    p.secondary.kill();
+    p.primary.quit();
 }

@@ -138,14 +138,16 @@ impl DiskBackend for PrimaryBlock {
 #[derive(Debug)]
 pub struct SecondaryBlock {
     disk: SecondaryImage,
+    wake: Sender<Event>,
     len: u64,
 }
 
 impl SecondaryBlock {
-    /// The device's view of `disk`.
-    pub fn new(disk: SecondaryImage) -> Self {
+    /// The device's view of `disk`; a refused write sends [`Event::Wake`] so the driver asks the primary
+    /// for an early checkpoint.
+    pub fn new(disk: SecondaryImage, wake: Sender<Event>) -> Self {
         let len = colo_block::BlockBackend::len(disk.lock().disk());
-        Self { disk, len }
+        Self { disk, wake, len }
     }
 }
 
@@ -162,7 +164,8 @@ impl DiskBackend for SecondaryBlock {
         match self.disk.write(offset, buf) {
             Ok(()) => Ok(()),
             Err(colo_block::Error::OverlayFull { .. }) => {
-                // colo-proto has no message to ask for an early checkpoint: wait for the next one.
+                // The driver asks the primary for an early checkpoint (CheckpointWanted).
+                let _ = self.wake.send(Event::Wake);
                 std::thread::sleep(HELD_BACKOFF * 5);
                 Err(held(
                     "active overlay full: the write waits for the next checkpoint",

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use colo_block::{MemStore, RawFile};
 use colo_failover::{ExitReason, FailoverStatus, Role as NodeRole};
-use colo_pair::{Link, Output, PairError, PairStatus, Phase, PrimaryPair, SecondaryPair, Side, Trigger};
-use colo_proto::{Message, Reason};
+use colo_pair::{Output, PairError, PairStatus, Phase, PrimaryPair, SecondaryPair, Side, Trigger};
+use colo_proto::Message;
 use serde_json::{Value, json};
 
 use super::link::SharedLink;
@@ -87,6 +87,8 @@ pub trait PairDriver {
     fn set_interval(&mut self, now: Instant, interval: Duration) -> colo_pair::Result<()>;
     /// See [`PrimaryPair::checkpoint_now`] (primary only).
     fn checkpoint_now(&mut self, now: Instant) -> colo_pair::Result<()>;
+    /// See [`SecondaryPair::ask_primary_to_stop`] (secondary only).
+    fn ask_primary_to_stop(&mut self, now: Instant) -> colo_pair::Result<()>;
     /// See [`PrimaryPair::guest_shutdown`] (primary only).
     fn guest_shutdown(&mut self, now: Instant) -> colo_pair::Result<()>;
     /// Why the last checkpoint started (primary only).
@@ -141,6 +143,12 @@ impl PairDriver for Primary {
     fn guest_shutdown(&mut self, now: Instant) -> colo_pair::Result<()> {
         Self::guest_shutdown(self, now)
     }
+    fn ask_primary_to_stop(&mut self, _: Instant) -> colo_pair::Result<()> {
+        Err(PairError::BadCommand {
+            command: "ask the primary to stop",
+            state: "the primary",
+        })
+    }
     fn last_trigger(&self) -> Option<Trigger> {
         Self::last_trigger(self)
     }
@@ -163,6 +171,9 @@ impl PairDriver for Secondary {
     }
     fn guest_shutdown(&mut self, _: Instant) -> colo_pair::Result<()> {
         Ok(())
+    }
+    fn ask_primary_to_stop(&mut self, now: Instant) -> colo_pair::Result<()> {
+        Self::ask_primary_to_stop(self, now)
     }
     fn last_trigger(&self) -> Option<Trigger> {
         None
@@ -359,8 +370,11 @@ impl<P: PairDriver> Driver<P> {
         };
         tracing::debug!("event {what}");
         let r = self.handle_inner(ev);
-        if t0.elapsed() > Duration::from_millis(20) {
-            tracing::warn!("COLO: handling {what} took {:?}", t0.elapsed());
+        let took = t0.elapsed();
+        if took > Duration::from_millis(250) {
+            tracing::warn!("COLO: handling {what} took {took:?}");
+        } else if took > Duration::from_millis(20) {
+            tracing::debug!("COLO: handling {what} took {took:?}");
         }
         r
     }
@@ -448,16 +462,15 @@ impl<P: PairDriver> Driver<P> {
                 // Stop the primary first: it pauses its guest for good and closes the link, which is our
                 // signal to take over. A primary that does not answer is fenced by the arbiter.
                 tracing::info!("COLO: failover requested: asking the primary to stop");
-                let mut link = self.link.clone();
-                let sent = link.send(&Message::FailoverNotice {
-                    reason: Reason::Operator,
-                });
+                let asked = self.pair.ask_primary_to_stop(now);
                 self.takeover = Some(Takeover {
                     deadline: now + TAKEOVER_WAIT,
                     reply,
                 });
-                if sent.is_err() {
+                if asked.is_err() || self.link.is_closed() {
                     self.take_over(now)?;
+                } else {
+                    self.settle(Ok(()))?;
                 }
             }
             Command::Failover => {

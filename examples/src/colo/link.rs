@@ -42,6 +42,10 @@ struct Inner {
     closed: AtomicBool,
     kill_in_checkpoint: Option<u64>,
     heartbeats: AtomicU64,
+    /// Milliseconds since `origin` (plus one) when the write now blocking began; 0 when none is.
+    writing_since: AtomicU64,
+    /// Milliseconds since `origin` of the last message received.
+    last_recv: AtomicU64,
 }
 
 impl Inner {
@@ -71,6 +75,8 @@ impl SharedLink {
                 closed: AtomicBool::new(false),
                 kill_in_checkpoint,
                 heartbeats: AtomicU64::new(0),
+                writing_since: AtomicU64::new(0),
+                last_recv: AtomicU64::new(0),
             }),
         })
     }
@@ -98,11 +104,21 @@ impl SharedLink {
         self.inner.heartbeats.load(Ordering::Relaxed)
     }
 
+    /// A message arrived from the peer (the reader thread calls this).
+    pub fn received(&self) {
+        self.inner.last_recv.store(self.inner.ms(), Ordering::Relaxed);
+    }
+
     /// Starts the heartbeat thread: a heartbeat whenever nothing was sent for `interval`, as long as the
-    /// driver is alive and the link open.
-    pub fn spawn_heartbeats(&self, interval: Duration) -> std::io::Result<()> {
+    /// driver is alive and the link open. It is also the watchdog of blocked writes: a write that has not
+    /// finished for `silence` while nothing arrived from the peer for as long (a peer that stopped reading,
+    /// or a host gone without a reset) closes the link, so the driver gets an error and fails over instead
+    /// of hanging until the socket's send timeout.
+    pub fn spawn_heartbeats(&self, interval: Duration, silence: Duration) -> std::io::Result<()> {
         let inner = self.inner.clone();
         let interval_ms = interval.as_millis().max(1) as u64;
+        let silence_ms = silence.as_millis().max(1) as u64;
+        let link = self.clone();
         std::thread::Builder::new()
             .name("colo-heartbeat".into())
             .spawn(move || {
@@ -110,6 +126,19 @@ impl SharedLink {
                 while !inner.closed.load(Ordering::SeqCst) {
                     std::thread::sleep(interval / 2);
                     let now = inner.ms();
+                    let since = inner.writing_since.load(Ordering::Relaxed);
+                    if since != 0
+                        && now.saturating_sub(since - 1) > silence_ms
+                        && now.saturating_sub(inner.last_recv.load(Ordering::Relaxed)) > silence_ms
+                    {
+                        tracing::warn!(
+                            "COLO: a write to the peer has been blocked for {} ms and the peer silent as long: \
+                             closing the link",
+                            now.saturating_sub(since - 1)
+                        );
+                        link.close();
+                        return;
+                    }
                     let stalled = now.saturating_sub(inner.driver_tick.load(Ordering::Relaxed))
                         > STALL_LIMIT.as_millis() as u64;
                     if stalled || now.saturating_sub(inner.last_send.load(Ordering::Relaxed)) < interval_ms {
@@ -123,13 +152,30 @@ impl SharedLink {
                         return;
                     }
                     seq += 1;
-                    if chan.send(&Message::Heartbeat { seq }).is_ok() {
+                    inner.writing_since.store(inner.ms() + 1, Ordering::Relaxed);
+                    let ok = chan.send(&Message::Heartbeat { seq }).is_ok();
+                    inner.writing_since.store(0, Ordering::Relaxed);
+                    if ok {
                         inner.last_send.store(inner.ms(), Ordering::Relaxed);
                         inner.heartbeats.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             })?;
         Ok(())
+    }
+
+    /// Runs `f` on the channel under the lock, watched by the watchdog.
+    fn with_chan<T>(&self, f: impl FnOnce(&mut Channel<TcpStream>) -> T) -> Result<T, colo_proto::Error> {
+        self.check_open()?;
+        let mut chan = lock(&self.inner.chan);
+        self.inner
+            .writing_since
+            .store(self.inner.ms() + 1, Ordering::Relaxed);
+        let r = f(&mut chan);
+        self.inner.writing_since.store(0, Ordering::Relaxed);
+        drop(chan);
+        self.sent();
+        Ok(r)
     }
 
     fn check_open(&self) -> Result<(), colo_proto::Error> {
@@ -180,10 +226,7 @@ impl SharedLink {
 
 impl Link for SharedLink {
     fn send(&mut self, msg: &Message) -> Result<(), colo_proto::Error> {
-        self.check_open()?;
-        let r = lock(&self.inner.chan).send(msg);
-        self.sent();
-        r
+        self.with_chan(|c| c.send(msg))?
     }
 
     fn send_pages(
@@ -193,17 +236,15 @@ impl Link for SharedLink {
         page_size: u32,
         pages: &[(u64, &[u8])],
     ) -> Result<(), colo_proto::Error> {
-        self.check_open()?;
-        let mut chan = lock(&self.inner.chan);
-        if phase == PagePhase::Checkpoint && self.inner.kill_in_checkpoint == Some(epoch) {
-            self.die_after_half(&mut chan, epoch, page_size, pages);
-        }
-        // Pre-copy frames (protocol v3) carry a CRC over their descriptors only, so pages the running
-        // guest writes while they are sent are accepted (the dirty log sends them again).
-        let r = chan.send_pages(phase, epoch, page_size, pages);
-        drop(chan);
-        self.sent();
-        r
+        let me = self.clone();
+        self.with_chan(|chan| {
+            if phase == PagePhase::Checkpoint && me.inner.kill_in_checkpoint == Some(epoch) {
+                me.die_after_half(chan, epoch, page_size, pages);
+            }
+            // Pre-copy frames (protocol v3) carry a CRC over their descriptors only, so pages the running
+            // guest writes while they are sent are accepted (the dirty log sends them again).
+            chan.send_pages(phase, epoch, page_size, pages)
+        })?
     }
 
     fn send_vmstate(
@@ -212,10 +253,7 @@ impl Link for SharedLink {
         devices: &[(u32, &[u8])],
         chunk: usize,
     ) -> Result<(), colo_proto::Error> {
-        self.check_open()?;
-        let r = lock(&self.inner.chan).send_vmstate(epoch, devices, chunk);
-        self.sent();
-        r
+        self.with_chan(|c| c.send_vmstate(epoch, devices, chunk))?
     }
 
     fn version(&self) -> u16 {
@@ -243,6 +281,7 @@ pub fn spawn_reader(
                     std::thread::sleep(Duration::from_micros(200));
                 }
                 let r = chan.recv();
+                link.received();
                 let end = r.is_err();
                 pending.fetch_add(1, Ordering::Relaxed);
                 if events.send(Event::Peer(r)).is_err() || end {

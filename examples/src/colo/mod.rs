@@ -417,7 +417,7 @@ pub fn run(mut machine: MachineConfig, cfg: ColoConfig, control: Option<&Path>) 
                 SecondaryDisk::new(image, store()?, store()?, 0)
             };
             let disk = SharedSecondaryDisk::new(sd.map_err(disk_err)?);
-            let block = Box::new(SecondaryBlock::new(disk.clone()));
+            let block = Box::new(SecondaryBlock::new(disk.clone(), events_tx.clone()));
             (SideDisk::Secondary(disk, durable), block)
         }
     };
@@ -498,7 +498,7 @@ pub fn run(mut machine: MachineConfig, cfg: ColoConfig, control: Option<&Path>) 
         .map_err(io("starting the reader thread"))?;
     let pair_cfg = cfg.pair_config();
     link.driver_tick();
-    link.spawn_heartbeats(pair_cfg.failover.heartbeat_interval)
+    link.spawn_heartbeats(pair_cfg.failover.heartbeat_interval, cfg.heartbeat_timeout)
         .map_err(io("starting the heartbeat thread"))?;
 
     let vm = ColoVm::new(machine.clone(), rx.clone());

@@ -284,6 +284,74 @@ mod tests {
         ram.read_obj(GuestAddress(desc + 4)).unwrap()
     }
 
+    /// A backend that holds (WouldBlock) every write while `hold` is set.
+    struct Holding {
+        inner: RawFile,
+        hold: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl DiskBackend for Holding {
+        fn size(&self) -> io::Result<u64> {
+            self.inner.size()
+        }
+        fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+            if self.hold.load(Ordering::SeqCst) {
+                return Err(io::Error::new(io::ErrorKind::WouldBlock, "held"));
+            }
+            self.inner.write_at(buf, offset)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.inner.flush()
+        }
+    }
+
+    #[test]
+    fn a_held_write_stays_queued_with_the_requests_behind_it_and_completes_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("d.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(64 * SECTOR_SIZE)
+            .unwrap();
+        let file = OpenOptions::new().read(true).write(true).open(&img).unwrap();
+        let hold = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut b = Block::with_backend(Box::new(Holding {
+            inner: RawFile(file),
+            hold: hold.clone(),
+        }))
+        .unwrap();
+        let (ram, _) = create_ram(MIN_RAM, false).unwrap();
+        ram.write_slice(&[0x5a; 512], GuestAddress(0x100000)).unwrap();
+        let first = submit(&ram, 0, BLK_OP_WRITE, 1, 1, 0x100000);
+        assert_eq!(b.poll(&ram).unwrap(), 1);
+        hold.store(true, Ordering::SeqCst);
+        let held = submit(&ram, 1, BLK_OP_WRITE, 2, 1, 0x100000);
+        let behind = submit(&ram, 2, BLK_OP_READ, 1, 1, 0x200000);
+        for _ in 0..3 {
+            assert_eq!(
+                b.poll(&ram).unwrap(),
+                0,
+                "nothing completes while the write is held"
+            );
+            assert!(b.pending(&ram).unwrap());
+        }
+        assert_eq!(status(&ram, held), BLK_ST_PENDING);
+        assert_eq!(status(&ram, behind), BLK_ST_PENDING);
+        assert_eq!(b.state().errors, 0, "a held write is not an error");
+        hold.store(false, Ordering::SeqCst);
+        assert_eq!(b.poll(&ram).unwrap(), 2, "both complete, in order");
+        assert_eq!(
+            (status(&ram, first), status(&ram, held), status(&ram, behind)),
+            (BLK_ST_OK, BLK_ST_OK, BLK_ST_OK)
+        );
+        assert!(!b.pending(&ram).unwrap());
+        let on_disk = std::fs::read(&img).unwrap();
+        assert_eq!(&on_disk[2 * 512..3 * 512], &[0x5a; 512][..]);
+    }
+
     #[test]
     fn reads_writes_flushes_and_refuses_bad_requests() {
         let dir = tempfile::tempdir().unwrap();
