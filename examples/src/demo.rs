@@ -84,15 +84,15 @@ pub struct DemoArgs {
     /// Print exactly one JSON object on stdout instead of the readable report.
     #[arg(long)]
     pub json: bool,
-    /// Which side to SIGKILL.
+    /// Which side goes away (SIGKILL, unless --freeze or --by-command says otherwise).
     #[arg(long, value_enum, default_value_t = KillSide::Primary)]
     pub kill: KillSide,
     /// Let the primary kill itself in the middle of sending a checkpoint's pages (implies --kill primary).
     #[arg(long)]
     pub kill_mid_checkpoint: bool,
     /// SIGSTOP the chosen side instead of SIGKILL: it stays alive with its sockets open but silent, so the
-    /// survivor notices only through the heartbeat timeout (and, with the witness, waits for the frozen
-    /// side's lease to run out). The frozen process is SIGKILLed at the end.
+    /// survivor notices only through the heartbeat timeout, then asks the arbiter. The frozen process is
+    /// SIGKILLed at the end.
     #[arg(long, conflicts_with = "kill_mid_checkpoint")]
     pub freeze: bool,
     /// Instead of a signal, send the failover command to the other side: the secondary asks the primary to
