@@ -133,11 +133,6 @@ impl Drop for Vmm {
     }
 }
 
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    format!("127.0.0.1:{}", l.local_addr().unwrap().port())
-}
-
 struct Pair {
     _dir: tempfile::TempDir,
     dir: PathBuf,
@@ -163,10 +158,13 @@ fn pair_in(tmp: tempfile::TempDir, sw: SwitchHandle, extra: &[&str]) -> Pair {
         }
         p
     };
-    let addr = free_addr();
-    let mut s_args = vec!["--role", "secondary", "--colo-listen", &addr];
+    // Port 0: the secondary picks a free port and its status names it (no race with other tests).
+    let mut s_args = vec!["--role", "secondary", "--colo-listen", "127.0.0.1:0"];
     s_args.extend_from_slice(extra);
     let secondary = Vmm::spawn_on(&dir, "secondary", sw.path(), &image("secondary"), &s_args);
+    let st = secondary.wait_status("listening address", T, |s| s["listen"].is_string());
+    assert_eq!(st["phase"], "listening");
+    let addr = st["listen"].as_str().unwrap().to_string();
     let mut p_args = vec!["--role", "primary", "--colo-peer", &addr];
     p_args.extend_from_slice(extra);
     let primary = Vmm::spawn_on(&dir, "primary", sw.path(), &image("primary"), &p_args);

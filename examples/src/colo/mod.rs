@@ -467,10 +467,10 @@ pub fn run(mut machine: MachineConfig, cfg: ColoConfig, control: Option<&Path>) 
         PeerRole::Primary { peer } => connect(peer, &shared.quit, cfg.connect_timeout)?,
         PeerRole::Secondary { listen } => {
             let l = TcpListener::bind(listen).map_err(io("binding --colo-listen"))?;
-            tracing::info!(
-                "COLO: secondary listening on {}",
-                l.local_addr().map_err(io("listening"))?
-            );
+            let bound = l.local_addr().map_err(io("listening"))?;
+            // With port 0 the status tells the primary's launcher which port was picked.
+            status.lock().unwrap_or_else(|e| e.into_inner())["listen"] = json!(bound.to_string());
+            tracing::info!("COLO: secondary listening on {bound}");
             accept(&l, &shared.quit)?
         }
     };
