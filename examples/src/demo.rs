@@ -933,22 +933,15 @@ impl Demo {
             return Ok(());
         }
         let sdisk = self.make_disk("secondary.img")?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|source| DemoError::Setup {
-                what: "choosing a port".into(),
-                source,
-            })?
-            .port();
-        let peer = format!("127.0.0.1:{port}");
         let arbiter_arg = arbiter.map_or_else(|| "none".to_owned(), |a| format!("witness={a}"));
 
         let mut sargs = self.common_vm_args("secondary", &sdisk, switch);
         sargs.extend([
             "--role".into(),
             "secondary".into(),
+            // Port 0: the secondary binds a free port and names it in its status (no race for a port).
             "--colo-listen".into(),
-            peer.clone(),
+            "127.0.0.1:0".into(),
             "--arbiter".into(),
             arbiter_arg.clone(),
         ]);
@@ -957,6 +950,21 @@ impl Demo {
             .insert(Vmm::spawn("secondary", &self.dir.path, &sargs)?);
         let pid = s.pid();
         s.wait_ready(boot_timeout)?;
+        let t0 = Instant::now();
+        let peer = loop {
+            check_interrupt()?;
+            s.ensure_running()?;
+            if let Some(a) = s.status()?["colo"]["listen"].as_str() {
+                break a.to_owned();
+            }
+            if t0.elapsed() > boot_timeout {
+                return Err(DemoError::Timeout {
+                    what: "the secondary's listening address".into(),
+                    after: boot_timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
         self.event(format!("secondary (pid {pid}) listening on {peer}"));
 
         let mut pargs = self.common_vm_args("primary", &pdisk, switch);
