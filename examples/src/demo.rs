@@ -1226,16 +1226,16 @@ impl Demo {
                 let since = self.out.kill_at.map_or(0.0, |k| (at - k).as_secs_f64() * 1000.0);
                 let c = &st["colo"];
                 let msg = format!(
-                    "the {} took over: role {}, phase {}, failover {} ({}), {since:.0} ms after the kill",
+                    "the {} took over: role {}, phase {}, failover {} ({}) {since:.0} ms after the kill",
                     if self.killed() == KillSide::Primary {
                         "secondary"
                     } else {
                         "primary"
                     },
-                    c["node_role"],
-                    c["phase"],
-                    c["failover"]["state"],
-                    c["failover"]["reason"],
+                    text(&c["node_role"]),
+                    text(&c["phase"]),
+                    text(&c["failover"]["state"]),
+                    text(&c["failover"]["detail"]),
                 );
                 self.out.survivor_status = Some(st);
                 self.event(msg);
@@ -1249,6 +1249,15 @@ impl Demo {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+/// A JSON value as plain text (strings without quotes, null as `-`).
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
     }
 }
 
@@ -1716,11 +1725,7 @@ impl Demo {
 }
 
 fn print_readable(r: &Value) {
-    let show = |v: &Value| match v {
-        Value::Null => "-".to_owned(),
-        Value::String(s) => s.clone(),
-        v => v.to_string(),
-    };
+    let show = text;
     println!();
     println!("result: {}", if r["pass"] == true { "PASS" } else { "FAIL" });
     if let Some(e) = r["error"].as_str() {
