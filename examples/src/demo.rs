@@ -29,6 +29,8 @@
 //!   it has failed over (the secondary promoted, or the primary running alone).
 //! - `pause_ms_p50`/`pause_ms_p99`/`checkpoints`/`bytes_sent`/`compare`: the pair's own counters, from the
 //!   last status of the primary before the kill or at the end (whichever is later), or from the survivor.
+//! - `client_requests` counts every request of the one connection, the final read-back included;
+//!   `requests_per_s*` count answers of the random workload only (before the kill, after the takeover, all).
 //!
 //! The exit status is non-zero unless the store is consistent with the model and the client saw no error and
 //! no reset. Every child is killed and reaped and the directory removed on every path, Ctrl-C included.
