@@ -103,8 +103,18 @@ use std::io::Read as _;
 impl ControlServer {
     /// Listen on `path` (a stale socket is replaced) and answer with `handler`.
     pub fn spawn(path: &Path, handler: Handler) -> io::Result<Self> {
+        // Bind under a temporary name and rename into place: the path appears only once the socket
+        // listens (bind() creates the file a moment before listen(); a client in between is refused).
         let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)?;
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".{}.tmp", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let listener = UnixListener::bind(&tmp)?;
+        if let Err(e) = std::fs::rename(&tmp, path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();

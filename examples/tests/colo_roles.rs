@@ -59,8 +59,9 @@ impl Vmm {
             control,
             log,
         };
+        // The socket file appears at bind(), a moment before listen(): wait for an answer, not the file.
         let t0 = Instant::now();
-        while !v.control.exists() {
+        while control::request(&v.control, &Request::Status, T).is_err() {
             assert!(t0.elapsed() < T, "{name}: no control socket");
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -580,4 +581,37 @@ fn a_frozen_secondary_is_given_up_after_the_heartbeat_timeout() {
     unsafe { libc::kill(pid, libc::SIGCONT) };
     p.secondary.kill();
     p.primary.quit();
+}
+
+#[test]
+fn quit_before_the_pair_exists_is_prompt_and_clean() {
+    if !kvm_or_skip("quit_before_the_pair_exists_is_prompt_and_clean") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let sw = Switch::spawn(&dir.join("switch")).unwrap();
+    let img = disk(dir, "s.img", 8);
+    let s = Vmm::spawn_on(
+        dir,
+        "secondary",
+        sw.path(),
+        &img,
+        &["--role", "secondary", "--colo-listen", "127.0.0.1:0"],
+    );
+    let st = s.wait_status("listening", T, |s| s["listen"].is_string());
+    // A primary whose secondary never answers keeps trying; quit stops it.
+    let img = disk(dir, "p.img", 8);
+    let p = Vmm::spawn_on(
+        dir,
+        "primary",
+        sw.path(),
+        &img,
+        &["--role", "primary", "--colo-peer", "127.0.0.1:1"],
+    );
+    assert_eq!(p.colo()["phase"], "connecting");
+    assert_eq!(p.ctl(Request::Failover)["ok"], false, "no pair yet");
+    p.quit();
+    assert_eq!(st["phase"], "listening");
+    s.quit();
 }

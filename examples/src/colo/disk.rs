@@ -12,7 +12,7 @@ use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 use bytes::Bytes;
-use colo_block::{MemStore, RawFile};
+use colo_block::{MemStore, RawFile, WriteStatus};
 use colo_pair::{SharedPrimaryDisk, SharedSecondaryDisk};
 
 use super::driver::Event;
@@ -24,7 +24,7 @@ pub type SecondaryImage = SharedSecondaryDisk<SvmImage, MemStore, MemStore>;
 /// The secondary's image file. While it only shadows the primary its flushes are skipped: its overlays
 /// live in memory, so a crash of this host loses the shadow anyway (the primary, whose flushes are real,
 /// holds the durable copy), and an fsync at every checkpoint would cost the pair hundreds of
-/// milliseconds of pause here. Once promoted it is durable again ([`SvmImage::make_durable`]).
+/// milliseconds of pause here. Once promoted it is durable again ([`DurableSwitch::make_durable`]).
 #[derive(Debug)]
 pub struct SvmImage {
     file: RawFile,
@@ -32,7 +32,7 @@ pub struct SvmImage {
 }
 
 impl SvmImage {
-    /// Wraps the image; flushes are skipped until the returned switch is set (see [`SvmImage::make_durable`]).
+    /// Wraps the image; flushes are skipped until the returned switch is set (see [`DurableSwitch::make_durable`]).
     pub fn new(file: RawFile) -> (Self, DurableSwitch) {
         let durable = Arc::new(AtomicBool::new(false));
         let switch = DurableSwitch {
@@ -118,7 +118,12 @@ impl DiskBackend for PrimaryBlock {
 
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         match self.disk.write(offset, Bytes::copy_from_slice(buf)) {
-            Ok(_) => Ok(()),
+            // `run` sets colo-block's Async completion mode: a write is complete once on the local disk.
+            // (Sync mode would need the device to complete requests later, from `take_completed`.)
+            Ok(WriteStatus::Completed) => Ok(()),
+            Ok(WriteStatus::AwaitingAck(id)) => Err(io::Error::other(format!(
+                "write {id:?} awaits the secondary's acknowledgement: Sync completion mode is not supported here"
+            ))),
             Err(colo_block::Error::EpochFull { .. }) => {
                 // The driver starts the checkpoint at its next entry; wake it now.
                 let _ = self.wake.send(Event::Wake);

@@ -81,6 +81,8 @@ pub trait PairDriver {
     fn poll_output(&mut self) -> Option<Output>;
     /// See [`PrimaryPair::status`].
     fn status(&self) -> PairStatus;
+    /// See [`PrimaryPair::phase`].
+    fn phase(&self) -> Phase;
     /// See [`PrimaryPair::failover_now`].
     fn failover_now(&mut self, now: Instant) -> colo_pair::Result<()>;
     /// See [`PrimaryPair::set_checkpoint_interval`] (primary only).
@@ -125,6 +127,9 @@ macro_rules! common_calls {
         }
         fn status(&self) -> PairStatus {
             Self::status(self)
+        }
+        fn phase(&self) -> Phase {
+            Self::phase(self)
         }
         fn failover_now(&mut self, now: Instant) -> colo_pair::Result<()> {
             Self::failover_now(self, now)
@@ -359,22 +364,25 @@ impl<P: PairDriver> Driver<P> {
 
     fn handle(&mut self, ev: Event) -> Result<(), ColoError> {
         let t0 = Instant::now();
-        let what = match &ev {
-            Event::Peer(Ok(m)) => format!("{:?}", m.kind()),
-            Event::Peer(Err(_)) => "peer error".into(),
-            Event::Client(_) => "client".into(),
-            Event::GuestTx(_) => "guest tx".into(),
-            Event::Wake => "wake".into(),
-            Event::Command(..) => "command".into(),
-            Event::Quit => "quit".into(),
+        let kind = match &ev {
+            Event::Peer(Ok(m)) => Some(m.kind()),
+            _ => None,
         };
-        tracing::debug!("event {what}");
+        let name = match &ev {
+            Event::Peer(Ok(_)) => "peer message",
+            Event::Peer(Err(_)) => "peer error",
+            Event::Client(_) => "client frame",
+            Event::GuestTx(_) => "guest frame",
+            Event::Wake => "wake-up",
+            Event::Command(..) => "command",
+            Event::Quit => "quit",
+        };
         let r = self.handle_inner(ev);
         let took = t0.elapsed();
         if took > Duration::from_millis(250) {
-            tracing::warn!("COLO: handling {what} took {took:?}");
+            tracing::warn!("COLO: handling a {name} {kind:?} took {took:?}");
         } else if took > Duration::from_millis(20) {
-            tracing::debug!("COLO: handling {what} took {took:?}");
+            tracing::debug!("COLO: handling a {name} {kind:?} took {took:?}");
         }
         r
     }
@@ -404,8 +412,11 @@ impl<P: PairDriver> Driver<P> {
                 }
             }
             Event::Client(frame) => {
+                if let Some(sw) = &self.switch {
+                    sw.taken();
+                }
                 let r = self.pair.client_input(now, frame);
-                self.settle(r)?;
+                self.settle_frame(r)?;
             }
             Event::GuestTx(frame) => {
                 self.tx_waiting.fetch_sub(1, Ordering::Relaxed);
@@ -435,7 +446,7 @@ impl<P: PairDriver> Driver<P> {
                 self.retry_tx.push_front(frame);
                 Ok(())
             }
-            r => self.settle(r),
+            r => self.settle_frame(r),
         }
     }
 
@@ -522,6 +533,17 @@ impl<P: PairDriver> Driver<P> {
 
     /// After every call into the pair: judge its result, carry out its outputs, note what changed.
     fn settle(&mut self, r: colo_pair::Result<()>) -> Result<(), ColoError> {
+        self.settle_as(r, true)
+    }
+
+    /// [`settle`](Self::settle) after a frame in either direction: a checkpoint cannot have completed
+    /// (that takes a message from the peer), so only a phase change is looked for (the full status sorts
+    /// the pause window for its percentiles: too dear per frame).
+    fn settle_frame(&mut self, r: colo_pair::Result<()>) -> Result<(), ColoError> {
+        self.settle_as(r, false)
+    }
+
+    fn settle_as(&mut self, r: colo_pair::Result<()>, full: bool) -> Result<(), ColoError> {
         match r {
             Ok(()) => {}
             Err(e @ PairError::Vm { .. }) => return Err(ColoError::Pair(e)),
@@ -529,6 +551,9 @@ impl<P: PairDriver> Driver<P> {
         }
         while let Some(out) = self.pair.poll_output() {
             self.output(out)?;
+        }
+        if !full && self.pair.phase() == self.last_phase {
+            return Ok(());
         }
         let st = self.pair.status();
         if st.checkpoints > self.seen_checkpoints {
@@ -559,6 +584,16 @@ impl<P: PairDriver> Driver<P> {
                     .map(|d| format!(" ({d})"))
                     .unwrap_or_default()
             );
+            if matches!(self.last_phase, Phase::Syncing | Phase::Colo)
+                && matches!(st.phase, Phase::FailingOver | Phase::Alone | Phase::Stopped)
+            {
+                tracing::info!(
+                    "COLO: failover: {} (state {:?}, reason {:?})",
+                    st.exit_detail.as_deref().unwrap_or("partner lost"),
+                    st.failover.failover,
+                    st.failover.reason
+                );
+            }
             self.last_phase = st.phase;
             if !matches!(st.phase, Phase::Syncing | Phase::Colo) {
                 // The partner is given up: make sure it sees that, and stop the heartbeats.
@@ -690,6 +725,7 @@ impl<P: PairDriver> Driver<P> {
             "nic_rx_dropped": self.rx.dropped(),
             "output_undeliverable": self.undeliverable,
             "switch_send_errors": self.switch.as_ref().map_or(0, SwitchPort::send_errors),
+            "client_frames_dropped": self.switch.as_ref().map_or(0, SwitchPort::dropped),
             "held_guest_frames": self.retry_tx.len(),
         })
     }

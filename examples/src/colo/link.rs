@@ -6,7 +6,7 @@
 //!   [`STALL_LIMIT`] stops those heartbeats, so a wedged process is still detected.
 //! - [`spawn_reader`] is the receiving half: a thread that hands each message to the driver, in order, and
 //!   stops reading (TCP backpressure) while the driver is far behind.
-//! - Fault injection for tests: [`SharedLink::kill_in_checkpoint`] makes this process die by SIGKILL after
+//! - Fault injection for tests: the `kill_in_checkpoint` argument of [`SharedLink::new`] makes this process die by SIGKILL after
 //!   sending about half of one checkpoint's pages.
 
 use std::net::{Shutdown, TcpStream};

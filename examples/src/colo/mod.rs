@@ -220,6 +220,9 @@ struct ControlShared {
     driving: AtomicBool,
 }
 
+/// How long the handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long a control command waits for the driver's answer.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -464,17 +467,29 @@ pub fn run(mut machine: MachineConfig, cfg: ColoConfig, control: Option<&Path>) 
         size: ram_size(machine.ram()),
     }];
     let stream = match &cfg.role {
-        PeerRole::Primary { peer } => connect(peer, &shared.quit, cfg.connect_timeout)?,
+        PeerRole::Primary { peer } => connect(peer, &shared.quit, cfg.connect_timeout),
         PeerRole::Secondary { listen } => {
             let l = TcpListener::bind(listen).map_err(io("binding --colo-listen"))?;
             let bound = l.local_addr().map_err(io("listening"))?;
             // With port 0 the status tells the primary's launcher which port was picked.
             status.lock().unwrap_or_else(|e| e.into_inner())["listen"] = json!(bound.to_string());
             tracing::info!("COLO: secondary listening on {bound}");
-            accept(&l, &shared.quit)?
+            accept(&l, &shared.quit)
         }
     };
+    let stream = match stream {
+        Ok(s) => s,
+        Err(_) if shared.quit.load(Ordering::SeqCst) => {
+            machine.quit();
+            return Ok(Exit::Quit);
+        }
+        Err(e) => return Err(e),
+    };
     stream.set_nodelay(true).map_err(io("socket options"))?;
+    // A peer that never finishes the handshake is refused after this long (not waited for forever).
+    stream
+        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(io("socket options"))?;
     // A peer that stops reading fails our sends after this long instead of hanging the driver.
     stream
         .set_write_timeout(Some(Duration::from_secs(10)))
@@ -488,6 +503,7 @@ pub fn run(mut machine: MachineConfig, cfg: ColoConfig, control: Option<&Path>) 
             chan.handshake_accept(&LocalConfig::new(2, Role::Secondary, PAGE_SIZE as u32, regions))?
         }
     };
+    stream.set_read_timeout(None).map_err(io("socket options"))?;
     let mut reader = Channel::new(stream);
     reader.set_version(negotiated.version);
     tracing::info!("COLO: handshake done (protocol version {})", negotiated.version);

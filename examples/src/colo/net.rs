@@ -200,6 +200,10 @@ pub struct SwitchPort {
     path: PathBuf,
     send_errors: AtomicU64,
     stop: Arc<AtomicBool>,
+    /// Client frames handed to the driver and not taken yet.
+    waiting: Arc<AtomicUsize>,
+    /// Client frames dropped because too many were waiting (a full NIC queue on a wire; TCP retransmits).
+    dropped: Arc<AtomicU64>,
 }
 
 impl SwitchPort {
@@ -215,6 +219,8 @@ impl SwitchPort {
             path: local.to_path_buf(),
             send_errors: AtomicU64::new(0),
             stop: Arc::new(AtomicBool::new(false)),
+            waiting: Arc::default(),
+            dropped: Arc::default(),
         })
     }
 
@@ -233,11 +239,23 @@ impl SwitchPort {
         self.send_errors.load(Ordering::Relaxed)
     }
 
-    /// Starts a thread that hands every frame from the switch to the driver as [`Event::Client`].
+    /// Client frames dropped because the driver was [`MAX_RX_FRAMES`] behind.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// The driver took one client frame.
+    pub fn taken(&self) {
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Starts a thread that hands every frame from the switch to the driver as [`Event::Client`] (the
+    /// driver calls [`SwitchPort::taken`] for each).
     pub fn spawn_reader(&self, events: Sender<Event>) -> io::Result<()> {
         let sock = self.sock.try_clone()?;
         sock.set_read_timeout(Some(Duration::from_millis(100)))?;
         let stop = self.stop.clone();
+        let (waiting, dropped) = (self.waiting.clone(), self.dropped.clone());
         std::thread::Builder::new()
             .name("colo-switch".into())
             .spawn(move || {
@@ -245,7 +263,11 @@ impl SwitchPort {
                 while !stop.load(Ordering::Relaxed) {
                     match sock.recv(&mut buf) {
                         Ok(0) => {} // the switch's keepalive
+                        Ok(_) if waiting.load(Ordering::Relaxed) >= MAX_RX_FRAMES => {
+                            dropped.fetch_add(1, Ordering::Relaxed);
+                        }
                         Ok(n) => {
+                            waiting.fetch_add(1, Ordering::Relaxed);
                             if events
                                 .send(Event::Client(Bytes::copy_from_slice(&buf[..n])))
                                 .is_err()
