@@ -1775,7 +1775,18 @@ fn print_readable(r: &Value) {
         show(&r["pause_ms_p99"]),
         show(&r["bytes_sent"])
     );
-    println!("  compare:               {}", show(&r["compare"]));
+    let c = &r["compare"];
+    if c.is_object() {
+        println!(
+            "  compare:               {} primary frames, {} released as compared ({} TCP payload bytes), {} at \
+             checkpoints; {} mismatches",
+            show(&c["primary_frames"]),
+            show(&c["released_compared"]),
+            show(&c["tcp_bytes_compared"]),
+            show(&c["released_at_checkpoint"]),
+            show(&c["mismatches"])
+        );
+    }
     println!(
         "  client:                {} requests ({} writes, {} reads, {} STAT), {}/s, slowest {} ms",
         show(&r["client_requests"]),
