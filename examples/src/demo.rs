@@ -1299,6 +1299,16 @@ pub fn main(args: DemoArgs) -> anyhow::Result<()> {
                 "--checkpoints-before-kill must be at most 10000",
             ));
         }
+        if let Err(source) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+        {
+            return Err(DemoError::Setup {
+                what: "the VMs need /dev/kvm (read and write)".into(),
+                source,
+            });
+        }
         if args.no_colo && args.kill_mid_checkpoint {
             return Err(DemoError::Options("--no-colo has nobody to fail over to"));
         }
