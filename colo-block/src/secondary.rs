@@ -21,6 +21,23 @@
 //!   SVM writes*: roll back the hidden blocks (the primary's writes of an unfinished epoch), then write the
 //!   active overlay into the disk.
 //!
+//! # States
+//!
+//! Every transition is in one `match (state, input)` (`SecondaryDisk::step`); an input the current state
+//! does not take is [`Error::InvalidState`], [`Error::EpochMismatch`] or [`Error::BarrierMissing`] and
+//! changes nothing.
+//!
+//! | state | takes |
+//! |---|---|
+//! | syncing ([`new_syncing`](SecondaryDisk::new_syncing)) | `apply_sync_chunk`; `finish_sync` → replicating |
+//! | replicating ([`new`](SecondaryDisk::new)) | `apply*`, `svm_*`; `handle_barrier` of the epoch → barrier received; `failover` |
+//! | barrier received | `svm_*`, an empty `apply_batch`; `checkpoint` → replicating the next epoch; `failover` |
+//! | failover incomplete | `svm_read`, `svm_flush`; `failover` again |
+//! | failed over | `svm_*`, straight to the disk |
+//!
+//! A failover that completes leads to failed over; one that fails after its commit point to failover
+//! incomplete, before it to where it started. [`SecondaryState`] reports barrier received as replicating.
+//!
 //! # Crash semantics
 //!
 //! With both overlays in [`JournalStore`](crate::JournalStore)s on durable media, the secondary disk
@@ -109,13 +126,64 @@ pub enum SecondaryState {
     FailedOver,
 }
 
-impl SecondaryState {
+/// Where a [`SecondaryDisk`] stands, in more detail than [`SecondaryState`]: while replicating, whether
+/// the current epoch's barrier has arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Syncing,
+    Replicating { barrier: bool },
+    FailoverIncomplete,
+    FailedOver,
+}
+
+impl State {
     fn name(self) -> &'static str {
         match self {
-            SecondaryState::Syncing => "syncing",
-            SecondaryState::Replicating => "replicating",
-            SecondaryState::FailoverIncomplete => "failover-incomplete",
-            SecondaryState::FailedOver => "failed-over",
+            State::Syncing => "syncing",
+            State::Replicating { barrier: false } => "replicating",
+            State::Replicating { barrier: true } => "barrier received",
+            State::FailoverIncomplete => "failover-incomplete",
+            State::FailedOver => "failed-over",
+        }
+    }
+
+    fn public(self) -> SecondaryState {
+        match self {
+            State::Syncing => SecondaryState::Syncing,
+            State::Replicating { .. } => SecondaryState::Replicating,
+            State::FailoverIncomplete => SecondaryState::FailoverIncomplete,
+            State::FailedOver => SecondaryState::FailedOver,
+        }
+    }
+}
+
+/// Everything that can happen to a [`SecondaryDisk`] and change it: each public method that may change
+/// the secondary feeds one of these to [`SecondaryDisk::step`]. (The SVM's reads change nothing; see
+/// [`SecondaryDisk::svm_read`].)
+#[derive(Debug, Clone, Copy)]
+enum Input<'a> {
+    SyncChunk { offset: u64, data: &'a [u8] },
+    FinishSync { epoch: u64 },
+    Writes(&'a [WriteRecord]),
+    Discard(&'a DiscardRecord),
+    Barrier { epoch: u64 },
+    Checkpoint,
+    Failover,
+    SvmWrite { offset: u64, data: &'a [u8] },
+    SvmFlush,
+}
+
+impl Input<'_> {
+    fn name(self) -> &'static str {
+        match self {
+            Input::SyncChunk { .. } => "sync chunk",
+            Input::FinishSync { .. } => "finish sync",
+            Input::Writes(_) | Input::Discard(_) => "apply",
+            Input::Barrier { .. } => "barrier",
+            Input::Checkpoint => "checkpoint",
+            Input::Failover => "failover",
+            Input::SvmWrite { .. } => "svm write",
+            Input::SvmFlush => "svm flush",
         }
     }
 }
@@ -146,9 +214,8 @@ pub struct SecondaryDisk<D, H, A> {
     hidden: H,
     active: A,
     block_size: u64,
-    state: SecondaryState,
+    state: State,
     epoch: u64,
-    barrier_seen: bool,
     last_applied: Option<WriteId>,
     scratch: Vec<u8>,
     /// Buffer for coalesced reads of old blocks (grows up to `MAX_READ_RUN`).
@@ -263,15 +330,15 @@ impl<D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryDisk<D, H, A> {
     /// A secondary whose disk already equals the primary's, replicating from `epoch`. The overlays must
     /// be empty (run [`recover`] on journals first).
     pub fn new(disk: D, hidden: H, active: A, epoch: u64) -> Result<Self> {
-        Self::build(disk, hidden, active, epoch, SecondaryState::Replicating)
+        Self::build(disk, hidden, active, epoch, State::Replicating { barrier: false })
     }
 
     /// A secondary about to receive an initial sync.
     pub fn new_syncing(disk: D, hidden: H, active: A) -> Result<Self> {
-        Self::build(disk, hidden, active, 0, SecondaryState::Syncing)
+        Self::build(disk, hidden, active, 0, State::Syncing)
     }
 
-    fn build(disk: D, hidden: H, active: A, epoch: u64, state: SecondaryState) -> Result<Self> {
+    fn build(disk: D, hidden: H, active: A, epoch: u64, state: State) -> Result<Self> {
         let block_size = check_geometry(&disk, &hidden, &active)?;
         if !hidden.is_empty() || !active.is_empty() || active.is_committing() {
             return Err(Error::InvalidState {
@@ -286,39 +353,96 @@ impl<D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryDisk<D, H, A> {
             block_size,
             state,
             epoch,
-            barrier_seen: false,
             last_applied: None,
             scratch: vec![0; block_size as usize],
             run_buf: Vec::new(),
         })
     }
 
-    fn invalid(&self, event: &'static str) -> Error {
-        Error::InvalidState {
-            state: self.state.name(),
-            event,
+    /// Every state transition of the secondary, in one place: the current state and the input decide what
+    /// happens. An input that makes no sense in the state is an error ([`Error::InvalidState`],
+    /// [`Error::EpochMismatch`], [`Error::BarrierMissing`]) and changes nothing. An I/O error part-way
+    /// leaves the state the input started in, except a failover past its commit point, which leaves
+    /// [`SecondaryState::FailoverIncomplete`].
+    ///
+    /// Returns the number of active-overlay blocks written into the disk (non-zero only for a failover).
+    fn step(&mut self, input: Input<'_>) -> Result<usize> {
+        use Input as I;
+        match (self.state, input) {
+            // The initial sync: the primary's content straight into the disk.
+            (State::Syncing, I::SyncChunk { offset, data }) => self.disk.write_at(offset, data)?,
+            (State::Syncing, I::FinishSync { epoch }) => {
+                self.disk.flush()?;
+                self.state = State::Replicating { barrier: false };
+                self.epoch = epoch;
+            }
+
+            // An epoch: the primary's writes, then its barrier, then the checkpoint that closes it.
+            (State::Replicating { barrier: false }, I::Writes(records)) => self.apply_records(records)?,
+            (State::Replicating { barrier: false }, I::Discard(record)) => {
+                self.apply_records(std::slice::from_ref(record))?
+            }
+            // An empty batch applies nothing, whenever it comes.
+            (State::Replicating { barrier: true }, I::Writes([])) => {}
+            (State::Replicating { barrier: false }, I::Barrier { epoch }) if epoch != self.epoch => {
+                return Err(Error::EpochMismatch {
+                    expected: self.epoch,
+                    found: epoch,
+                });
+            }
+            (State::Replicating { barrier: false }, I::Barrier { .. }) => {
+                self.state = State::Replicating { barrier: true }
+            }
+            (State::Replicating { barrier: false }, I::Checkpoint) => {
+                return Err(Error::BarrierMissing { epoch: self.epoch });
+            }
+            (State::Replicating { barrier: true }, I::Checkpoint) => {
+                self.commit_checkpoint()?;
+                self.epoch += 1;
+                self.state = State::Replicating { barrier: false };
+            }
+
+            // Failover, which may be retried until it completes.
+            (State::Replicating { .. } | State::FailoverIncomplete, I::Failover) => {
+                return match self.commit_failover() {
+                    Ok(n) => {
+                        self.state = State::FailedOver;
+                        Ok(n)
+                    }
+                    Err(e) => {
+                        if self.active.is_committing() {
+                            self.state = State::FailoverIncomplete;
+                        }
+                        Err(e)
+                    }
+                };
+            }
+
+            // The SVM's writes and flushes: to the active overlay, or to the disk once failed over. While a
+            // failover is incomplete the SVM may read and flush, not write.
+            (State::Replicating { .. }, I::SvmWrite { offset, data }) => self.write_active(offset, data)?,
+            (State::FailedOver, I::SvmWrite { offset, data }) => self.disk.write_at(offset, data)?,
+            (State::Replicating { .. } | State::FailoverIncomplete, I::SvmFlush) => self.active.sync()?,
+            (State::FailedOver, I::SvmFlush) => self.disk.flush()?,
+
+            (state, input) => {
+                return Err(Error::InvalidState {
+                    state: state.name(),
+                    event: input.name(),
+                });
+            }
         }
+        Ok(0)
     }
 
     /// Initial sync: the primary's content at `offset`.
     pub fn apply_sync_chunk(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        match self.state {
-            SecondaryState::Syncing => self.disk.write_at(offset, data),
-            _ => Err(self.invalid("sync chunk")),
-        }
+        self.step(Input::SyncChunk { offset, data }).map(drop)
     }
 
     /// Initial sync finished: flushes the disk and starts replicating at `epoch`.
     pub fn finish_sync(&mut self, epoch: u64) -> Result<()> {
-        match self.state {
-            SecondaryState::Syncing => {
-                self.disk.flush()?;
-                self.state = SecondaryState::Replicating;
-                self.epoch = epoch;
-                Ok(())
-            }
-            _ => Err(self.invalid("finish sync")),
-        }
+        self.step(Input::FinishSync { epoch }).map(drop)
     }
 
     /// Applies one of the primary's writes. See [`apply_batch`](Self::apply_batch).
@@ -337,26 +461,18 @@ impl<D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryDisk<D, H, A> {
     /// write that would overflow the store before anything is sent ([`Error::EpochFull`]). If it happens
     /// anyway the pair has diverged from that contract: stop replicating and resync.
     pub fn apply_batch(&mut self, records: &[WriteRecord]) -> Result<()> {
-        self.apply_records(records)
+        self.step(Input::Writes(records)).map(drop)
     }
 
     /// Applies one of the primary's discards, protecting the SVM's view like a write.
     pub fn apply_discard(&mut self, record: &DiscardRecord) -> Result<()> {
-        self.apply_records(std::slice::from_ref(record))
+        self.step(Input::Discard(record)).map(drop)
     }
 
+    /// Applies records in the replicating state, before the barrier (see `apply_batch`).
     fn apply_records<R: Replicated>(&mut self, records: &[R]) -> Result<()> {
-        if self.state != SecondaryState::Replicating {
-            return Err(self.invalid("apply"));
-        }
         if records.is_empty() {
             return Ok(());
-        }
-        if self.barrier_seen {
-            return Err(Error::InvalidState {
-                state: "barrier received",
-                event: "apply",
-            });
         }
         let bs = self.block_size;
         let (used, capacity) = (self.hidden.len(), self.hidden.capacity());
@@ -444,44 +560,25 @@ impl<D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryDisk<D, H, A> {
 
     /// The primary's barrier of `epoch`: every write of the epoch has been applied.
     pub fn handle_barrier(&mut self, epoch: u64) -> Result<()> {
-        match self.state {
-            SecondaryState::Replicating if self.barrier_seen => Err(Error::InvalidState {
-                state: "barrier received",
-                event: "barrier",
-            }),
-            SecondaryState::Replicating if epoch != self.epoch => Err(Error::EpochMismatch {
-                expected: self.epoch,
-                found: epoch,
-            }),
-            SecondaryState::Replicating => {
-                self.barrier_seen = true;
-                Ok(())
-            }
-            _ => Err(self.invalid("barrier")),
-        }
+        self.step(Input::Barrier { epoch }).map(drop)
     }
 
     /// Commits the checkpoint that closes the current epoch: the SVM adopts the primary's disk. Needs the
     /// epoch's barrier. Returns the new epoch.
     pub fn checkpoint(&mut self) -> Result<u64> {
-        match self.state {
-            SecondaryState::Replicating if !self.barrier_seen => {
-                Err(Error::BarrierMissing { epoch: self.epoch })
-            }
-            SecondaryState::Replicating => {
-                self.disk.flush()?;
-                // Commit point: from here the disk no longer rolls back to the previous image.
-                self.hidden.clear()?;
-                self.hidden.sync()?;
-                // The active overlay's drop need not be durable: recovery discards an overlay that is
-                // not marked committing.
-                self.active.clear()?;
-                self.epoch += 1;
-                self.barrier_seen = false;
-                Ok(self.epoch)
-            }
-            _ => Err(self.invalid("checkpoint")),
-        }
+        self.step(Input::Checkpoint)?;
+        Ok(self.epoch)
+    }
+
+    /// The checkpoint's I/O (the barrier has arrived, so the disk holds every write of the epoch).
+    fn commit_checkpoint(&mut self) -> Result<()> {
+        self.disk.flush()?;
+        // Commit point: from here the disk no longer rolls back to the previous image.
+        self.hidden.clear()?;
+        self.hidden.sync()?;
+        // The active overlay's drop need not be durable: recovery discards an overlay that is not marked
+        // committing.
+        self.active.clear()
     }
 
     /// Fails over: the disk becomes the last checkpoint image plus the SVM's writes, and the SVM's I/O
@@ -490,42 +587,38 @@ impl<D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryDisk<D, H, A> {
     /// On an I/O error the state is [`SecondaryState::FailoverIncomplete`] (SVM reads keep working, writes
     /// are refused) and `failover` may be called again.
     pub fn failover(&mut self) -> Result<usize> {
-        match self.state {
-            SecondaryState::Replicating | SecondaryState::FailoverIncomplete => {}
-            _ => return Err(self.invalid("failover")),
-        }
-        let result = (|| {
-            self.active.sync()?;
-            // Commit point: recovery completes the failover from here on.
-            self.active.set_committing()?;
-            finish_failover(
-                &mut self.disk,
-                &mut self.hidden,
-                &mut self.active,
-                &mut self.scratch,
-            )
-        })();
-        match result {
-            Ok(n) => {
-                self.state = SecondaryState::FailedOver;
-                Ok(n)
-            }
-            Err(e) => {
-                if self.active.is_committing() {
-                    self.state = SecondaryState::FailoverIncomplete;
-                }
-                Err(e)
-            }
-        }
+        self.step(Input::Failover)
+    }
+
+    /// The failover's I/O: the commit point, then the rest as recovery would do it.
+    fn commit_failover(&mut self) -> Result<usize> {
+        self.active.sync()?;
+        // Commit point: recovery completes the failover from here on.
+        self.active.set_committing()?;
+        finish_failover(
+            &mut self.disk,
+            &mut self.hidden,
+            &mut self.active,
+            &mut self.scratch,
+        )
     }
 
     /// Reads the SVM's view into `buf`.
+    ///
+    /// Reads change no state; the state decides which layers serve them.
     pub fn svm_read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         match self.state {
-            SecondaryState::FailedOver => return self.disk.read_at(offset, buf),
-            SecondaryState::Replicating | SecondaryState::FailoverIncomplete => {}
-            SecondaryState::Syncing => return Err(self.invalid("svm read")),
+            State::Replicating { .. } | State::FailoverIncomplete => self.read_view(offset, buf),
+            State::FailedOver => self.disk.read_at(offset, buf),
+            State::Syncing => Err(Error::InvalidState {
+                state: self.state.name(),
+                event: "svm read",
+            }),
         }
+    }
+
+    /// Reads through the overlays: active, then hidden, then disk, block by block.
+    fn read_view(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_request(offset, buf.len() as u64, self.disk.len())?;
         let bs = self.block_size;
         let len = buf.len();
@@ -556,11 +649,11 @@ impl<D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryDisk<D, H, A> {
     /// Writes to the SVM's view. Checks the active overlay's room first; a full overlay is
     /// [`Error::OverlayFull`] with nothing changed.
     pub fn svm_write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        match self.state {
-            SecondaryState::FailedOver => return self.disk.write_at(offset, data),
-            SecondaryState::Replicating => {}
-            _ => return Err(self.invalid("svm write")),
-        }
+        self.step(Input::SvmWrite { offset, data }).map(drop)
+    }
+
+    /// Writes whole blocks into the active overlay, merging a partial block with the SVM's view.
+    fn write_active(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         check_request(offset, data.len() as u64, self.disk.len())?;
         if data.is_empty() {
             return Ok(());
@@ -588,7 +681,7 @@ impl<D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryDisk<D, H, A> {
                 if n == bs as usize {
                     self.active.put(b, &data[pos..pos + n])?;
                 } else {
-                    self.svm_read(b * bs, &mut scratch)?;
+                    self.read_view(b * bs, &mut scratch)?;
                     scratch[in_off..in_off + n].copy_from_slice(&data[pos..pos + n]);
                     self.active.put(b, &scratch)?;
                 }
@@ -603,16 +696,12 @@ impl<D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryDisk<D, H, A> {
     /// The SVM's flush: makes its writes durable where they live (the active overlay, or the disk after
     /// failover).
     pub fn svm_flush(&mut self) -> Result<()> {
-        match self.state {
-            SecondaryState::FailedOver => self.disk.flush(),
-            SecondaryState::Replicating | SecondaryState::FailoverIncomplete => self.active.sync(),
-            SecondaryState::Syncing => Err(self.invalid("svm flush")),
-        }
+        self.step(Input::SvmFlush).map(drop)
     }
 
     /// The current state.
     pub fn state(&self) -> SecondaryState {
-        self.state
+        self.state.public()
     }
 
     /// The current epoch.
@@ -794,9 +883,11 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn failed_failover_can_be_retried() {
-        let plan = FaultPlan::never();
+    type Faulty = SecondaryDisk<FaultyBackend<MemBackend>, MemStore, MemStore>;
+
+    /// A replicating secondary whose disk fails as `plan` says, after the PVM wrote block 0 (the hidden
+    /// store saves it) and the SVM wrote block 1 (into the active overlay).
+    fn replicating_with_data(plan: &FaultPlan) -> Faulty {
         let disk = FaultyBackend::new(MemBackend::from_vec(vec![0xaa; 16 * BS]).unwrap(), plan.clone());
         let mut s = SecondaryDisk::new(
             disk,
@@ -807,6 +898,13 @@ mod tests {
         .unwrap();
         s.apply(&rec(0, 0, 0, BS, 1)).unwrap();
         s.svm_write(BS as u64, &[2; BS]).unwrap();
+        s
+    }
+
+    #[test]
+    fn failed_failover_can_be_retried() {
+        let plan = FaultPlan::never();
+        let mut s = replicating_with_data(&plan);
         plan.arm(1, false);
         assert!(s.failover().is_err());
         assert_eq!(s.state(), SecondaryState::FailoverIncomplete);
@@ -847,6 +945,126 @@ mod tests {
             0,
         );
         assert!(matches!(err, Err(Error::Mismatch { .. })));
+    }
+
+    /// A secondary with data in its disk and overlays, brought into each of its states (the states of the
+    /// transition table, with the barrier as a state of its own), and the name of that state.
+    fn in_every_state() -> Vec<(&'static str, Faulty)> {
+        let replicating = || replicating_with_data(&FaultPlan::never());
+        let mut syncing = SecondaryDisk::new_syncing(
+            FaultyBackend::new(MemBackend::new(16 * BS as u64).unwrap(), FaultPlan::never()),
+            MemStore::new(BS, 4).unwrap(),
+            MemStore::new(BS, 4).unwrap(),
+        )
+        .unwrap();
+        syncing.apply_sync_chunk(0, &[3; BS]).unwrap();
+        let mut barrier = replicating();
+        barrier.handle_barrier(0).unwrap();
+        let plan = FaultPlan::never();
+        let mut incomplete = replicating_with_data(&plan);
+        plan.arm(1, false);
+        assert!(incomplete.failover().is_err());
+        plan.disarm();
+        assert_eq!(incomplete.state(), SecondaryState::FailoverIncomplete);
+        let mut failed_over = replicating();
+        failed_over.failover().unwrap();
+        vec![
+            ("syncing", syncing),
+            ("replicating", replicating()),
+            ("barrier", barrier),
+            ("incomplete", incomplete),
+            ("failed-over", failed_over),
+        ]
+    }
+
+    /// Everything observable about a secondary, including its private fields.
+    fn snapshot(s: &Faulty) -> String {
+        let contents = |store: &MemStore| {
+            let mut buf = vec![0; BS];
+            store
+                .blocks()
+                .into_iter()
+                .map(|b| {
+                    store.read(b, 0, &mut buf).unwrap();
+                    (b, buf.clone())
+                })
+                .collect::<Vec<_>>()
+        };
+        format!("{s:?} {:?} {:?}", contents(&s.hidden), contents(&s.active))
+    }
+
+    /// The transition table: which input each state takes, and that every other input is a typed error
+    /// that changes nothing at all.
+    #[test]
+    fn every_input_in_every_state_is_a_transition_or_a_typed_error_that_changes_nothing() {
+        let write = [rec(9, 0, 2 * BS as u64, 512, 5)];
+        let discard = DiscardRecord {
+            id: WriteId(10),
+            epoch: 0,
+            offset: 3 * BS as u64,
+            len: 512,
+        };
+        type Op<'a> = (&'a str, Box<dyn Fn(&mut Faulty) -> Result<()> + 'a>);
+        let inputs: Vec<Op<'_>> = vec![
+            ("sync chunk", Box::new(|s| s.apply_sync_chunk(0, &[4; 512]))),
+            ("finish sync", Box::new(|s| s.finish_sync(3))),
+            ("apply", Box::new(|s| s.apply_batch(&write))),
+            ("apply empty", Box::new(|s| s.apply_batch(&[]))),
+            ("discard", Box::new(|s| s.apply_discard(&discard))),
+            ("barrier", Box::new(|s| s.handle_barrier(0))),
+            ("other barrier", Box::new(|s| s.handle_barrier(7))),
+            ("checkpoint", Box::new(|s| s.checkpoint().map(drop))),
+            ("failover", Box::new(|s| s.failover().map(drop))),
+            ("svm write", Box::new(|s| s.svm_write(0, &[6; 512]))),
+            ("svm flush", Box::new(|s| s.svm_flush())),
+            ("svm read", Box::new(|s| s.svm_read(0, &mut [0; 512]))),
+        ];
+        let mut table = Vec::new();
+        for (state, _) in in_every_state() {
+            let mut row = format!("{state:>11}:");
+            for (input, op) in &inputs {
+                // A fresh secondary in `state` for every input.
+                let mut s = in_every_state()
+                    .into_iter()
+                    .find(|(name, _)| *name == state)
+                    .unwrap()
+                    .1;
+                let before = snapshot(&s);
+                match op(&mut s) {
+                    Ok(()) => row.push_str(" ok"),
+                    Err(e) => {
+                        assert!(
+                            matches!(
+                                e,
+                                Error::InvalidState { .. }
+                                    | Error::EpochMismatch { .. }
+                                    | Error::BarrierMissing { .. }
+                            ),
+                            "{state}, {input}: {e}"
+                        );
+                        assert_eq!(
+                            snapshot(&s),
+                            before,
+                            "{state}, {input}: {e} changed the secondary"
+                        );
+                        row.push_str(" --");
+                    }
+                }
+            }
+            table.push(row);
+        }
+        // Columns: sync chunk, finish sync, apply, apply empty, discard, barrier, other barrier,
+        // checkpoint, failover, svm write, svm flush, svm read.
+        assert_eq!(
+            table,
+            [
+                "    syncing: ok ok -- -- -- -- -- -- -- -- -- --",
+                "replicating: -- -- ok ok ok ok -- -- ok ok ok ok",
+                "    barrier: -- -- -- ok -- -- -- ok ok ok ok ok",
+                " incomplete: -- -- -- -- -- -- -- -- ok -- ok ok",
+                "failed-over: -- -- -- -- -- -- -- -- -- ok ok ok",
+            ]
+        );
     }
 
     /// A disk of any length that reads as zeros and counts writes (nothing is stored).

@@ -197,31 +197,37 @@ impl SharedLink {
         page_size: u32,
         pages: &[(u64, &[u8])],
     ) -> ! {
-        let total: usize = pages.iter().map(|(_, d)| (d.len() / PAGE).max(1)).sum();
-        let mut half = Vec::new();
-        let mut left = total / 2;
-        for &(gpa, data) in pages {
-            if left == 0 {
-                break;
-            }
-            let n = (data.len() / PAGE).max(1);
-            if n <= left {
-                half.push((gpa, data));
-                left -= n;
-            } else {
-                half.push((gpa, &data[..left * PAGE]));
-                left = 0;
-            }
-        }
+        let (half, sent, total) = first_half(pages);
         let _ = chan.send_pages(PagePhase::Checkpoint, epoch, page_size, &half);
         tracing::error!(
-            "COLO: fault injection: dying by SIGKILL in checkpoint {epoch} after {} of {total} pages",
-            total / 2
+            "COLO: fault injection: dying by SIGKILL in checkpoint {epoch} after {sent} of {total} pages"
         );
         // SAFETY: raise() with a valid signal number; SIGKILL ends the process here, as a crash would.
         unsafe { libc::raise(libc::SIGKILL) };
         std::process::abort()
     }
+}
+
+/// The first half (by pages, rounded down) of a page list whose entries are single pages, runs of whole
+/// pages, or empty zero-page markers; returns it with its page count and the total.
+fn first_half<'a>(pages: &[(u64, &'a [u8])]) -> (Vec<(u64, &'a [u8])>, usize, usize) {
+    let total: usize = pages.iter().map(|(_, d)| (d.len() / PAGE).max(1)).sum();
+    let mut half = Vec::new();
+    let mut left = total / 2;
+    for &(gpa, data) in pages {
+        if left == 0 {
+            break;
+        }
+        let n = (data.len() / PAGE).max(1);
+        if n <= left {
+            half.push((gpa, data));
+            left -= n;
+        } else {
+            half.push((gpa, &data[..left * PAGE]));
+            left = 0;
+        }
+    }
+    (half, total / 2, total)
 }
 
 impl Link for SharedLink {
@@ -290,4 +296,28 @@ pub fn spawn_reader(
             }
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fault_hook_sends_half_of_the_pages_splitting_a_run() {
+        let run = vec![1u8; 4 * PAGE];
+        let one = vec![2u8; PAGE];
+        let pages: Vec<(u64, &[u8])> = vec![(0, &one), (0x1000, &[]), (0x10000, &run), (0x20000, &one)];
+        let (half, sent, total) = first_half(&pages);
+        assert_eq!((sent, total), (3, 7));
+        assert_eq!(half.len(), 3);
+        assert_eq!(half[2], (0x10000, &run[..PAGE]));
+        let n: usize = half.iter().map(|(_, d)| (d.len() / PAGE).max(1)).sum();
+        assert_eq!(n, 3);
+        assert_eq!(first_half(&[]).0.len(), 0);
+        assert_eq!(
+            first_half(&[(0, &one[..])]).1,
+            0,
+            "one page: none sent, then the process dies"
+        );
+    }
 }

@@ -111,3 +111,74 @@ pub fn dirty_log(machine: &Arc<Machine>) -> Result<Box<dyn DirtyLog + Send>, Ram
         AtomicBitmapLog::new(ram)?,
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::{MachineConfig, NetConfig};
+    use bytes::Bytes;
+
+    #[test]
+    fn state_loads_any_number_of_times_and_bad_checkpoints_change_nothing() {
+        if std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_err()
+        {
+            eprintln!("SKIPPED: colo::vm state test: /dev/kvm is not available");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("d.img");
+        std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
+        let mut cfg = MachineConfig::new(disk, NetConfig::None);
+        cfg.ram_size = 16 << 20;
+        let mut m = Machine::new(cfg).unwrap();
+        m.boot(crate::GUEST_ELF).unwrap();
+        let rx = Arc::new(RxQueue::new().unwrap());
+        let mut vm = ColoVm::new(Arc::new(m), rx.clone());
+        rx.push(Bytes::from_static(b"queued at the checkpoint"));
+        let saved = vm.save_state().unwrap();
+        assert_eq!(saved.len(), 2);
+        rx.replace(vec![Bytes::from_static(b"the secondary's own")]);
+        let bad: Vec<Vec<DeviceState>> = vec![
+            saved[..1].to_vec(),
+            vec![saved[0].clone(), saved[1].clone(), saved[1].clone()],
+            vec![
+                saved[0].clone(),
+                saved[1].clone(),
+                DeviceState { id: 9, data: vec![] },
+            ],
+            vec![
+                DeviceState {
+                    id: MACHINE_STATE_ID,
+                    data: vec![1, 2, 3],
+                },
+                saved[1].clone(),
+            ],
+            vec![
+                saved[0].clone(),
+                DeviceState {
+                    id: RX_QUEUE_ID,
+                    data: vec![9; 7],
+                },
+            ],
+        ];
+        for b in bad {
+            assert!(vm.load_state(&b).is_err());
+            assert_eq!(
+                rx.snapshot(),
+                vec![Bytes::from_static(b"the secondary's own")],
+                "unchanged"
+            );
+        }
+        for _ in 0..3 {
+            vm.load_state(&saved).unwrap();
+            assert_eq!(
+                rx.snapshot(),
+                vec![Bytes::from_static(b"queued at the checkpoint")]
+            );
+        }
+    }
+}
