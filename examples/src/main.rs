@@ -28,6 +28,8 @@ use colo_vmm::switch::Switch;
 use colo_vmm::{Machine, MachineConfig, NetConfig};
 use serde_json::json;
 
+mod demo;
+
 #[derive(Parser, Debug)]
 #[command(name = "colo-vmm", version, about = "The colo-rs mini-VMM")]
 struct Cli {
@@ -45,6 +47,8 @@ enum Cmd {
         #[arg(long)]
         path: PathBuf,
     },
+    /// Run a COLO pair, a checking client and a failover on loopback, and report.
+    Demo(demo::DemoArgs),
     /// Send one JSON request to a control socket and print the answer.
     Ctl {
         /// Control socket path.
@@ -165,6 +169,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().cmd {
         Cmd::Run(args) => run(*args),
+        Cmd::Demo(args) => demo::main(args),
         Cmd::Switch { path } => {
             let mut sw = Switch::bind(&path).with_context(|| format!("binding {}", path.display()))?;
             tracing::info!("switch listening on {}", path.display());
