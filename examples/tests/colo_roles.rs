@@ -4,79 +4,37 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use colo_vmm::client::{ClientConfig, KvClient};
-use colo_vmm::control::{self, Request};
+use colo_vmm::control::Request;
 use colo_vmm::switch::{Switch, SwitchHandle};
+use common::process::VmmProcess;
 use common::*;
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(30);
-const RAM_MIB: &str = "32";
+const RAM_MIB: u64 = 32;
 
-struct Vmm {
-    name: &'static str,
-    child: Child,
-    control: PathBuf,
-    log: Arc<Mutex<Vec<String>>>,
+type Vmm = VmmProcess;
+
+fn spawn_on(dir: &Path, name: &str, switch: &Path, disk: &Path, extra: &[&str]) -> Vmm {
+    Vmm::spawn(dir, name, switch, disk, RAM_MIB, extra)
 }
 
-impl Vmm {
-    fn spawn_on(dir: &Path, name: &'static str, switch: &Path, disk: &Path, extra: &[&str]) -> Self {
-        let control = dir.join(format!("{name}.ctl"));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_colo-vmm"))
-            .arg("run")
-            .arg("--disk")
-            .arg(disk)
-            .arg("--switch")
-            .arg(switch)
-            .arg("--nic-socket")
-            .arg(dir.join(format!("{name}.nic")))
-            .arg("--control")
-            .arg(&control)
-            .args(["--ram-mib", RAM_MIB])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (l, stderr) = (log.clone(), child.stderr.take().unwrap());
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[{name}] {line}");
-                l.lock().unwrap().push(line);
-            }
-        });
-        let v = Self {
-            name,
-            child,
-            control,
-            log,
-        };
-        // The socket file appears at bind(), a moment before listen(): wait for an answer, not the file.
-        let t0 = Instant::now();
-        while control::request(&v.control, &Request::Status, T).is_err() {
-            assert!(t0.elapsed() < T, "{name}: no control socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        v
-    }
+/// The COLO part of a VMM's status.
+trait ColoStatus {
+    fn colo(&self) -> Value;
+    /// Polls the status until `pred` holds.
+    fn wait_status(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value;
+}
 
-    fn ctl(&self, req: Request) -> Value {
-        control::request(&self.control, &req, T).unwrap()
-    }
-
+impl ColoStatus for Vmm {
     fn colo(&self) -> Value {
         self.ctl(Request::Status)["colo"].clone()
     }
 
-    /// Polls the status until `pred` holds.
     fn wait_status(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
         let t0 = Instant::now();
         loop {
@@ -91,46 +49,6 @@ impl Vmm {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-
-    fn has_log(&self, needle: &str) -> bool {
-        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let t0 = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                t0.elapsed() < timeout,
-                "{} did not exit in {timeout:?}",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// `quit` answers and the process exits promptly and cleanly.
-    fn quit(mut self) {
-        let t0 = Instant::now();
-        let a = self.ctl(Request::Quit);
-        assert_eq!(a["ok"], true, "{a}");
-        let st = self.wait_exit(Duration::from_secs(10));
-        assert!(st.success(), "{} exit status {st}", self.name);
-        eprintln!("{} quit in {:?}", self.name, t0.elapsed());
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -162,13 +80,13 @@ fn pair_in(tmp: tempfile::TempDir, sw: SwitchHandle, extra: &[&str]) -> Pair {
     // Port 0: the secondary picks a free port and its status names it (no race with other tests).
     let mut s_args = vec!["--role", "secondary", "--colo-listen", "127.0.0.1:0"];
     s_args.extend_from_slice(extra);
-    let secondary = Vmm::spawn_on(&dir, "secondary", sw.path(), &image("secondary"), &s_args);
+    let secondary = spawn_on(&dir, "secondary", sw.path(), &image("secondary"), &s_args);
     let st = secondary.wait_status("listening address", T, |s| s["listen"].is_string());
     assert_eq!(st["phase"], "listening");
     let addr = st["listen"].as_str().unwrap().to_string();
     let mut p_args = vec!["--role", "primary", "--colo-peer", &addr];
     p_args.extend_from_slice(extra);
-    let primary = Vmm::spawn_on(&dir, "primary", sw.path(), &image("primary"), &p_args);
+    let primary = spawn_on(&dir, "primary", sw.path(), &image("primary"), &p_args);
     for v in [&primary, &secondary] {
         v.wait_status("COLO", T, |s| {
             s["phase"] == "colo" && s["checkpoints"].as_u64() >= Some(1)
@@ -442,7 +360,7 @@ fn the_secondary_gets_the_primarys_disk_and_after_a_failover_its_image_holds_eve
     // Before COLO: the guest runs alone on the primary's image and writes 40 records.
     let img = disk(&dir, "primary.img", 8);
     disk(&dir, "secondary.img", 8);
-    let alone = Vmm::spawn_on(&dir, "alone", sw.path(), &img, &[]);
+    let alone = spawn_on(&dir, "alone", sw.path(), &img, &[]);
     let t0 = Instant::now();
     while !alone.has_log("log replayed") {
         assert!(t0.elapsed() < T, "the lone guest did not boot");
@@ -472,7 +390,7 @@ fn the_secondary_gets_the_primarys_disk_and_after_a_failover_its_image_holds_eve
     secondary.quit();
     drop(m2.c);
     // A fresh VMM on the secondary's image replays the log: the old records and every COLO write.
-    let after = Vmm::spawn_on(&dir, "after", sw.path(), &dir.join("secondary.img"), &[]);
+    let after = spawn_on(&dir, "after", sw.path(), &dir.join("secondary.img"), &[]);
     let t0 = Instant::now();
     let replayed = loop {
         if let Some(l) = after
@@ -592,7 +510,7 @@ fn quit_before_the_pair_exists_is_prompt_and_clean() {
     let dir = tmp.path();
     let sw = Switch::spawn(&dir.join("switch")).unwrap();
     let img = disk(dir, "s.img", 8);
-    let s = Vmm::spawn_on(
+    let s = spawn_on(
         dir,
         "secondary",
         sw.path(),
@@ -602,7 +520,7 @@ fn quit_before_the_pair_exists_is_prompt_and_clean() {
     let st = s.wait_status("listening", T, |s| s["listen"].is_string());
     // A primary whose secondary never answers keeps trying; quit stops it.
     let img = disk(dir, "p.img", 8);
-    let p = Vmm::spawn_on(
+    let p = spawn_on(
         dir,
         "primary",
         sw.path(),

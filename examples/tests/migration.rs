@@ -3,93 +3,21 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use colo_vmm::client::{ClientConfig, KvClient};
-use colo_vmm::control::{self, Request};
+use colo_vmm::control::Request;
 use colo_vmm::switch::Switch;
+use common::process::VmmProcess;
 use common::*;
 
-struct Vmm {
-    child: Child,
-    control: PathBuf,
-    log: Arc<Mutex<Vec<String>>>,
-}
+type Vmm = VmmProcess;
 
-impl Vmm {
-    fn spawn(dir: &Path, name: &str, switch: &Path, disk: &Path, extra: &[&str]) -> Self {
-        let control = dir.join(format!("{name}.ctl"));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_colo-vmm"))
-            .arg("run")
-            .arg("--disk")
-            .arg(disk)
-            .arg("--switch")
-            .arg(switch)
-            .arg("--nic-socket")
-            .arg(dir.join(format!("{name}.nic")))
-            .arg("--control")
-            .arg(&control)
-            .args(["--ram-mib", "64"])
-            .args(extra)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (l, stderr) = (log.clone(), child.stderr.take().unwrap());
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[{}] {line}", l.lock().unwrap().len());
-                l.lock().unwrap().push(line);
-            }
-        });
-        let v = Self { child, control, log };
-        let t0 = Instant::now();
-        while !v.control.exists() {
-            assert!(t0.elapsed() < Duration::from_secs(20), "no control socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        v
-    }
-
-    fn ctl(&self, req: Request) -> serde_json::Value {
-        control::request(&self.control, &req, Duration::from_secs(60)).unwrap()
-    }
-
-    fn wait_log(&self, needle: &str, timeout: Duration) -> String {
-        let t0 = Instant::now();
-        loop {
-            if let Some(l) = self.log.lock().unwrap().iter().find(|l| l.contains(needle)) {
-                return l.clone();
-            }
-            assert!(t0.elapsed() < timeout, "no log line with {needle:?}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn quit(mut self) {
-        let _ = self.ctl(Request::Quit);
-        let t0 = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                assert!(st.success(), "VMM exit status {st}");
-                return;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(20), "VMM did not quit");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn spawn(dir: &Path, name: &str, switch: &Path, disk: &Path, extra: &[&str]) -> Vmm {
+    Vmm::spawn(dir, name, switch, disk, 64, extra)
 }
 
 /// Ask `src` to migrate to `addr` and wait until it reports done; returns its final status.
@@ -128,7 +56,7 @@ fn live_migration_between_processes_keeps_the_clients_connection_and_data() {
     let sw = Switch::spawn(&dir.path().join("switch")).unwrap();
     let t = Duration::from_secs(20);
 
-    let src = Vmm::spawn(dir.path(), "src", sw.path(), &disk, &[]);
+    let src = spawn(dir.path(), "src", sw.path(), &disk, &[]);
     src.wait_log("log replayed", t);
     let mut c =
         KvClient::connect(sw.path(), &dir.path().join("client"), &ClientConfig::default(), t).unwrap();
@@ -136,7 +64,7 @@ fn live_migration_between_processes_keeps_the_clients_connection_and_data() {
 
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let dst = Vmm::spawn(dir.path(), "dst", sw.path(), &disk, &["--incoming", &addr]);
+    let dst = spawn(dir.path(), "dst", sw.path(), &disk, &["--incoming", &addr]);
     dst.wait_log("waiting for an incoming migration", t);
     assert_eq!(dst.ctl(Request::Status)["state"], "created");
 
@@ -179,7 +107,7 @@ fn live_migration_between_processes_keeps_the_clients_connection_and_data() {
     // The migrated guest migrates on again, to a third process, still under writes.
     std::thread::sleep(Duration::from_millis(200));
     let addr2 = format!("127.0.0.1:{}", free_port());
-    let third = Vmm::spawn(dir.path(), "third", sw.path(), &disk, &["--incoming", &addr2]);
+    let third = spawn(dir.path(), "third", sw.path(), &disk, &["--incoming", &addr2]);
     third.wait_log("waiting for an incoming migration", t);
     migrate(&dst, &addr2, t);
     dst.quit();
