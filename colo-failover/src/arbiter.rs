@@ -100,6 +100,15 @@ pub trait Arbiter {
     fn renew(&mut self) -> Result<Decision, ArbiterError>;
     /// Gives the holding up (best effort; an expired lease has the same effect, only later).
     fn release(&mut self) -> Result<(), ArbiterError>;
+
+    /// Whether this arbiter's tokens order the nodes of a pair (true for every real arbiter). A node that
+    /// starts a pair as the primary takes a grant at the start and gives it back at once, so that its
+    /// output carries the arbiter's current token rather than [`FenceToken::ZERO`], which a
+    /// [`FenceGate`](crate::FenceGate) that saw an earlier failover drops. [`NoArbiter`] answers false:
+    /// its tokens mean nothing across nodes, and such a primary keeps token zero.
+    fn fences(&self) -> bool {
+        true
+    }
 }
 
 impl<A: Arbiter + ?Sized> Arbiter for Box<A> {
@@ -111,6 +120,9 @@ impl<A: Arbiter + ?Sized> Arbiter for Box<A> {
     }
     fn release(&mut self) -> Result<(), ArbiterError> {
         (**self).release()
+    }
+    fn fences(&self) -> bool {
+        (**self).fences()
     }
 }
 
@@ -163,6 +175,10 @@ impl Arbiter for NoArbiter {
         self.held = None;
         Ok(())
     }
+
+    fn fences(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]
@@ -184,5 +200,8 @@ mod tests {
             panic!("not granted")
         };
         assert!(g2.token > g1.token);
+        assert!(!a.fences());
+        let boxed: Box<dyn Arbiter> = Box::new(a);
+        assert!(!boxed.fences());
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use colo_failover::{Action as NodeAction, Arbiter, Event as NodeEvent, FenceToken, Node, Notice};
+use colo_failover::{Action as NodeAction, Arbiter, Decision, Event as NodeEvent, FenceToken, Node, Notice};
 use colo_net::Time;
 use colo_proto::Message;
 use colo_proto::message::encoded_len;
@@ -41,6 +41,8 @@ pub(crate) struct Peer {
     heartbeat_seq: u64,
     /// Why replication ended, if it did.
     pub(crate) exit_detail: Option<String>,
+    /// The lowest token output is stamped with: the grant a primary took (and gave back) at pair start.
+    start_token: FenceToken,
 }
 
 impl Peer {
@@ -53,7 +55,31 @@ impl Peer {
             arbiter,
             heartbeat_seq: 0,
             exit_detail: None,
+            start_token: FenceToken::ZERO,
         }
+    }
+
+    /// A primary starting a pair: takes a grant from a fencing arbiter and gives it back at once, so its
+    /// COLO output carries the arbiter's current token. Holding the grant through COLO would keep the
+    /// secondary from winning the arbiter when the primary dies. Without an answer, or with
+    /// [`NoArbiter`](colo_failover::NoArbiter), the output keeps token zero (a gate with a higher floor
+    /// drops it: never less safe). Returns the token taken.
+    pub(crate) fn take_start_token(&mut self) -> Option<FenceToken> {
+        if !self.arbiter.fences() {
+            return None;
+        }
+        let Ok(Decision::Granted(grant)) = self.arbiter.acquire() else {
+            return None;
+        };
+        let _ = self.arbiter.release();
+        self.start_token = grant.token;
+        Some(grant.token)
+    }
+
+    /// The token to stamp on output released at `now` (the failover machine's, never below the start
+    /// token), or `None` if nothing may be released.
+    pub(crate) fn output_token(&self, now: Instant) -> Option<FenceToken> {
+        self.node.output_token(now).map(|t| t.max(self.start_token))
     }
 
     /// Sends `msg`. `Ok(false)`: the link was down already, nothing sent. `Err(detail)`: the link failed

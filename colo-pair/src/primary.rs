@@ -60,6 +60,8 @@ pub struct PrimaryPair<V: Vm, B: BlockBackend> {
     disk_syncing: bool,
     /// Bytes of disk sync data sent.
     sync_bytes: u64,
+    /// The arbiter's grant taken (and given back) at the start, if any.
+    start_token: Option<FenceToken>,
 }
 
 impl<V: Vm, B: BlockBackend> std::fmt::Debug for PrimaryPair<V, B> {
@@ -115,13 +117,15 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
         node.handle_event(now, NodeEvent::Protect)?;
         let session = PrimarySession::new(cfg.session, now);
         let next_checkpoint = now + cfg.checkpoint_interval;
+        let mut peer = Peer::new(link, node, arbiter);
+        let start_token = peer.take_start_token();
         let mut pair = PrimaryPair {
             cfg,
             origin: now,
             vm,
             ram,
             disk,
-            peer: Peer::new(link, node, arbiter),
+            peer,
             session,
             cmp,
             phase: Phase::Syncing,
@@ -138,6 +142,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
             pauses: Pauses::default(),
             disk_syncing,
             sync_bytes: 0,
+            start_token,
         };
         pair.ram
             .mark_all()
@@ -372,6 +377,15 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
         }
         self.wanted.get_or_insert(Trigger::Command);
         self.maybe_checkpoint(now)
+    }
+
+    /// The token of the arbiter grant taken (and given back at once) when the pair started: COLO output is
+    /// stamped with it (or a later token), so a [`FenceGate`](colo_failover::FenceGate) that kept a floor
+    /// from an earlier failover lets it through. `None` with [`NoArbiter`](colo_failover::NoArbiter) (output
+    /// keeps token zero, as before) or when the arbiter did not grant (unreachable, or another node holds
+    /// it: the output keeps token zero, which such a gate drops).
+    pub fn start_token(&self) -> Option<FenceToken> {
+        self.start_token
     }
 
     /// Why the last checkpoint was started.
@@ -715,7 +729,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     }
 
     fn emit(&mut self, now: Instant, frame: Bytes, release: Release) {
-        match self.peer.node.output_token(now) {
+        match self.peer.output_token(now) {
             Some(token) if !self.suspended && self.unstamped.is_empty() => {
                 self.outputs.push_back(Output::ToClient {
                     frame,
@@ -746,7 +760,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
             let st = self.peer.node.status();
             if self.phase == Phase::Syncing && self.peer.node.is_primary_alone(now) {
                 // Lost before the first checkpoint: the machine goes straight to running alone.
-                let token = self.peer.node.output_token(now).unwrap_or(FenceToken::ZERO);
+                let token = self.peer.output_token(now).unwrap_or(FenceToken::ZERO);
                 self.go_alone(now, token)?;
             } else if st.failover != colo_failover::FailoverStatus::None {
                 self.phase = Phase::FailingOver;

@@ -609,6 +609,16 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
                 }
                 SecondaryAction::FlushRamCache { epoch } => {
                     let _ = self.peer.node.handle_event(now, NodeEvent::CheckpointLoadStarted);
+                    // The device state comes from the primary: check it before the flush changes the
+                    // guest's RAM. A refusal is the primary's protocol error, with the guest untouched.
+                    if let Err(e) = self.vm.check_state(&self.devices) {
+                        let detail = format!(
+                            "protocol error from the primary: device state of checkpoint {epoch} refused: {e}"
+                        );
+                        self.devices.clear();
+                        self.give_up(now, detail)?;
+                        continue;
+                    }
                     // Flush, device load and block commit happen together, before anything else arrives.
                     if let Err(e) = self.load_checkpoint(now, epoch) {
                         self.give_up(now, format!("loading checkpoint {epoch}: {e}"))?;
@@ -651,7 +661,7 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
         if self.phase != Phase::Alone {
             return;
         }
-        if let Some(token) = self.peer.node.output_token(now) {
+        if let Some(token) = self.peer.output_token(now) {
             while let Some(frame) = self.unstamped.pop_front() {
                 self.outputs.push_back(Output::ToClient {
                     frame,

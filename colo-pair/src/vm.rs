@@ -46,6 +46,17 @@ pub trait Vm {
     /// Loads state saved by the peer's [`Vm::save_state`] into the paused guest, whose RAM already holds the
     /// matching contents. Must work any number of times.
     fn load_state(&mut self, state: &[DeviceState]) -> Result<(), VmError>;
+
+    /// Checks state from the peer before anything of its checkpoint reaches the guest: the secondary calls
+    /// this before it flushes the checkpoint's RAM into the guest, and [`load_state`](Vm::load_state) only
+    /// after that. A refusal is the primary's protocol error: the secondary stops (it tells the primary,
+    /// which goes on alone) with the guest's RAM and devices as they were. Implement it with the same
+    /// validation `load_state` does (decode every blob, check ids and sizes) without changing anything;
+    /// `load_state` may then fail only for local reasons. The default accepts everything.
+    fn check_state(&self, state: &[DeviceState]) -> Result<(), VmError> {
+        let _ = state;
+        Ok(())
+    }
 }
 
 /// The sending half of the checkpoint channel. Implemented for [`colo_proto::Channel`] over any stream;

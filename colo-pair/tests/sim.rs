@@ -226,6 +226,14 @@ struct FakeVm {
     /// Host timing: the guest opens its TCP connection to the client at this step (the SVM's vCPU may
     /// reach that point later than the PVM's).
     connect_at: Option<u64>,
+    /// `check_state` refuses the peer's device state (a corrupt blob) and records the RAM it saw.
+    refuse_state: bool,
+    /// Refusals so far.
+    refusals: Mutex<u64>,
+    /// With `refuse_state`: RAM when the guest was paused next (for the checkpoint).
+    at_pause: Option<Vec<u8>>,
+    /// Device state loads so far.
+    loads: u64,
 }
 
 impl FakeVm {
@@ -243,6 +251,10 @@ impl FakeVm {
             held_tx: Vec::new(),
             waited: 0,
             connect_at: None,
+            refuse_state: false,
+            refusals: Mutex::new(0),
+            at_pause: None,
+            loads: 0,
         }
     }
 
@@ -506,6 +518,9 @@ impl Vm for FakeVm {
         &self.mem
     }
     fn pause(&mut self) -> Result<(), VmError> {
+        if self.refuse_state && self.at_pause.is_none() {
+            self.at_pause = Some(self.ram());
+        }
         self.running = false;
         Ok(())
     }
@@ -523,8 +538,19 @@ impl Vm for FakeVm {
         match state {
             [DeviceState { id: 0, data }] => {
                 self.regs = Regs::decode(data)?;
+                self.loads += 1;
                 Ok(())
             }
+            _ => Err(format!("expected one device, got {}", state.len()).into()),
+        }
+    }
+    fn check_state(&self, state: &[DeviceState]) -> Result<(), VmError> {
+        if self.refuse_state {
+            *self.refusals.lock().unwrap() += 1;
+            return Err("device 0: corrupt blob".into());
+        }
+        match state {
+            [DeviceState { id: 0, data }] => Regs::decode(data).map(|_| ()),
             _ => Err(format!("expected one device, got {}", state.len()).into()),
         }
     }
@@ -1025,8 +1051,14 @@ impl Sim {
                 *self.released.entry("compared").or_default() += 1;
             }
             Release::Checkpoint { epoch } => {
-                // The secondary holds (and has loaded) the checkpoint that produced this output.
-                if let Some(e) = self.secondary_epoch() {
+                // The secondary holds (and has loaded) the checkpoint that produced this output, unless it
+                // stopped: a secondary that refused the checkpoint after receiving it all (the primary
+                // releases on `VmstateReceived`) never takes over, and the primary goes on alone.
+                let live = self
+                    .secondary
+                    .as_ref()
+                    .is_some_and(|s| s.phase() != Phase::Stopped);
+                if let Some(e) = self.secondary_epoch().filter(|_| live) {
                     assert!(e >= epoch, "released at checkpoint {epoch}, secondary at {e}");
                 }
                 *self.released.entry("checkpoint").or_default() += 1;
@@ -1590,6 +1622,73 @@ fn a_cut_link_gives_one_primary_the_arbiter_fences_the_other() {
     }
     assert!(sim.client.answered_after_failover > 100);
     sim.check_survivor();
+}
+
+/// An arbiter that handed out tokens up to `floor` in earlier pairs (its failovers), and a client gate that
+/// kept that floor (a long-lived switch, a gate in front of shared storage).
+fn sim_after_earlier_failovers(floor: u64) -> (Sim, SimArbiter) {
+    let arbiter = SimArbiter::default();
+    arbiter.0.lock().unwrap().next = floor;
+    let mut sim = Sim::with(config(), 3, Some(arbiter.clone()));
+    sim.client.gate = FenceGate::with_floor(FenceToken(floor));
+    (sim, arbiter)
+}
+
+#[test]
+fn a_new_pair_takes_the_arbiters_token_at_start_so_a_gate_with_an_old_floor_passes_its_output() {
+    let (mut sim, arbiter) = sim_after_earlier_failovers(40);
+    let p = sim.primary.as_ref().unwrap();
+    assert_eq!(
+        p.start_token(),
+        Some(FenceToken(41)),
+        "a real grant at pair start"
+    );
+    assert!(
+        arbiter.0.lock().unwrap().holder.is_none(),
+        "the start grant is given back at once (the secondary must be able to win it)"
+    );
+    sim.run(1500);
+    // Every release went through the client's gate (`release_to_client` checks each token).
+    assert_eq!(sim.client.gate.rejected(), 0);
+    assert_eq!(sim.client.gate.highest(), FenceToken(41));
+    assert!(
+        sim.released.get("compared").copied().unwrap_or(0) > 50,
+        "{:?}",
+        sim.released
+    );
+    assert!(sim.client.answered > 100, "{} answers", sim.client.answered);
+    // The primary dies: the secondary wins the next token and the same gate orders it after the primary.
+    sim.kill_primary(Kill::Crash);
+    sim.run(2000);
+    sim.drain();
+    let s = sim.secondary.as_ref().unwrap().status();
+    assert_eq!(s.phase, Phase::Alone);
+    assert_eq!(s.failover.token, Some(FenceToken(42)));
+    assert_eq!(sim.client.gate.highest(), FenceToken(42));
+    assert_eq!(sim.client.gate.rejected(), 0);
+    assert!(sim.client.answered_after_failover > 100);
+    sim.check_survivor();
+}
+
+#[test]
+fn a_new_pair_whose_arbiter_is_held_elsewhere_keeps_token_zero() {
+    // Another node holds the arbiter at the start: no grant, so the output keeps token zero, which a gate
+    // that saw the holder drops (never less safe than before); a fresh gate still passes it.
+    let arbiter = SimArbiter::default();
+    arbiter.0.lock().unwrap().holder = Some(("elsewhere", FenceToken(7)));
+    arbiter.0.lock().unwrap().next = 7;
+    let sim = Sim::with(config(), 3, Some(arbiter.clone()));
+    assert_eq!(sim.primary.as_ref().unwrap().start_token(), None);
+    assert_eq!(
+        arbiter.0.lock().unwrap().holder,
+        Some(("elsewhere", FenceToken(7)))
+    );
+    // Without an arbiter (`NoArbiter`) nothing is asked: the pair releases with token zero as before.
+    let mut sim = Sim::new(config());
+    assert_eq!(sim.primary.as_ref().unwrap().start_token(), None);
+    sim.run(1000);
+    assert_eq!(sim.client.gate.highest(), FenceToken::ZERO);
+    assert!(sim.released.get("compared").copied().unwrap_or(0) > 0);
 }
 
 #[test]
@@ -2194,6 +2293,55 @@ fn a_protocol_error_from_a_live_primary_stops_the_secondary_instead_of_promoting
         assert!(sim.stopped[1]);
         let p = sim.primary.as_ref().unwrap();
         assert_eq!(p.phase(), Phase::Alone, "the primary goes on alone");
+        assert!(sim.client.answered_after_failover > 100);
+        sim.check_survivor();
+    }
+}
+
+#[test]
+fn device_state_the_secondary_refuses_stops_it_before_the_checkpoint_touches_the_guest() {
+    for seed in 0..3u64 {
+        let mut sim = warmed_up_with(seed);
+        let (epoch, loads) = {
+            let s = sim.secondary.as_mut().unwrap();
+            s.vm_mut().refuse_state = true;
+            (s.status().epoch, s.vm().loads)
+        };
+        assert!(loads >= 1, "seed {seed}: checkpoints were loaded before");
+        sim.run(2000);
+        sim.drain();
+        let s = sim.secondary.as_ref().unwrap();
+        assert_eq!(*s.vm().refusals.lock().unwrap(), 1, "seed {seed}");
+        let ram = s
+            .vm()
+            .at_pause
+            .clone()
+            .expect("paused for the refused checkpoint");
+        // Nothing of the refused checkpoint reached the guest: RAM as when it paused for that checkpoint (the
+        // cache was never flushed; the guest stayed paused) and no device state loaded. (Frames the client
+        // sent meanwhile still reach the paused guest's receive queue, as on a real NIC.)
+        assert!(
+            s.vm().ram() == ram,
+            "seed {seed}: SVM RAM changed after the refusal"
+        );
+        assert_eq!(s.vm().loads, loads, "seed {seed}");
+        assert!(!s.vm().running);
+        assert_eq!(
+            s.status().epoch,
+            epoch,
+            "seed {seed}: the refused checkpoint was not committed"
+        );
+        // Phases: the secondary stops (a protocol error of a living primary), the primary goes on alone.
+        assert_eq!(s.phase(), Phase::Stopped, "seed {seed}");
+        let detail = s.status().exit_detail.unwrap();
+        assert!(
+            detail.contains("protocol error") && detail.contains("device state"),
+            "{detail}"
+        );
+        assert!(!sim.promoted, "never promoted next to a living primary");
+        assert!(sim.stopped[1]);
+        let p = sim.primary.as_ref().unwrap();
+        assert_eq!(p.phase(), Phase::Alone, "seed {seed}: the primary goes on alone");
         assert!(sim.client.answered_after_failover > 100);
         sim.check_survivor();
     }
