@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use colo_failover::{Action as NodeAction, Arbiter, Decision, Event as NodeEvent, FenceToken, Node, Notice};
 use colo_net::Time;
-use colo_proto::Message;
 use colo_proto::message::encoded_len;
+use colo_proto::{Message, PrimarySession, SecondarySession};
 
 use crate::vm::Link;
 
@@ -27,6 +27,23 @@ pub(crate) enum NodeStep {
     SuspendOutput,
     /// The arbiter gave the guest to the other node.
     StopGuest,
+}
+
+/// A side's checkpoint session, failed when the link to the partner is lost.
+pub(crate) trait Session {
+    fn fail(&mut self, error: colo_proto::Error);
+}
+
+impl Session for PrimarySession {
+    fn fail(&mut self, error: colo_proto::Error) {
+        PrimarySession::fail(self, error);
+    }
+}
+
+impl Session for SecondarySession {
+    fn fail(&mut self, error: colo_proto::Error) {
+        SecondarySession::fail(self, error);
+    }
 }
 
 /// The partner as one driver sees it.
@@ -97,16 +114,25 @@ impl Peer {
         }
     }
 
-    /// The link is unusable: the failover machine counts the partner as lost. Returns false if the link
-    /// was down already (nothing changed).
-    pub(crate) fn lose(&mut self, now: Instant, detail: &str) -> bool {
+    /// Sends `msg`; if the link fails now, loses the partner (see [`lose`](Self::lose)). Returns whether
+    /// the message went out.
+    pub(crate) fn send_or_lose(&mut self, now: Instant, msg: &Message, session: &mut impl Session) -> bool {
+        self.send(msg).unwrap_or_else(|detail| {
+            self.lose(now, detail, session);
+            false
+        })
+    }
+
+    /// The link is unusable: the session fails and the failover machine counts the partner as lost.
+    /// Nothing changes if the link was down already.
+    pub(crate) fn lose(&mut self, now: Instant, detail: String, session: &mut impl Session) {
         if !self.ok {
-            return false;
+            return;
         }
         self.ok = false;
-        self.exit_detail.get_or_insert_with(|| detail.to_string());
+        self.exit_detail.get_or_insert_with(|| detail.clone());
         let _ = self.node.handle_event(now, NodeEvent::ChannelError);
-        true
+        session.fail(colo_proto::Error::Local(detail));
     }
 
     /// Runs the failover machine's pending work (heartbeats out, arbiter calls, why the partner was

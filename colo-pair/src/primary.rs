@@ -448,17 +448,12 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     }
 
     fn send(&mut self, now: Instant, msg: &Message) -> bool {
-        self.peer.send(msg).unwrap_or_else(|detail| {
-            self.link_lost(now, detail);
-            false
-        })
+        self.peer.send_or_lose(now, msg, &mut self.session)
     }
 
     /// The channel is unusable: the session fails and the failover machine counts the partner as lost.
     fn link_lost(&mut self, now: Instant, detail: String) {
-        if self.peer.lose(now, &detail) {
-            self.session.fail(colo_proto::Error::Local(detail));
-        }
+        self.peer.lose(now, detail, &mut self.session);
     }
 
     fn pause_guest(&mut self) -> Result<()> {

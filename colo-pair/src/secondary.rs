@@ -413,16 +413,12 @@ impl<V: Vm, D: BlockBackend, H: OverlayStore, A: OverlayStore> SecondaryPair<V, 
     // ---- internals ----
 
     fn send(&mut self, now: Instant, msg: &Message) -> bool {
-        self.peer.send(msg).unwrap_or_else(|detail| {
-            self.link_lost(now, detail);
-            false
-        })
+        self.peer.send_or_lose(now, msg, &mut self.session)
     }
 
+    /// The channel is unusable: the session fails and the failover machine counts the partner as lost.
     fn link_lost(&mut self, now: Instant, detail: String) {
-        if self.peer.lose(now, &detail) {
-            self.session.fail(colo_proto::Error::Local(detail));
-        }
+        self.peer.lose(now, detail, &mut self.session);
     }
 
     /// A replicated write or discard was applied (or not): acknowledge it (protocol v3), or give up.

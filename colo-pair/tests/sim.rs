@@ -2286,16 +2286,23 @@ fn a_protocol_error_from_a_live_primary_stops_the_secondary_instead_of_promoting
         sim.p_end.write_all(&wire).unwrap();
         sim.run(2000);
         sim.drain();
-        let s = sim.secondary.as_ref().unwrap();
-        assert_eq!(s.phase(), Phase::Stopped, "case {case}");
-        assert!(!sim.promoted, "never promoted next to a living primary");
-        assert!(s.status().exit_detail.unwrap().contains("protocol error"));
-        assert!(sim.stopped[1]);
-        let p = sim.primary.as_ref().unwrap();
-        assert_eq!(p.phase(), Phase::Alone, "the primary goes on alone");
-        assert!(sim.client.answered_after_failover > 100);
-        sim.check_survivor();
+        assert_secondary_stopped_for_a_protocol_error(&sim, "", case);
     }
+}
+
+/// The secondary stopped for the primary's protocol error (exit detail with "protocol error" and `detail`),
+/// was never promoted, and the primary went on alone, serving the client.
+fn assert_secondary_stopped_for_a_protocol_error(sim: &Sim, detail: &str, case: u64) {
+    let s = sim.secondary.as_ref().unwrap();
+    assert_eq!(s.phase(), Phase::Stopped, "case {case}");
+    let exit = s.status().exit_detail.unwrap();
+    assert!(exit.contains("protocol error") && exit.contains(detail), "{exit}");
+    assert!(!sim.promoted, "never promoted next to a living primary");
+    assert!(sim.stopped[1]);
+    let p = sim.primary.as_ref().unwrap();
+    assert_eq!(p.phase(), Phase::Alone, "case {case}: the primary goes on alone");
+    assert!(sim.client.answered_after_failover > 100);
+    sim.check_survivor();
 }
 
 #[test]
@@ -2332,18 +2339,7 @@ fn device_state_the_secondary_refuses_stops_it_before_the_checkpoint_touches_the
             "seed {seed}: the refused checkpoint was not committed"
         );
         // Phases: the secondary stops (a protocol error of a living primary), the primary goes on alone.
-        assert_eq!(s.phase(), Phase::Stopped, "seed {seed}");
-        let detail = s.status().exit_detail.unwrap();
-        assert!(
-            detail.contains("protocol error") && detail.contains("device state"),
-            "{detail}"
-        );
-        assert!(!sim.promoted, "never promoted next to a living primary");
-        assert!(sim.stopped[1]);
-        let p = sim.primary.as_ref().unwrap();
-        assert_eq!(p.phase(), Phase::Alone, "seed {seed}: the primary goes on alone");
-        assert!(sim.client.answered_after_failover > 100);
-        sim.check_survivor();
+        assert_secondary_stopped_for_a_protocol_error(&sim, "device state", seed);
     }
 }
 
