@@ -533,28 +533,35 @@ impl Machine {
     /// matching contents. May be called any number of times.
     pub fn restore_state(&self, state: &MachineState) -> Result<()> {
         self.check_stopped("restore state")?;
-        state.vcpu.validate()?;
+        // Validate everything before changing anything.
+        self.check_state(state)?;
         let mut devs = lock(&self.devices);
         let mut serial = lock(&self.serial);
-        // Validate everything before changing anything.
-        Serial::from_state(&state.devices.serial)?;
-        Nic::from_state(&state.devices.nic)?;
-        if state.devices.block.sectors != devs.block.sectors() {
-            return Err(Error::state(
-                "block",
-                format!(
-                    "state is for {} sectors, image has {}",
-                    state.devices.block.sectors,
-                    devs.block.sectors()
-                ),
-            ));
-        }
         state.vcpu.restore(&lock(&self.vcpu))?;
         serial.restore(&state.devices.serial)?;
         devs.nic.restore(&state.devices.nic)?;
         devs.block.restore(&state.devices.block)?;
         devs.nic.sync_to_guest(&self.ram)?;
         devs.block.sync_to_guest(&self.ram)?;
+        Ok(())
+    }
+
+    /// Checks that `state` would load into this machine, changing nothing: everything
+    /// [`Machine::restore_state`] validates before it changes anything. Works while the guest runs.
+    pub fn check_state(&self, state: &MachineState) -> Result<()> {
+        state.vcpu.validate()?;
+        Serial::from_state(&state.devices.serial)?;
+        Nic::from_state(&state.devices.nic)?;
+        let sectors = lock(&self.devices).block.sectors();
+        if state.devices.block.sectors != sectors {
+            return Err(Error::state(
+                "block",
+                format!(
+                    "state is for {} sectors, image has {sectors}",
+                    state.devices.block.sectors
+                ),
+            ));
+        }
         Ok(())
     }
 

@@ -3,6 +3,7 @@
 use std::borrow::Borrow;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use colo_pair::{DeviceState, Vm, VmError};
 use colo_ram::{AtomicBitmapLog, DirtyLog, KvmDirtyLog, RamError, RamLayout, UnionLog};
 use kvm_ioctls::VmFd;
@@ -67,28 +68,39 @@ impl Vm for ColoVm {
         ])
     }
 
+    fn check_state(&self, state: &[DeviceState]) -> Result<(), VmError> {
+        let (machine, _) = decode(state)?;
+        Ok(self.machine.check_state(&machine)?)
+    }
+
     fn load_state(&mut self, state: &[DeviceState]) -> Result<(), VmError> {
-        let blob = |id| {
-            let mut found = state.iter().filter(|s| s.id == id);
-            match (found.next(), found.next()) {
-                (Some(s), None) => Ok(&s.data[..]),
-                (None, _) => Err(format!("checkpoint has no device {id}")),
-                (Some(_), Some(_)) => Err(format!("checkpoint has device {id} twice")),
-            }
-        };
-        if let Some(s) = state
-            .iter()
-            .find(|s| ![MACHINE_STATE_ID, RX_QUEUE_ID].contains(&s.id))
-        {
-            return Err(format!("checkpoint has unknown device {}", s.id).into());
-        }
         // Decode and validate everything before changing anything.
-        let machine = MachineState::from_bytes(blob(MACHINE_STATE_ID)?)?;
-        let rx = RxQueue::decode(blob(RX_QUEUE_ID)?).map_err(|e| format!("NIC receive queue: {e}"))?;
+        let (machine, rx) = decode(state)?;
         self.machine.restore_state(&machine)?;
         self.rx.replace(rx);
         Ok(())
     }
+}
+
+/// The machine state and the NIC's receive queue of a checkpoint, each present exactly once.
+fn decode(state: &[DeviceState]) -> Result<(MachineState, Vec<Bytes>), VmError> {
+    let blob = |id| {
+        let mut found = state.iter().filter(|s| s.id == id);
+        match (found.next(), found.next()) {
+            (Some(s), None) => Ok(&s.data[..]),
+            (None, _) => Err(format!("checkpoint has no device {id}")),
+            (Some(_), Some(_)) => Err(format!("checkpoint has device {id} twice")),
+        }
+    };
+    if let Some(s) = state
+        .iter()
+        .find(|s| ![MACHINE_STATE_ID, RX_QUEUE_ID].contains(&s.id))
+    {
+        return Err(format!("checkpoint has unknown device {}", s.id).into());
+    }
+    let machine = MachineState::from_bytes(blob(MACHINE_STATE_ID)?)?;
+    let rx = RxQueue::decode(blob(RX_QUEUE_ID)?).map_err(|e| format!("NIC receive queue: {e}"))?;
+    Ok((machine, rx))
 }
 
 /// Lets colo-ram's KVM log own a reference to the machine's VM fd.
@@ -119,7 +131,7 @@ mod tests {
     use bytes::Bytes;
 
     #[test]
-    fn state_loads_any_number_of_times_and_bad_checkpoints_change_nothing() {
+    fn state_loads_any_number_of_times_and_bad_checkpoints_are_refused_by_the_check_and_change_nothing() {
         if std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -165,7 +177,12 @@ mod tests {
                 },
             ],
         ];
+        vm.check_state(&saved).unwrap();
         for b in bad {
+            assert!(
+                vm.check_state(&b).is_err(),
+                "check_state refuses what load_state refuses"
+            );
             assert!(vm.load_state(&b).is_err());
             assert_eq!(
                 rx.snapshot(),
