@@ -231,10 +231,6 @@ pub struct Driver<P: PairDriver> {
     guest_exit_seen: bool,
     undeliverable: u64,
     last_publish: Instant,
-    /// When the current call into the pair began (a message's handling).
-    call_started: Option<Instant>,
-    /// Secondary: its guest's real pauses (colo-pair measures up to the start of the load, see README).
-    svm_pauses: VecDeque<Duration>,
     done: Option<Exit>,
 }
 
@@ -318,8 +314,6 @@ impl<P: PairDriver> Driver<P> {
             guest_exit_seen: false,
             undeliverable: 0,
             last_publish: now,
-            call_started: None,
-            svm_pauses: VecDeque::new(),
             done: None,
         }
     }
@@ -407,10 +401,8 @@ impl<P: PairDriver> Driver<P> {
                 match r {
                     Ok(msg) => {
                         self.last_peer_message = now;
-                        self.call_started = Some(now);
                         let r = self.pair.handle_message(now, msg);
                         self.settle(r)?;
-                        self.call_started = None;
                     }
                     Err(e) => {
                         if self.takeover.is_some() {
@@ -564,14 +556,6 @@ impl<P: PairDriver> Driver<P> {
         let st = self.pair.status();
         if st.checkpoints > self.seen_checkpoints {
             self.seen_checkpoints = st.checkpoints;
-            if self.side == Side::Secondary {
-                // The load ran inside this call, after the time colo-pair was given: add it.
-                let load = self.call_started.map_or(Duration::ZERO, |t| t.elapsed());
-                if self.svm_pauses.len() == SVM_PAUSES {
-                    self.svm_pauses.pop_front();
-                }
-                self.svm_pauses.push_back(st.last_pause + load);
-            }
             match self.pair.last_trigger() {
                 Some(t) => tracing::info!(
                     "COLO: checkpoint {} ({}): guest paused {:.2} ms, {} bytes sent in all",
@@ -583,7 +567,7 @@ impl<P: PairDriver> Driver<P> {
                 None => tracing::info!(
                     "COLO: checkpoint {} loaded: guest paused {:.2} ms",
                     st.epoch,
-                    ms(self.svm_pauses.back().copied().unwrap_or_default())
+                    ms(st.last_pause)
                 ),
             }
             self.publish(true);
@@ -758,12 +742,7 @@ impl<P: PairDriver> Driver<P> {
             return;
         }
         self.last_publish = Instant::now();
-        let mut st = self.pair.status();
-        if self.side == Side::Secondary {
-            st.last_pause = self.svm_pauses.back().copied().unwrap_or_default();
-            st.pause_p50 = percentile(&self.svm_pauses, 50);
-            st.p99_pause = percentile(&self.svm_pauses, 99);
-        }
+        let st = self.pair.status();
         let v = status_json(self.side, &st, self.failover_ms, self.extra());
         *self.status.lock().unwrap_or_else(|e| e.into_inner()) = v;
     }
@@ -808,19 +787,6 @@ fn offer_in_order<E>(
         }
     }
     Ok(())
-}
-
-/// Secondary pauses kept for the percentiles (as many as colo-pair keeps).
-const SVM_PAUSES: usize = 1024;
-
-/// Nearest-rank percentile `p` of `v`.
-fn percentile(v: &VecDeque<Duration>, p: usize) -> Duration {
-    let mut v: Vec<Duration> = v.iter().copied().collect();
-    if v.is_empty() {
-        return Duration::ZERO;
-    }
-    v.sort_unstable();
-    v[(v.len() * p).div_ceil(100).clamp(1, v.len()) - 1]
 }
 
 fn role_name(r: NodeRole) -> &'static str {
@@ -960,17 +926,5 @@ mod tests {
         }
         assert_eq!(&taken[MAX_TX_FRAMES][..], b"new");
         assert_eq!(waiting.load(Ordering::Relaxed), 0);
-    }
-
-    #[test]
-    fn percentile_is_nearest_rank() {
-        let ms = Duration::from_millis;
-        assert_eq!(percentile(&VecDeque::new(), 99), Duration::ZERO);
-        let v: VecDeque<Duration> = [ms(100), ms(1), ms(2)].into_iter().collect();
-        assert_eq!(percentile(&v, 50), ms(2));
-        assert_eq!(percentile(&v, 99), ms(100));
-        let v: VecDeque<Duration> = (1..=100).map(ms).collect();
-        assert_eq!(percentile(&v, 99), ms(99));
-        assert_eq!(percentile(&v, 50), ms(50));
     }
 }
