@@ -478,8 +478,25 @@ pub(crate) fn check_page_size(kind: Kind, page_size: u32) -> Result<()> {
     Ok(())
 }
 
-/// Appends the prefix of a page batch (fixed part, one descriptor per page and, with `page_crcs`, one CRC32
-/// per page) and collects the data slices.
+/// The per-page CRC32s of a page batch frame.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum PageCrcs<'c> {
+    /// The frame carries none (its body CRC covers the pages).
+    None,
+    /// Computed while encoding, page by page.
+    Compute,
+    /// Computed by the caller when it first read the pages: one per data page, in order.
+    Given(&'c [u32]),
+}
+
+impl PageCrcs<'_> {
+    fn present(&self) -> bool {
+        !matches!(self, PageCrcs::None)
+    }
+}
+
+/// Appends the prefix of a page batch (fixed part, one descriptor per page and, unless `crcs` is
+/// [`PageCrcs::None`], one CRC32 per page) and collects the data slices.
 ///
 /// Each entry is a run: `bytes` holds one or more whole pages starting at `gpa` (one data slice, one CRC
 /// update and one iovec for the whole run), or is empty for a single zero page.
@@ -488,7 +505,7 @@ pub(crate) fn encode_pages<'a, I>(
     epoch: u64,
     page_size: u32,
     runs: I,
-    page_crcs: bool,
+    crcs: PageCrcs<'_>,
     prefix: &mut Vec<u8>,
     data: &mut Vec<&'a [u8]>,
 ) -> Result<()>
@@ -498,6 +515,7 @@ where
     check_page_size(kind, page_size)?;
     let ps = page_size as usize;
     let mut count = 0usize;
+    let mut data_pages = 0usize;
     for (gpa, bytes) in runs.clone() {
         if bytes.len() % ps != 0 {
             return Err(Error::Encode {
@@ -509,7 +527,17 @@ where
             });
         }
         count += (bytes.len() / ps).max(1);
+        data_pages += bytes.len() / ps;
     }
+    if let PageCrcs::Given(given) = crcs
+        && given.len() != data_pages
+    {
+        return Err(Error::Encode {
+            kind,
+            what: format!("{} page CRCs for {data_pages} data pages", given.len()),
+        });
+    }
+    let page_crcs = crcs.present();
     let count = u32::try_from(count).map_err(|_| Error::Encode {
         kind,
         what: "more than u32::MAX pages".into(),
@@ -520,7 +548,11 @@ where
     prefix.extend_from_slice(&page_size.to_le_bytes());
     prefix.extend_from_slice(&count.to_le_bytes());
     // Per-page CRCs in descriptor order (0 for a zero page), appended after the descriptors.
-    let mut crcs: Vec<u8> = Vec::with_capacity(if page_crcs { 4 * count as usize } else { 0 });
+    let mut crc_bytes: Vec<u8> = Vec::with_capacity(if page_crcs { 4 * count as usize } else { 0 });
+    let mut given = match crcs {
+        PageCrcs::Given(g) => g.iter(),
+        _ => [].iter(),
+    };
     let mask = u64::from(page_size) - 1;
     for (gpa, bytes) in runs {
         if gpa & mask != 0 {
@@ -532,7 +564,7 @@ where
         if bytes.is_empty() {
             prefix.extend_from_slice(&(gpa | ZERO_FLAG).to_le_bytes());
             if page_crcs {
-                crcs.extend_from_slice(&0u32.to_le_bytes());
+                crc_bytes.extend_from_slice(&0u32.to_le_bytes());
             }
             continue;
         }
@@ -547,14 +579,23 @@ where
         for i in 0..pages {
             prefix.extend_from_slice(&(gpa + i * u64::from(page_size)).to_le_bytes());
         }
-        if page_crcs {
-            for page in bytes.chunks_exact(ps) {
-                crcs.extend_from_slice(&crc32fast::hash(page).to_le_bytes());
+        match crcs {
+            PageCrcs::None => {}
+            PageCrcs::Compute => {
+                for page in bytes.chunks_exact(ps) {
+                    crc_bytes.extend_from_slice(&crc32fast::hash(page).to_le_bytes());
+                }
+            }
+            PageCrcs::Given(_) => {
+                // Counted above: exactly one per data page.
+                for crc in given.by_ref().take(pages as usize) {
+                    crc_bytes.extend_from_slice(&crc.to_le_bytes());
+                }
             }
         }
         data.push(bytes);
     }
-    prefix.extend_from_slice(&crcs);
+    prefix.extend_from_slice(&crc_bytes);
     Ok(())
 }
 
@@ -717,7 +758,11 @@ impl Message {
                 b.epoch,
                 b.page_size,
                 b.pages.iter().map(|p| (p.gpa, &p.data[..])),
-                allowed_flags(kind, version) & flags::PREFIX_CRC != 0,
+                if allowed_flags(kind, version) & flags::PREFIX_CRC != 0 {
+                    PageCrcs::Compute
+                } else {
+                    PageCrcs::None
+                },
                 prefix,
                 data,
             ),
@@ -991,22 +1036,61 @@ pub fn encode_page_frame<'a>(
     prefix: &mut Vec<u8>,
     data: &mut Vec<&'a [u8]>,
 ) -> Result<FrameHeader> {
+    encode_page_frame_with(kind, version, epoch, page_size, pages, None, prefix, data)
+}
+
+/// [`encode_page_frame`] with the CRC32 of every data page (`crc32fast::hash` of its bytes) computed by the
+/// caller, one per data page in order (zero-page entries have none), for example while it first read the
+/// pages to collect them. A frame that carries per-page CRCs (a pre-copy frame from protocol version 3,
+/// [`flags::PREFIX_CRC`]) then takes them as they are instead of reading every page once more; a frame whose
+/// body CRC covers its pages ignores them. A wrong count is an encode error; a wrong CRC is a page the
+/// receiver reports torn ([`PageBatch::torn`]), as if the guest had written it while it was sent.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_page_frame_with_crcs<'a>(
+    kind: Kind,
+    version: u16,
+    epoch: u64,
+    page_size: u32,
+    pages: &[(u64, &'a [u8])],
+    page_crcs: &[u32],
+    prefix: &mut Vec<u8>,
+    data: &mut Vec<&'a [u8]>,
+) -> Result<FrameHeader> {
+    encode_page_frame_with(
+        kind,
+        version,
+        epoch,
+        page_size,
+        pages,
+        Some(page_crcs),
+        prefix,
+        data,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn encode_page_frame_with<'a>(
+    kind: Kind,
+    version: u16,
+    epoch: u64,
+    page_size: u32,
+    pages: &[(u64, &'a [u8])],
+    given: Option<&[u32]>,
+    prefix: &mut Vec<u8>,
+    data: &mut Vec<&'a [u8]>,
+) -> Result<FrameHeader> {
     if !matches!(kind, Kind::RamPages | Kind::PrecopyPages) {
         return Err(Error::Encode {
             kind,
             what: "not a page batch kind".into(),
         });
     }
-    let page_crcs = allowed_flags(kind, version) & flags::PREFIX_CRC != 0;
-    encode_pages(
-        kind,
-        epoch,
-        page_size,
-        pages.iter().copied(),
-        page_crcs,
-        prefix,
-        data,
-    )?;
+    let crcs = match (allowed_flags(kind, version) & flags::PREFIX_CRC != 0, given) {
+        (false, _) => PageCrcs::None,
+        (true, None) => PageCrcs::Compute,
+        (true, Some(g)) => PageCrcs::Given(g),
+    };
+    encode_pages(kind, epoch, page_size, pages.iter().copied(), crcs, prefix, data)?;
     body_header(kind, version, prefix, data)
 }
 

@@ -181,12 +181,57 @@ impl<S: Read + Write> Channel<S> {
         page_size: u32,
         pages: &[(u64, &[u8])],
     ) -> Result<()> {
+        self.send_pages_inner(phase, epoch, page_size, pages, None)
+    }
+
+    /// [`Channel::send_pages`] with the CRC32 of every data page (`crc32fast::hash`), one per data page in
+    /// order, computed by the caller where it first read the pages (colo-ram's collection does this with
+    /// `Collection::with_page_crcs`). Pre-copy frames (protocol version 3 on) carry one CRC per page and take
+    /// these instead of reading every page once more just before the socket copies it: on a scattered dirty
+    /// set that second pass over cold memory is most of what checksumming costs. Frames whose body CRC covers
+    /// the pages (checkpoint frames, older versions) ignore them.
+    ///
+    /// A count that does not match the data pages is an [`Error::Encode`] before anything is written. A
+    /// CRC that does not match its page (the guest wrote the page after it was collected) makes the receiver
+    /// report the page torn, as it would had the guest written it during the send: the dirty log has it, and
+    /// the pause sends it again.
+    pub fn send_pages_with_crcs(
+        &mut self,
+        phase: PagePhase,
+        epoch: u64,
+        page_size: u32,
+        pages: &[(u64, &[u8])],
+        page_crcs: &[u32],
+    ) -> Result<()> {
+        self.send_pages_inner(phase, epoch, page_size, pages, Some(page_crcs))
+    }
+
+    fn send_pages_inner(
+        &mut self,
+        phase: PagePhase,
+        epoch: u64,
+        page_size: u32,
+        pages: &[(u64, &[u8])],
+        page_crcs: Option<&[u32]>,
+    ) -> Result<()> {
         let kind = match phase {
             PagePhase::Checkpoint => Kind::RamPages,
             PagePhase::Precopy => Kind::PrecopyPages,
         };
         message::check_page_size(kind, page_size)?;
         let ps = page_size as usize;
+        if let Some(crcs) = page_crcs {
+            let data_pages: usize = pages.iter().map(|(_, b)| b.len() / ps).sum();
+            if crcs.len() != data_pages {
+                return Err(Error::Encode {
+                    kind,
+                    what: format!("{} page CRCs for {data_pages} data pages", crcs.len()),
+                });
+            }
+        }
+        // The CRCs of the frame being filled start here in `page_crcs`.
+        let mut crc_at = 0;
+        let mut frame_data_pages = 0;
         let mut frame: Vec<(u64, &[u8])> = Vec::with_capacity(self.batch_pages.min(pages.len()));
         let mut data: Vec<&[u8]> = Vec::with_capacity(frame.capacity());
         let mut room = self.batch_pages;
@@ -201,11 +246,15 @@ impl<S: Read + Write> Channel<S> {
                 let take = take.min(rest.len());
                 frame.push((gpa, &rest[..take]));
                 room -= (take / ps).max(1);
+                frame_data_pages += take / ps;
                 rest = &rest[take..];
                 gpa = gpa.wrapping_add(take as u64);
                 if room == 0 {
-                    self.send_page_frame(kind, epoch, page_size, &frame, &mut data)?;
+                    let crcs = page_crcs.map(|c| &c[crc_at..crc_at + frame_data_pages]);
+                    self.send_page_frame(kind, epoch, page_size, &frame, crcs, &mut data)?;
                     frame.clear();
+                    crc_at += frame_data_pages;
+                    frame_data_pages = 0;
                     room = self.batch_pages;
                 }
                 if rest.is_empty() {
@@ -214,7 +263,8 @@ impl<S: Read + Write> Channel<S> {
             }
         }
         if !frame.is_empty() {
-            self.send_page_frame(kind, epoch, page_size, &frame, &mut data)?;
+            let crcs = page_crcs.map(|c| &c[crc_at..crc_at + frame_data_pages]);
+            self.send_page_frame(kind, epoch, page_size, &frame, crcs, &mut data)?;
         }
         Ok(())
     }
@@ -225,19 +275,18 @@ impl<S: Read + Write> Channel<S> {
         epoch: u64,
         page_size: u32,
         frame: &[(u64, &'a [u8])],
+        page_crcs: Option<&[u32]>,
         data: &mut Vec<&'a [u8]>,
     ) -> Result<()> {
         self.prefix.clear();
         data.clear();
-        let header = message::encode_page_frame(
-            kind,
-            self.version,
-            epoch,
-            page_size,
-            frame,
-            &mut self.prefix,
-            data,
-        )?;
+        let (version, prefix) = (self.version, &mut self.prefix);
+        let header = match page_crcs {
+            Some(crcs) => message::encode_page_frame_with_crcs(
+                kind, version, epoch, page_size, frame, crcs, prefix, data,
+            )?,
+            None => message::encode_page_frame(kind, version, epoch, page_size, frame, prefix, data)?,
+        };
         write_frame(&mut self.stream, &header, &self.prefix, data)
     }
 
