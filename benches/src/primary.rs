@@ -200,15 +200,17 @@ fn raw_transfer(raw: &mut TcpStream, buf: &[u8]) -> Result<RawTransfer> {
     })
 }
 
-/// Collects the pending pages into `send_pages` entries; marks the data pages in `sent`.
+/// Collects the pending pages into `send_pages` entries and the CRC32 of every data page (taken in the pass
+/// that looks for zero pages, for `send_pages_with_crcs`); marks the data pages in `sent`.
 fn gather<'r>(
     primary: &'r mut PrimaryRam<Log>,
     ram: &'r GuestRam<'r>,
     sent: &mut DirtyBitmap,
-) -> Result<(Vec<Entry<'r>>, usize)> {
+) -> Result<(Vec<Entry<'r>>, Vec<u32>, usize)> {
     let mut entries = Vec::new();
     let mut bytes = 0;
-    for run in primary.collect(ram)? {
+    let mut runs = primary.collect(ram)?.with_page_crcs();
+    for run in runs.by_ref() {
         match run? {
             PageRun::Data { gpa, data } => {
                 let first = gpa as usize / PAGE_SIZE;
@@ -223,7 +225,7 @@ fn gather<'r>(
             }
         }
     }
-    Ok((entries, bytes))
+    Ok((entries, runs.take_page_crcs(), bytes))
 }
 
 /// Pages the paused round collects before writing them (the collection of the next chunk then overlaps the
@@ -344,8 +346,8 @@ pub fn run(args: &CheckpointArgs) -> Result<Report> {
     let mut sent = DirtyBitmap::new(total_pages);
     {
         let ram = GuestRam::new(&guest.mem)?;
-        let (entries, _) = gather(&mut primary, &ram, &mut sent)?;
-        ch.send_pages(PagePhase::Precopy, 1, PAGE_SIZE as u32, &entries)?;
+        let (entries, crcs, _) = gather(&mut primary, &ram, &mut sent)?;
+        ch.send_pages_with_crcs(PagePhase::Precopy, 1, PAGE_SIZE as u32, &entries, &crcs)?;
     }
 
     let mut sess = PrimarySession::new(SessionConfig::default(), Instant::now());
@@ -383,10 +385,11 @@ pub fn run(args: &CheckpointArgs) -> Result<Report> {
                     // The guest writes its hot pages again after the round's log was read: they are dirty
                     // again for the pause, with new contents.
                     let vcpu_thread = s.spawn(|| Guest::run(vcpu));
-                    let (entries, bytes) = gather(&mut primary, &ram, &mut sent)?;
+                    let (entries, crcs, bytes) = gather(&mut primary, &ram, &mut sent)?;
                     // The guest writes while this round is read. From protocol v3 on, a pre-copy frame's CRC
-                    // covers its descriptors only (`PREFIX_CRC`), so the pages go straight from guest memory
-                    // (a torn page is dirty again and re-sent paused). Before v3 the CRC covered the pages,
+                    // covers its descriptors only (`PREFIX_CRC`) and each page has its own CRC, taken when
+                    // the page was collected, so the pages go straight from guest memory (a page written
+                    // since is torn, dirty again and re-sent paused). Before v3 the CRC covered the pages,
                     // which then changed under the socket's own copy: send a copy instead.
                     let staged: Vec<Entry<'_>> = if ch.version() >= 3 {
                         entries
@@ -406,7 +409,7 @@ pub fn run(args: &CheckpointArgs) -> Result<Report> {
                     };
                     rec.precopy_stream_start_ns = mono_ns();
                     let cpu = thread_cpu_ns();
-                    ch.send_pages(PagePhase::Precopy, epoch, PAGE_SIZE as u32, &staged)?;
+                    ch.send_pages_with_crcs(PagePhase::Precopy, epoch, PAGE_SIZE as u32, &staged, &crcs)?;
                     rec.stream_send_cpu_ns = thread_cpu_ns() - cpu;
                     rec.precopy_send_ns = mono_ns() - rec.precopy_start_ns;
                     rec.precopy_bytes = bytes as u64;
