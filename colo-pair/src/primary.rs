@@ -576,10 +576,15 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
         let ram_err = |source| PairError::Ram { epoch, source };
         let (result, bytes) = {
             let guest = GuestRam::new(self.vm.memory()).map_err(ram_err)?;
-            let collection = self.ram.collect(&guest).map_err(ram_err)?;
+            let mut collection = self.ram.collect(&guest).map_err(ram_err)?;
+            // Pre-copy frames carry a CRC per page: take it in the pass that looks for zero pages, while the
+            // page is in cache, instead of reading the page again from memory just before the socket does.
+            if phase == PagePhase::Precopy {
+                collection = collection.with_page_crcs();
+            }
             let mut entries: Vec<(u64, &[u8])> = Vec::new();
             let mut bytes = 0u64;
-            for run in collection {
+            for run in collection.by_ref() {
                 match run.map_err(ram_err)? {
                     PageRun::Data { gpa, data } => {
                         bytes += data.len() as u64 + 8;
@@ -591,12 +596,17 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
                     }
                 }
             }
-            (
+            let crcs = collection.take_page_crcs();
+            let sent = if phase == PagePhase::Precopy {
                 self.peer
                     .link
-                    .send_pages(phase, epoch, PAGE_SIZE as u32, &entries),
-                bytes,
-            )
+                    .send_pages_with_crcs(phase, epoch, PAGE_SIZE as u32, &entries, &crcs)
+            } else {
+                self.peer
+                    .link
+                    .send_pages(phase, epoch, PAGE_SIZE as u32, &entries)
+            };
+            (sent, bytes)
         };
         match result {
             Ok(()) => {

@@ -74,6 +74,21 @@ pub trait Link {
         pages: &[(u64, &[u8])],
     ) -> Result<(), colo_proto::Error>;
 
+    /// Sends guest pages with the CRC32 of every data page, taken where the pages were collected (see
+    /// [`Channel::send_pages_with_crcs`]). The default ignores the CRCs and sends with
+    /// [`Link::send_pages`], which computes what the frame needs itself.
+    fn send_pages_with_crcs(
+        &mut self,
+        phase: PagePhase,
+        epoch: u64,
+        page_size: u32,
+        pages: &[(u64, &[u8])],
+        page_crcs: &[u32],
+    ) -> Result<(), colo_proto::Error> {
+        let _ = page_crcs;
+        self.send_pages(phase, epoch, page_size, pages)
+    }
+
     /// Sends device state (see [`Channel::send_vmstate`]).
     fn send_vmstate(
         &mut self,
@@ -103,6 +118,17 @@ impl<S: Read + Write> Link for Channel<S> {
         pages: &[(u64, &[u8])],
     ) -> Result<(), colo_proto::Error> {
         Channel::send_pages(self, phase, epoch, page_size, pages)
+    }
+
+    fn send_pages_with_crcs(
+        &mut self,
+        phase: PagePhase,
+        epoch: u64,
+        page_size: u32,
+        pages: &[(u64, &[u8])],
+        page_crcs: &[u32],
+    ) -> Result<(), colo_proto::Error> {
+        Channel::send_pages_with_crcs(self, phase, epoch, page_size, pages, page_crcs)
     }
 
     fn send_vmstate(

@@ -295,6 +295,21 @@ impl Link for SharedLink {
         })
     }
 
+    fn send_pages_with_crcs(
+        &mut self,
+        phase: PagePhase,
+        epoch: u64,
+        page_size: u32,
+        pages: &[(u64, &[u8])],
+        page_crcs: &[u32],
+    ) -> Result<(), colo_proto::Error> {
+        if phase == PagePhase::Checkpoint {
+            // Checkpoint frames checksum their pages as written (and the fault hook lives there).
+            return self.send_pages(phase, epoch, page_size, pages);
+        }
+        self.with_chan(|chan| chan.send_pages_with_crcs(phase, epoch, page_size, pages, page_crcs))
+    }
+
     fn send_vmstate(
         &mut self,
         epoch: u64,
