@@ -260,7 +260,12 @@ fn stream_pages(
     let mut entries: Vec<Entry<'_>> = Vec::new();
     let mut pages = 0;
     let mut t = mono_ns();
+    // Checkpoint frames carry a CRC per page from protocol v4: take them in the collection's pass.
+    let with_crcs = PagePhase::Checkpoint.carries_page_crcs(ch.version());
     let mut runs = primary.collect(ram)?;
+    if with_crcs {
+        runs = runs.with_page_crcs();
+    }
     loop {
         let next = runs.next();
         let done = next.is_none();
@@ -287,7 +292,12 @@ fn stream_pages(
                 out.first_send_ns = now;
             }
             let cpu = thread_cpu_ns();
-            ch.send_pages(PagePhase::Checkpoint, epoch, PAGE_SIZE as u32, &entries)?;
+            if with_crcs {
+                let crcs = runs.take_page_crcs();
+                ch.send_pages_with_crcs(PagePhase::Checkpoint, epoch, PAGE_SIZE as u32, &entries, &crcs)?;
+            } else {
+                ch.send_pages(PagePhase::Checkpoint, epoch, PAGE_SIZE as u32, &entries)?;
+            }
             out.send_cpu_ns += thread_cpu_ns() - cpu;
             entries.clear();
             pages = 0;

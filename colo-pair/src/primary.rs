@@ -577,9 +577,10 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
         let (result, bytes) = {
             let guest = GuestRam::new(self.vm.memory()).map_err(ram_err)?;
             let mut collection = self.ram.collect(&guest).map_err(ram_err)?;
-            // Pre-copy frames carry a CRC per page: take it in the pass that looks for zero pages, while the
-            // page is in cache, instead of reading the page again from memory just before the socket does.
-            if phase == PagePhase::Precopy {
+            // Frames that carry a CRC per page get it from the pass that looks for zero pages, while the page
+            // is in cache, instead of a second read from memory just before the socket's copy.
+            let with_crcs = phase.carries_page_crcs(self.peer.link.version());
+            if with_crcs {
                 collection = collection.with_page_crcs();
             }
             let mut entries: Vec<(u64, &[u8])> = Vec::new();
@@ -597,7 +598,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
                 }
             }
             let crcs = collection.take_page_crcs();
-            let sent = if phase == PagePhase::Precopy {
+            let sent = if with_crcs {
                 self.peer
                     .link
                     .send_pages_with_crcs(phase, epoch, PAGE_SIZE as u32, &entries, &crcs)

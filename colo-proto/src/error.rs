@@ -73,6 +73,21 @@ pub enum Error {
         /// Checksum computed over the received body.
         computed: u32,
     },
+    /// A checkpoint page does not match its own CRC (protocol version 4 on). The guest was paused while the
+    /// page was sent, so it cannot have been torn by a guest write: it was damaged.
+    #[error(
+        "{kind:?} page at {gpa:#x}: checksum mismatch (expected {expected:#010x}, computed {computed:#010x})"
+    )]
+    PageCrc {
+        /// Message kind of the frame.
+        kind: Kind,
+        /// Guest physical address of the page.
+        gpa: u64,
+        /// The page's CRC carried in the frame.
+        expected: u32,
+        /// CRC computed over the received page.
+        computed: u32,
+    },
     /// The stream ended in the middle of a frame.
     #[error("stream ended inside a frame: {buffered} of {needed} bytes received")]
     Truncated {
@@ -215,6 +230,7 @@ impl Error {
             | Error::UnknownFlags { .. }
             | Error::Oversize { .. }
             | Error::BodyCrc { .. }
+            | Error::PageCrc { .. }
             | Error::Malformed { .. }
             | Error::DecoderFailed
             | Error::Refused(_)

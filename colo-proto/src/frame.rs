@@ -32,7 +32,12 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"COLO");
 /// [`Kind::CheckpointWanted`], [`Kind::PrimaryIsn`] forwarding, and the [`flags::PREFIX_CRC`] flag on
 /// pre-copy page frames. A version-3 peer talks to a version-2 (or 1) peer in the older version: it then
 /// sends none of these, and a frame carrying one is refused by both encoder and decoder.
-pub const PROTOCOL_VERSION: u16 = 3;
+///
+/// Version 4 puts [`flags::PREFIX_CRC`] on checkpoint page frames ([`Kind::RamPages`]) too: every page
+/// frame then carries a CRC32 per page, which a sender can take where it first reads the page (see
+/// `Channel::send_pages_with_crcs`) instead of in a second pass over cold guest memory. Nothing else
+/// changes; a version-4 peer talks to older peers in their version.
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The oldest protocol version this crate still accepts.
 ///
@@ -62,6 +67,10 @@ pub mod flags {
     /// (`Error::TornPages` otherwise). A torn page always does (it is dirty); a page damaged in transit does
     /// not, and is caught there. End-to-end detection is kept without copying the pages first (the
     /// alternative: a memcpy of all guest RAM on the sender).
+    ///
+    /// From version 4 the flag is also on every [`Kind::RamPages`](super::Kind::RamPages) frame, with the
+    /// same layout. The guest is paused then, so a checkpoint page cannot be torn: one that fails its own
+    /// CRC was damaged, and the frame is refused with `Error::PageCrc`.
     pub const PREFIX_CRC: u32 = 1 << 0;
 }
 
@@ -69,6 +78,7 @@ pub mod flags {
 pub fn allowed_flags(kind: Kind, version: u16) -> u32 {
     match kind {
         Kind::PrecopyPages if version >= 3 => flags::PREFIX_CRC,
+        Kind::RamPages if version >= 4 => flags::PREFIX_CRC,
         _ => 0,
     }
 }

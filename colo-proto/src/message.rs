@@ -15,11 +15,13 @@
 //!
 //! From version 3 a pre-copy batch carries a CRC32 per page after the descriptors (0 for a zero page), and the
 //! frame CRC covers only `epoch .. per-page CRCs` (see [`crate::frame::flags::PREFIX_CRC`]): a page written by
-//! the guest while it was sent is reported in [`PageBatch::torn`] instead of failing the frame. A checkpoint
-//! batch's frame CRC always covers the whole body.
+//! the guest while it was sent is reported in [`PageBatch::torn`] instead of failing the frame. Up to version 3
+//! a checkpoint batch's frame CRC covers the whole body; from version 4 a checkpoint batch has the pre-copy
+//! layout too, and a page that fails its own CRC fails the frame ([`Error::PageCrc`]: the guest was paused,
+//! so the page was damaged, not torn).
 //!
 //! ```text
-//! v3 pre-copy: epoch u64 | page_size u32 | count u32 | count x descriptor u64 | count x crc32 u32 | data
+//! v3 pre-copy, v4 both: epoch u64 | page_size u32 | count u32 | count x descriptor u64 | count x crc32 u32 | data
 //! ```
 //!
 //! Version-3 messages (all little-endian):
@@ -599,8 +601,9 @@ where
     Ok(())
 }
 
-/// Decodes a page batch body. With `page_crcs` (a pre-copy frame carrying [`flags::PREFIX_CRC`]) a CRC32 per
-/// page follows the descriptors; a data page whose CRC does not match goes to `torn`, not to `pages`.
+/// Decodes a page batch body. With `page_crcs` (a frame carrying [`flags::PREFIX_CRC`]) a CRC32 per page
+/// follows the descriptors; a pre-copy data page whose CRC does not match goes to `torn`, not to `pages`, and
+/// a checkpoint page that does not match fails the frame.
 fn decode_pages(kind: Kind, body: Bytes, page_crcs: bool) -> Result<PageBatch> {
     let mut c = Cursor {
         kind,
@@ -655,7 +658,17 @@ fn decode_pages(kind: Kind, body: Bytes, page_crcs: bool) -> Result<PageBatch> {
             if page_crcs {
                 let want =
                     u32::from_le_bytes([crcs[4 * i], crcs[4 * i + 1], crcs[4 * i + 2], crcs[4 * i + 3]]);
-                if crc32fast::hash(&s) != want {
+                let computed = crc32fast::hash(&s);
+                if computed != want {
+                    if kind == Kind::RamPages {
+                        // The guest is paused during a checkpoint: this page was damaged, not torn.
+                        return Err(Error::PageCrc {
+                            kind,
+                            gpa,
+                            expected: want,
+                            computed,
+                        });
+                    }
                     torn.push(gpa);
                     continue;
                 }
@@ -914,7 +927,9 @@ impl Message {
                 check_sync_chunk(offset, data.len()).map_err(|what| malformed(kind, what))?;
                 Message::DiskSyncChunk(DiskSyncChunk { disk, offset, data })
             }
-            Kind::RamPages => Message::RamPages(decode_pages(kind, body, false)?),
+            Kind::RamPages => {
+                Message::RamPages(decode_pages(kind, body, header.flags & flags::PREFIX_CRC != 0)?)
+            }
             Kind::PrecopyPages => {
                 Message::PrecopyPages(decode_pages(kind, body, header.flags & flags::PREFIX_CRC != 0)?)
             }
@@ -1041,10 +1056,11 @@ pub fn encode_page_frame<'a>(
 
 /// [`encode_page_frame`] with the CRC32 of every data page (`crc32fast::hash` of its bytes) computed by the
 /// caller, one per data page in order (zero-page entries have none), for example while it first read the
-/// pages to collect them. A frame that carries per-page CRCs (a pre-copy frame from protocol version 3,
-/// [`flags::PREFIX_CRC`]) then takes them as they are instead of reading every page once more; a frame whose
-/// body CRC covers its pages ignores them. A wrong count is an encode error; a wrong CRC is a page the
-/// receiver reports torn ([`PageBatch::torn`]), as if the guest had written it while it was sent.
+/// pages to collect them. A frame that carries per-page CRCs ([`flags::PREFIX_CRC`]: pre-copy frames from
+/// protocol version 3, checkpoint frames from version 4) then takes them as they are instead of reading
+/// every page once more; a frame whose body CRC covers its pages ignores them. A wrong count is an encode
+/// error; a wrong CRC is a page the receiver reports torn ([`PageBatch::torn`]) in a pre-copy frame, as if
+/// the guest had written it while it was sent, and refuses ([`Error::PageCrc`]) in a checkpoint frame.
 #[allow(clippy::too_many_arguments)]
 pub fn encode_page_frame_with_crcs<'a>(
     kind: Kind,

@@ -50,6 +50,19 @@ pub enum PagePhase {
     Precopy,
 }
 
+impl PagePhase {
+    /// Whether frames of this phase carry a CRC32 per page in protocol `version` (pre-copy from version 3,
+    /// checkpoint from version 4): the pages' CRCs are then worth taking where they are first read, for
+    /// [`Channel::send_pages_with_crcs`].
+    pub fn carries_page_crcs(self, version: u16) -> bool {
+        let kind = match self {
+            PagePhase::Checkpoint => Kind::RamPages,
+            PagePhase::Precopy => Kind::PrecopyPages,
+        };
+        crate::frame::allowed_flags(kind, version) & crate::frame::flags::PREFIX_CRC != 0
+    }
+}
+
 type Pool = Arc<Mutex<Vec<Vec<u8>>>>;
 
 /// A receive buffer that goes back to its pool when the last `Bytes` referring to it is dropped.
@@ -186,15 +199,16 @@ impl<S: Read + Write> Channel<S> {
 
     /// [`Channel::send_pages`] with the CRC32 of every data page (`crc32fast::hash`), one per data page in
     /// order, computed by the caller where it first read the pages (colo-ram's collection does this with
-    /// `Collection::with_page_crcs`). Pre-copy frames (protocol version 3 on) carry one CRC per page and take
-    /// these instead of reading every page once more just before the socket copies it: on a scattered dirty
-    /// set that second pass over cold memory is most of what checksumming costs. Frames whose body CRC covers
-    /// the pages (checkpoint frames, older versions) ignore them.
+    /// `Collection::with_page_crcs`). Page frames with one CRC per page (pre-copy frames from protocol
+    /// version 3, checkpoint frames from version 4) take these instead of reading every page once more just
+    /// before the socket copies it: on a scattered dirty set that second pass over cold memory is most of
+    /// what checksumming costs. Frames whose body CRC covers the pages (older versions) ignore them.
     ///
-    /// A count that does not match the data pages is an [`Error::Encode`] before anything is written. A
-    /// CRC that does not match its page (the guest wrote the page after it was collected) makes the receiver
-    /// report the page torn, as it would had the guest written it during the send: the dirty log has it, and
-    /// the pause sends it again.
+    /// A count that does not match the data pages is an [`Error::Encode`] before anything is written. In a
+    /// pre-copy frame, a CRC that does not match its page (the guest wrote the page after it was collected)
+    /// makes the receiver report the page torn, as it would had the guest written it during the send: the
+    /// dirty log has it, and the pause sends it again. In a checkpoint frame the receiver refuses it
+    /// ([`Error::PageCrc`]): take checkpoint CRCs with the guest paused.
     pub fn send_pages_with_crcs(
         &mut self,
         phase: PagePhase,

@@ -159,11 +159,27 @@ fn a_stale_crc_is_a_torn_page_at_the_receiver() {
     let gpas: Vec<u64> = b.pages.iter().map(|p| p.gpa).collect();
     assert_eq!(gpas, vec![0x1000, 0x9000]);
 
-    // In a checkpoint frame the body CRC is computed over the pages as sent: the given CRCs do not matter.
+    // A checkpoint frame of version 4 carries the given CRCs too; the guest is paused then, so a page that
+    // does not match was damaged: the frame is refused.
     let mut ch = channel(PROTOCOL_VERSION, 256);
     ch.send_pages_with_crcs(PagePhase::Checkpoint, 3, PS as u32, &list, &collected)
         .unwrap();
-    let got = received(ch.into_inner().out, PROTOCOL_VERSION);
+    let mut rx = Channel::new(Wire {
+        out: Vec::new(),
+        input: Cursor::new(ch.into_inner().out),
+    });
+    rx.set_version(PROTOCOL_VERSION);
+    match rx.recv() {
+        Err(e @ Error::PageCrc { gpa: 0x2000, .. }) => assert!(e.is_protocol_error()),
+        other => panic!("expected a page CRC error, got {other:?}"),
+    }
+
+    // Up to version 3 the checkpoint frame's body CRC is computed over the pages as sent: the given CRCs do
+    // not matter.
+    let mut ch = channel(3, 256);
+    ch.send_pages_with_crcs(PagePhase::Checkpoint, 3, PS as u32, &list, &collected)
+        .unwrap();
+    let got = received(ch.into_inner().out, 3);
     let [Message::RamPages(b)] = &got[..] else {
         panic!("{got:?}")
     };

@@ -45,7 +45,7 @@ fn decode_all(wire: &[u8]) -> Result<Vec<Message>, Error> {
 /// Offset of the first page byte in a frame of the test batch: 4 descriptors, and in a pre-copy frame of
 /// version 3 one CRC per page after them.
 const DATA_AT: usize = HEADER_LEN + 16 + 4 * 12;
-/// The same in a checkpoint frame (no per-page CRCs).
+/// The same in a checkpoint frame of version 3 (no per-page CRCs).
 const RAM_DATA_AT: usize = HEADER_LEN + 16 + 4 * 8;
 
 #[test]
@@ -102,9 +102,9 @@ fn a_damaged_precopy_descriptor_page_crc_or_fixed_field_is_still_rejected() {
 }
 
 #[test]
-fn checkpoint_pages_keep_a_crc_over_every_byte() {
-    assert_eq!(allowed_flags(Kind::RamPages, PROTOCOL_VERSION), 0);
-    let wire = frame_written_while_guest_runs(Kind::RamPages, PROTOCOL_VERSION, |w| w[RAM_DATA_AT + 5] ^= 1);
+fn version_three_checkpoint_pages_keep_a_crc_over_every_byte() {
+    assert_eq!(allowed_flags(Kind::RamPages, 3), 0);
+    let wire = frame_written_while_guest_runs(Kind::RamPages, 3, |w| w[RAM_DATA_AT + 5] ^= 1);
     assert!(matches!(
         decode_all(&wire),
         Err(Error::BodyCrc {
@@ -112,12 +112,45 @@ fn checkpoint_pages_keep_a_crc_over_every_byte() {
             ..
         })
     ));
-    // A checkpoint frame claiming the pre-copy flag is refused at the header.
-    let mut wire = frame_written_while_guest_runs(Kind::RamPages, PROTOCOL_VERSION, |_| {});
+    // A version-3 checkpoint frame claiming the per-page flag is refused at the header.
+    let mut wire = frame_written_while_guest_runs(Kind::RamPages, 3, |_| {});
     wire[8..12].copy_from_slice(&flags::PREFIX_CRC.to_le_bytes());
     let crc = crc32fast::hash(&wire[..20]);
     wire[20..24].copy_from_slice(&crc.to_le_bytes());
     assert!(matches!(decode_all(&wire), Err(Error::UnknownFlags { .. })));
+}
+
+#[test]
+fn version_four_checkpoint_pages_have_their_own_crcs_and_a_bad_one_fails_the_frame() {
+    assert_eq!(allowed_flags(Kind::RamPages, 4), flags::PREFIX_CRC);
+    let wire = frame_written_while_guest_runs(Kind::RamPages, 4, |_| {});
+    let hdr = FrameHeader::decode(wire[..HEADER_LEN].try_into().unwrap(), 1 << 20).unwrap();
+    assert_eq!(hdr.flags, flags::PREFIX_CRC);
+    let got = decode_all(&wire).unwrap();
+    let [Message::RamPages(b)] = &got[..] else {
+        panic!("{got:?}")
+    };
+    assert_eq!(b.pages.len(), 4);
+    assert!(b.torn.is_empty());
+    // Same layout as a pre-copy frame: a changed page byte is that page's CRC failing (the guest was paused,
+    // so it was damaged: the frame is refused, nothing is stored), a changed descriptor the frame CRC's.
+    for (at, page) in [
+        (DATA_AT + 5, 0x1000),
+        (DATA_AT + PS + 9, 0x2000),
+        (DATA_AT + 3 * PS - 1, 0x9000),
+    ] {
+        let wire = frame_written_while_guest_runs(Kind::RamPages, 4, |w| w[at] ^= 0x10);
+        match decode_all(&wire) {
+            Err(Error::PageCrc {
+                kind: Kind::RamPages,
+                gpa,
+                ..
+            }) => assert_eq!(gpa, page),
+            other => panic!("byte {at}: {other:?}"),
+        }
+    }
+    let wire = frame_written_while_guest_runs(Kind::RamPages, 4, |w| w[HEADER_LEN + 17] ^= 1);
+    assert!(matches!(decode_all(&wire), Err(Error::BodyCrc { .. })));
 }
 
 #[test]
