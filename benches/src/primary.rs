@@ -238,6 +238,8 @@ struct Streamed {
     gather_ns: u64,
     send_ns: u64,
     send_cpu_ns: u64,
+    /// CPU time collecting (dirty set walk, zero check, page CRCs), the rest of the round's thread time.
+    collect_cpu_ns: u64,
     first_send_ns: u64,
 }
 
@@ -255,8 +257,10 @@ fn stream_pages(
         gather_ns: 0,
         send_ns: 0,
         send_cpu_ns: 0,
+        collect_cpu_ns: 0,
         first_send_ns: 0,
     };
+    let round_cpu = thread_cpu_ns();
     let mut entries: Vec<Entry<'_>> = Vec::new();
     let mut pages = 0;
     let mut t = mono_ns();
@@ -309,6 +313,7 @@ fn stream_pages(
             if out.first_send_ns == 0 {
                 out.first_send_ns = mono_ns();
             }
+            out.collect_cpu_ns = (thread_cpu_ns() - round_cpu).saturating_sub(out.send_cpu_ns);
             return Ok(out);
         }
     }
@@ -395,7 +400,9 @@ pub fn run(args: &CheckpointArgs) -> Result<Report> {
                     // The guest writes its hot pages again after the round's log was read: they are dirty
                     // again for the pause, with new contents.
                     let vcpu_thread = s.spawn(|| Guest::run(vcpu));
+                    let cpu = thread_cpu_ns();
                     let (entries, crcs, bytes) = gather(&mut primary, &ram, &mut sent)?;
+                    rec.collect_cpu_ns = thread_cpu_ns() - cpu;
                     // The guest writes while this round is read. From protocol v3 on, a pre-copy frame's CRC
                     // covers its descriptors only (`PREFIX_CRC`) and each page has its own CRC, taken when
                     // the page was collected, so the pages go straight from guest memory (a page written
@@ -450,6 +457,7 @@ pub fn run(args: &CheckpointArgs) -> Result<Report> {
                         rec.ram_send_start_ns = s.first_send_ns;
                         rec.pause_bytes = s.bytes;
                         rec.stream_send_cpu_ns += s.send_cpu_ns;
+                        rec.collect_cpu_ns += s.collect_cpu_ns;
                         sess.ram_sent(Instant::now())?;
                     }
                     PrimaryAction::SendDeviceState { epoch } => {

@@ -51,6 +51,9 @@ pub struct EpochRecord {
     pub raw_tcp_ns: u64,
     /// CPU time of the primary's thread writing the page frames (pre-copy and paused).
     pub stream_send_cpu_ns: u64,
+    /// CPU time of the primary's thread collecting those pages before writing them: dirty set walk, zero
+    /// check and the page CRCs (pre-copy and paused).
+    pub collect_cpu_ns: u64,
     /// CPU time of the secondary reading, checking, decoding and storing the page frames.
     pub stream_receive_cpu_ns: u64,
     /// CPU time of the primary's thread writing the raw reference.
@@ -113,10 +116,15 @@ pub struct Phases {
 /// on a loaded host.
 #[derive(Debug, Serialize)]
 pub struct CpuPerKib {
-    /// Primary: writing the page frames (CRC and the socket writes).
+    /// Primary: writing the page frames (the socket writes; the CRCs were taken while collecting).
     pub stream_send: f64,
+    /// Primary: collecting the pages before writing them (dirty set walk, zero check, page CRCs): the
+    /// stream's counterpart of `gather_ref`.
+    pub stream_collect: f64,
     /// Primary: writing the raw reference.
     pub raw_send: f64,
+    /// Primary: the reference gather (4 KiB memcpy of each page into one buffer, before the raw send).
+    pub gather_ref: f64,
     /// Secondary: reading, checking, decoding and storing the page frames into the RAM cache.
     pub stream_receive: f64,
     /// Secondary: reading the raw reference.
@@ -310,7 +318,9 @@ impl Report {
             stream_over_raw_tcp_split: stream_gbps / raw_tcp_split_gbps.max(1e-9),
             cpu_ns_per_kib: CpuPerKib {
                 stream_send: med(&|r| r.stream_send_cpu_ns as f64 / stream_kib(r)),
+                stream_collect: med(&|r| r.collect_cpu_ns as f64 / stream_kib(r)),
                 raw_send: med(&|r| r.raw_send_cpu_ns as f64 / (bytes(r) / 1024.0).max(1e-9)),
+                gather_ref: med(&|r| r.gather_ref_ns as f64 / (bytes(r) / 1024.0).max(1e-9)),
                 stream_receive: med(&|r| r.stream_receive_cpu_ns as f64 / stream_kib(r)),
                 raw_receive: med(&|r| r.raw_receive_cpu_ns as f64 / (bytes(r) / 1024.0).max(1e-9)),
             },
@@ -375,8 +385,9 @@ impl Report {
         );
         let c = &self.cpu_ns_per_kib;
         println!(
-            "CPU per KiB (ns): send stream {:.0} vs raw {:.0}; receive stream {:.0} vs raw {:.0}",
-            c.stream_send, c.raw_send, c.stream_receive, c.raw_receive
+            "CPU per KiB (ns): collect {:.0} vs gather reference {:.0}; send stream {:.0} vs raw {:.0}; \
+             receive stream {:.0} vs raw {:.0}",
+            c.stream_collect, c.gather_ref, c.stream_send, c.raw_send, c.stream_receive, c.raw_receive
         );
         println!(
             "secondary memory equals primary memory (crc32 {})",

@@ -59,7 +59,14 @@ fn check(report: &serde_json::Value, precopy: bool) {
     ] {
         assert!(report[key].as_f64().unwrap() > 0.0, "{key} in {report}");
     }
-    for side in ["stream_send", "raw_send", "stream_receive", "raw_receive"] {
+    for side in [
+        "stream_send",
+        "stream_collect",
+        "raw_send",
+        "gather_ref",
+        "stream_receive",
+        "raw_receive",
+    ] {
         assert!(
             report["cpu_ns_per_kib"][side].as_f64().unwrap() > 0.0,
             "{side} in {report}"
