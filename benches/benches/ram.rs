@@ -1,6 +1,6 @@
 //! colo-ram on the checkpoint path, per guest size and dirty share: the primary's paused round (dirty log
-//! read through vm-memory's bitmap, then collection of the runs) beside a scattered memcpy gather of the same
-//! pages, and the secondary's side (pages into the RAM cache, then the flush into SVM memory) beside a
+//! read through vm-memory's bitmap, then collection of the runs, with and without page CRCs) beside a
+//! scattered memcpy gather of the same pages, and the secondary's side (pages into the RAM cache, then the flush into SVM memory) beside a
 //! scattered memcpy of the same pages into another mapping.
 
 mod common;
@@ -69,6 +69,29 @@ fn primary_round(c: &mut Criterion) {
                             }
                         }
                         assert!(n >= pages.len() && bytes >= pages.len() * PAGE);
+                    },
+                    BatchSize::PerIteration,
+                )
+            });
+            // The same round taking every page's CRC32 in the collection pass (what protocol v4 frames
+            // carry): the pass then reads whole pages, as the memcpy gather does.
+            g.bench_function(format!("primary_round_crcs/dirty_{pct}pct/{size}"), |b| {
+                b.iter_batched(
+                    || {
+                        for &p in &pages {
+                            mem.write_obj(7u8, GuestAddress((p * PAGE) as u64)).unwrap();
+                        }
+                    },
+                    |()| {
+                        primary.take_log().unwrap();
+                        let mut runs = primary.collect(&ram).unwrap().with_page_crcs();
+                        let mut bytes = 0;
+                        for run in runs.by_ref() {
+                            if let PageRun::Data { data, .. } = run.unwrap() {
+                                bytes += black_box(data).len();
+                            }
+                        }
+                        assert_eq!(black_box(runs.take_page_crcs()).len() * PAGE, bytes);
                     },
                     BatchSize::PerIteration,
                 )
