@@ -115,9 +115,13 @@ struct RunArgs {
     /// No word from the peer for this long (ms) and it is lost.
     #[arg(long, default_value_t = 1000)]
     heartbeat_timeout_ms: u64,
-    /// Who decides which side may run alone: `none` (unsafe under partitions) or `witness=HOST:PORT`.
+    /// Who decides which side may run alone: `none` (unsafe under partitions), `witness=HOST:PORT`, or
+    /// `etcd=URL[,URL..]` (built with the `etcd` feature; both sides use the same `--arbiter-key`).
     #[arg(long, default_value = "none")]
     arbiter: String,
+    /// The pair's key at an etcd arbiter (the same on both sides; one key per pair).
+    #[arg(long, default_value = "/colo-vmm/pair")]
+    arbiter_key: String,
     /// This node's name at the arbiter (default: the role).
     #[arg(long)]
     node_name: Option<String>,
@@ -307,18 +311,7 @@ fn run_colo(args: &RunArgs, role: ColoRole, machine: MachineConfig) -> anyhow::R
     let mut cfg = colo::ColoConfig::new(peer, switch.clone(), nic.clone());
     cfg.checkpoint_interval = Duration::from_millis(args.checkpoint_ms.max(1));
     cfg.heartbeat_timeout = Duration::from_millis(args.heartbeat_timeout_ms.max(10));
-    cfg.arbiter = match args.arbiter.as_str() {
-        "none" => colo::ArbiterChoice::None,
-        a => match a.strip_prefix("witness=") {
-            Some(addr) => colo::ArbiterChoice::Witness(
-                std::net::ToSocketAddrs::to_socket_addrs(addr)
-                    .with_context(|| format!("witness address {addr:?}"))?
-                    .next()
-                    .with_context(|| format!("witness address {addr:?} resolves to nothing"))?,
-            ),
-            None => bail!("--arbiter must be none or witness=HOST:PORT, not {a:?}"),
-        },
-    };
+    cfg.arbiter = arbiter_choice(&args.arbiter, &args.arbiter_key)?;
     if let Some(n) = &args.node_name {
         cfg.node_name = n.clone();
     }
@@ -398,4 +391,37 @@ fn handle(
             }
         }
     }
+}
+
+/// `--arbiter` as an [`colo::ArbiterChoice`].
+fn arbiter_choice(arg: &str, key: &str) -> anyhow::Result<colo::ArbiterChoice> {
+    if arg == "none" {
+        return Ok(colo::ArbiterChoice::None);
+    }
+    if let Some(addr) = arg.strip_prefix("witness=") {
+        return Ok(colo::ArbiterChoice::Witness(
+            std::net::ToSocketAddrs::to_socket_addrs(addr)
+                .with_context(|| format!("witness address {addr:?}"))?
+                .next()
+                .with_context(|| format!("witness address {addr:?} resolves to nothing"))?,
+        ));
+    }
+    if let Some(urls) = arg.strip_prefix("etcd=") {
+        let endpoints: Vec<String> = urls
+            .split(',')
+            .filter(|u| !u.is_empty())
+            .map(String::from)
+            .collect();
+        if endpoints.is_empty() || key.is_empty() {
+            bail!("--arbiter etcd= needs at least one URL and a non-empty --arbiter-key");
+        }
+        #[cfg(feature = "etcd")]
+        return Ok(colo::ArbiterChoice::Etcd {
+            endpoints,
+            key: key.to_owned(),
+        });
+        #[cfg(not(feature = "etcd"))]
+        bail!("--arbiter {arg}: this colo-vmm was built without the `etcd` feature");
+    }
+    bail!("--arbiter must be none, witness=HOST:PORT or etcd=URL[,URL..], not {arg:?}")
 }

@@ -474,6 +474,60 @@ fn with_a_witness_the_promoted_secondary_holds_the_lease() {
     p.secondary.quit();
 }
 
+#[cfg(feature = "etcd")]
+#[path = "../../colo-failover/tests/common/etcd_process.rs"]
+mod etcd_process;
+
+#[cfg(feature = "etcd")]
+#[test]
+fn with_etcd_the_promoted_secondary_holds_the_pairs_key() {
+    use colo_failover::etcd::{EtcdArbiter, EtcdConfig};
+    use colo_failover::{Arbiter, Decision};
+    if !kvm_or_skip("with_etcd_the_promoted_secondary_holds_the_pairs_key") {
+        return;
+    }
+    let Some(etcd) = etcd_process::EtcdProcess::start("with_etcd_the_promoted_secondary_holds_the_pairs_key")
+    else {
+        return;
+    };
+    let key = "/colo-vmm/test-pair";
+    // A third contender for the pair's key, as another node of a confused operator would be.
+    let mut intruder = EtcdArbiter::connect(EtcdConfig {
+        endpoints: vec![etcd.url.clone()],
+        key: key.into(),
+        node: "intruder".into(),
+        ttl_secs: 1,
+        timeout: Duration::from_secs(2),
+    })
+    .unwrap();
+    let arb = format!("etcd={}", etcd.url);
+    let p = pair(&["--checkpoint-ms", "200", "--arbiter", &arb, "--arbiter-key", key]);
+    assert!(!p.primary.has_log("NO ARBITER"));
+    let mut m = Model::connect(&p);
+    m.work(30);
+    let a = p.secondary.ctl(Request::Failover);
+    assert_eq!(a["ok"], true, "{a}");
+    p.primary
+        .wait_status("stopped primary", T, |s| s["phase"] == "stopped");
+    let token = p.secondary.colo()["failover"]["token"].as_u64().unwrap();
+    assert!(
+        token > 0,
+        "the promoted secondary runs with an etcd fencing token"
+    );
+    // The promoted secondary holds the key and keeps its lease alive: nobody else gets it.
+    for _ in 0..3 {
+        assert!(
+            matches!(intruder.acquire(), Ok(Decision::Denied { .. })),
+            "the key is held"
+        );
+        std::thread::sleep(Duration::from_millis(600));
+    }
+    m.work(30);
+    m.check_all();
+    p.primary.quit();
+    p.secondary.quit();
+}
+
 #[test]
 fn a_frozen_secondary_is_given_up_after_the_heartbeat_timeout() {
     if !kvm_or_skip("a_frozen_secondary_is_given_up_after_the_heartbeat_timeout") {

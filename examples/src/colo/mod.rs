@@ -99,6 +99,14 @@ pub enum ArbiterChoice {
     None,
     /// colo-failover's witness server at this address.
     Witness(SocketAddr),
+    /// colo-failover's etcd lease arbiter (feature `etcd`): both sides of a pair compete for `key`.
+    #[cfg(feature = "etcd")]
+    Etcd {
+        /// Client URLs of the etcd cluster, such as `http://127.0.0.1:2379`.
+        endpoints: Vec<String>,
+        /// The pair's key (the same on both sides, one per pair).
+        key: String,
+    },
 }
 
 /// The COLO settings of one process.
@@ -360,6 +368,20 @@ fn arbiter(cfg: &ColoConfig) -> Result<Box<dyn Arbiter + Send>, ColoError> {
             &cfg.node_name,
             cfg.lease_ttl,
             Duration::from_millis(500),
+        )?),
+        #[cfg(feature = "etcd")]
+        ArbiterChoice::Etcd {
+            ref endpoints,
+            ref key,
+        } => Box::new(colo_failover::etcd::EtcdArbiter::connect(
+            colo_failover::etcd::EtcdConfig {
+                endpoints: endpoints.clone(),
+                key: key.clone(),
+                node: cfg.node_name.clone(),
+                // etcd counts leases in whole seconds.
+                ttl_secs: cfg.lease_ttl.as_secs_f64().ceil().max(1.0) as i64,
+                timeout: Duration::from_millis(500),
+            },
         )?),
     })
 }
