@@ -156,7 +156,11 @@ impl<'r> Collection<'r> {
     /// While the guest runs (pre-copy), a page can change between its CRC here and the socket's copy of it;
     /// the receiver then sees a torn page, which the dirty log reports again for the next round.
     pub fn with_page_crcs(mut self) -> Self {
-        self.crcs = Some(Vec::new());
+        if self.crcs.is_none() {
+            self.crcs = Some(Vec::new());
+            // A page looked at before (its CRC not taken) is read again.
+            self.peek = None;
+        }
         self
     }
 
