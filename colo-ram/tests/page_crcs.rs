@@ -3,27 +3,20 @@
 
 use colo_ram::{CollectOptions, DirtySet, GuestRam, PAGE_SIZE, PageRun, RamLayout, ZERO_PAGE_CRC, collect};
 use proptest::prelude::*;
-use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
-type Mem = GuestMemoryMmap<AtomicBitmap>;
+#[path = "support/regions.rs"]
+mod regions;
+use regions::Mem;
 
 const REGIONS: [(u64, usize); 2] = [(0, 48), (0x100000, 16)];
 
 fn mem() -> Mem {
-    let ranges: Vec<_> = REGIONS
-        .iter()
-        .map(|&(g, p)| (GuestAddress(g), p * PAGE_SIZE))
-        .collect();
-    Mem::from_ranges(&ranges).unwrap()
+    regions::mem(&REGIONS)
 }
 
 fn page_gpa(page: usize) -> u64 {
-    if page < REGIONS[0].1 {
-        (page * PAGE_SIZE) as u64
-    } else {
-        REGIONS[1].0 + ((page - REGIONS[0].1) * PAGE_SIZE) as u64
-    }
+    regions::page_gpa(&REGIONS, page)
 }
 
 /// (gpa, pages, zero) of every run, and the model's CRCs: `crc32fast::hash` of each data page yielded.
