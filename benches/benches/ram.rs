@@ -73,8 +73,9 @@ fn primary_round(c: &mut Criterion) {
                     BatchSize::PerIteration,
                 )
             });
-            // The same round taking every page's CRC32 in the collection pass (what protocol v4 frames
-            // carry): the pass then reads whole pages, as the memcpy gather does.
+            // The same round taking every page's CRC in the collection pass (what protocol v4 frames
+            // carry), filled the way a sender takes it: the pass then reads whole pages, as the memcpy
+            // gather does.
             g.bench_function(format!("primary_round_crcs/dirty_{pct}pct/{size}"), |b| {
                 b.iter_batched(
                     || {
@@ -84,14 +85,14 @@ fn primary_round(c: &mut Criterion) {
                     },
                     |()| {
                         primary.take_log().unwrap();
-                        let mut runs = primary.collect(&ram).unwrap().with_page_crcs();
-                        let mut bytes = 0;
-                        for run in runs.by_ref() {
-                            if let PageRun::Data { data, .. } = run.unwrap() {
-                                bytes += black_box(data).len();
-                            }
-                        }
-                        assert_eq!(black_box(runs.take_page_crcs()).len() * PAGE, bytes);
+                        let mut runs = primary
+                            .collect(&ram)
+                            .unwrap()
+                            .with_page_crcs(colo_proto::page_crc);
+                        let (mut entries, mut crcs) = (Vec::new(), Vec::new());
+                        assert!(runs.fill(usize::MAX, &mut entries, &mut crcs).unwrap());
+                        let bytes: usize = black_box(&entries).iter().map(|(_, d)| d.len()).sum();
+                        assert_eq!(black_box(crcs).len() * PAGE, bytes);
                     },
                     BatchSize::PerIteration,
                 )

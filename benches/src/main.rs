@@ -115,6 +115,10 @@ pub struct CheckpointArgs {
     /// Pages per RAM frame.
     #[arg(long, default_value_t = 256)]
     pub batch_pages: usize,
+    /// Pages the primary collects (zero check, page CRCs) before writing them, in every round; 0 collects a
+    /// whole round first. The default is colo-pair's `SEND_CHUNK_PAGES`.
+    #[arg(long, default_value_t = 16384)]
+    pub chunk_pages: usize,
     /// Seed of the guest's page choice.
     #[arg(long, default_value_t = 0x9e37_79b9_7f4a_7c15)]
     pub seed: u64,

@@ -14,7 +14,7 @@ use colo_proto::{
 };
 use colo_ram::{
     AtomicBitmapLog, CollectOptions, DirtyBitmap, DirtyLog, GuestRam, KvmDirtyLog, KvmManualDirtyLog,
-    PAGE_SIZE, PageRun, PrimaryRam, RamLayout, UnionLog,
+    PAGE_SIZE, PrimaryRam, RamLayout, UnionLog,
 };
 use kvm_ioctls::Kvm;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
@@ -200,38 +200,6 @@ fn raw_transfer(raw: &mut TcpStream, buf: &[u8]) -> Result<RawTransfer> {
     })
 }
 
-/// Collects the pending pages into `send_pages` entries and the CRC32 of every data page (taken in the pass
-/// that looks for zero pages, for `send_pages_with_crcs`); marks the data pages in `sent`.
-fn gather<'r>(
-    primary: &'r mut PrimaryRam<Log>,
-    ram: &'r GuestRam<'r>,
-    sent: &mut DirtyBitmap,
-) -> Result<(Vec<Entry<'r>>, Vec<u32>, usize)> {
-    let mut entries = Vec::new();
-    let mut bytes = 0;
-    let mut runs = primary.collect(ram)?.with_page_crcs();
-    for run in runs.by_ref() {
-        match run? {
-            PageRun::Data { gpa, data } => {
-                let first = gpa as usize / PAGE_SIZE;
-                sent.set_range(first..first + data.len() / PAGE_SIZE)?;
-                bytes += data.len();
-                entries.push((gpa, data));
-            }
-            PageRun::Zero { gpa, pages } => {
-                for i in 0..pages as u64 {
-                    entries.push((gpa + i * PAGE_SIZE as u64, &[][..]));
-                }
-            }
-        }
-    }
-    Ok((entries, runs.take_page_crcs(), bytes))
-}
-
-/// Pages the paused round collects before writing them (the collection of the next chunk then overlaps the
-/// socket draining this one).
-const STREAM_CHUNK_PAGES: usize = 1024;
-
 /// What [`stream_pages`] did.
 struct Streamed {
     bytes: u64,
@@ -243,14 +211,18 @@ struct Streamed {
     first_send_ns: u64,
 }
 
-/// The paused round, pipelined: collects the pending pages chunk by chunk and writes each chunk as soon as it
-/// is complete, instead of walking the whole dirty set first. Marks the data pages in `sent`.
+/// One round, pipelined as colo-pair sends: collects `chunk_pages` pending pages (zero check and, where the
+/// phase's frames carry them, page CRCs, in one pass over each page), writes them while they are in cache,
+/// collects the next chunk while the socket drains. `chunk_pages` 0 collects the whole round first. Marks
+/// the data pages in `sent`.
 fn stream_pages(
     primary: &mut PrimaryRam<Log>,
     ram: &GuestRam<'_>,
     sent: &mut DirtyBitmap,
     ch: &mut Channel<TcpStream>,
+    phase: PagePhase,
     epoch: u64,
+    chunk_pages: usize,
 ) -> Result<Streamed> {
     let mut out = Streamed {
         bytes: 0,
@@ -261,55 +233,39 @@ fn stream_pages(
         first_send_ns: 0,
     };
     let round_cpu = thread_cpu_ns();
-    let mut entries: Vec<Entry<'_>> = Vec::new();
-    let mut pages = 0;
-    let mut t = mono_ns();
-    // Checkpoint frames carry a CRC per page from protocol v4: take them in the collection's pass.
-    let with_crcs = PagePhase::Checkpoint.carries_page_crcs(ch.version());
+    let with_crcs = phase.carries_page_crcs(ch.version());
     let mut runs = primary.collect(ram)?;
     if with_crcs {
-        runs = runs.with_page_crcs();
+        runs = runs.with_page_crcs(colo_proto::page_crc);
     }
+    let chunk_pages = if chunk_pages == 0 { usize::MAX } else { chunk_pages };
+    let (mut entries, mut crcs): (Vec<Entry<'_>>, Vec<u32>) = (Vec::new(), Vec::new());
     loop {
-        let next = runs.next();
-        let done = next.is_none();
-        match next.transpose()? {
-            Some(PageRun::Data { gpa, data }) => {
-                let first = gpa as usize / PAGE_SIZE;
-                sent.set_range(first..first + data.len() / PAGE_SIZE)?;
-                out.bytes += data.len() as u64;
-                pages += data.len() / PAGE_SIZE;
-                entries.push((gpa, data));
-            }
-            Some(PageRun::Zero { gpa, pages: n }) => {
-                for i in 0..n as u64 {
-                    entries.push((gpa + i * PAGE_SIZE as u64, &[][..]));
-                }
-                pages += n;
-            }
-            None => {}
+        let t = mono_ns();
+        entries.clear();
+        crcs.clear();
+        let done = runs.fill(chunk_pages, &mut entries, &mut crcs)?;
+        for &(gpa, data) in &entries {
+            let first = gpa as usize / PAGE_SIZE;
+            sent.set_range(first..first + data.len() / PAGE_SIZE)?;
+            out.bytes += data.len() as u64;
         }
-        if pages >= STREAM_CHUNK_PAGES || (done && !entries.is_empty()) {
-            let now = mono_ns();
-            out.gather_ns += now - t;
+        let now = mono_ns();
+        out.gather_ns += now - t;
+        if !entries.is_empty() {
             if out.first_send_ns == 0 {
                 out.first_send_ns = now;
             }
             let cpu = thread_cpu_ns();
             if with_crcs {
-                let crcs = runs.take_page_crcs();
-                ch.send_pages_with_crcs(PagePhase::Checkpoint, epoch, PAGE_SIZE as u32, &entries, &crcs)?;
+                ch.send_pages_with_crcs(phase, epoch, PAGE_SIZE as u32, &entries, &crcs)?;
             } else {
-                ch.send_pages(PagePhase::Checkpoint, epoch, PAGE_SIZE as u32, &entries)?;
+                ch.send_pages(phase, epoch, PAGE_SIZE as u32, &entries)?;
             }
             out.send_cpu_ns += thread_cpu_ns() - cpu;
-            entries.clear();
-            pages = 0;
-            t = mono_ns();
-            out.send_ns += t - now;
+            out.send_ns += mono_ns() - now;
         }
         if done {
-            out.gather_ns += mono_ns() - t;
             if out.first_send_ns == 0 {
                 out.first_send_ns = mono_ns();
             }
@@ -361,8 +317,15 @@ pub fn run(args: &CheckpointArgs) -> Result<Report> {
     let mut sent = DirtyBitmap::new(total_pages);
     {
         let ram = GuestRam::new(&guest.mem)?;
-        let (entries, crcs, _) = gather(&mut primary, &ram, &mut sent)?;
-        ch.send_pages_with_crcs(PagePhase::Precopy, 1, PAGE_SIZE as u32, &entries, &crcs)?;
+        stream_pages(
+            &mut primary,
+            &ram,
+            &mut sent,
+            &mut ch,
+            PagePhase::Precopy,
+            1,
+            args.chunk_pages,
+        )?;
     }
 
     let mut sess = PrimarySession::new(SessionConfig::default(), Instant::now());
@@ -374,7 +337,6 @@ pub fn run(args: &CheckpointArgs) -> Result<Report> {
         }
     }
     let mut records = Vec::new();
-    let mut staging: Vec<u8> = Vec::new();
     let started = Instant::now();
     for epoch in 1..=u64::from(args.checkpoints) + 1 {
         let mut rec = EpochRecord {
@@ -400,36 +362,24 @@ pub fn run(args: &CheckpointArgs) -> Result<Report> {
                     // The guest writes its hot pages again after the round's log was read: they are dirty
                     // again for the pause, with new contents.
                     let vcpu_thread = s.spawn(|| Guest::run(vcpu));
-                    let cpu = thread_cpu_ns();
-                    let (entries, crcs, bytes) = gather(&mut primary, &ram, &mut sent)?;
-                    rec.collect_cpu_ns = thread_cpu_ns() - cpu;
-                    // The guest writes while this round is read. From protocol v3 on, a pre-copy frame's CRC
-                    // covers its descriptors only (`PREFIX_CRC`) and each page has its own CRC, taken when
-                    // the page was collected, so the pages go straight from guest memory (a page written
-                    // since is torn, dirty again and re-sent paused). Before v3 the CRC covered the pages,
-                    // which then changed under the socket's own copy: send a copy instead.
-                    let staged: Vec<Entry<'_>> = if ch.version() >= 3 {
-                        entries
-                    } else {
-                        staging.clear();
-                        for (_, data) in &entries {
-                            staging.extend_from_slice(data);
-                        }
-                        let mut off = 0;
-                        entries
-                            .iter()
-                            .map(|&(gpa, data)| {
-                                off += data.len();
-                                (gpa, &staging[off - data.len()..off])
-                            })
-                            .collect()
-                    };
-                    rec.precopy_stream_start_ns = mono_ns();
-                    let cpu = thread_cpu_ns();
-                    ch.send_pages_with_crcs(PagePhase::Precopy, epoch, PAGE_SIZE as u32, &staged, &crcs)?;
-                    rec.stream_send_cpu_ns = thread_cpu_ns() - cpu;
+                    // The guest writes while this round is read: a pre-copy frame's CRC covers its
+                    // descriptors and each page has its own CRC (protocol v3 on), taken when the page was
+                    // collected, so the pages go straight from guest memory (a page written since is torn,
+                    // dirty again and re-sent paused).
+                    let s = stream_pages(
+                        &mut primary,
+                        &ram,
+                        &mut sent,
+                        &mut ch,
+                        PagePhase::Precopy,
+                        epoch,
+                        args.chunk_pages,
+                    )?;
+                    rec.precopy_stream_start_ns = s.first_send_ns;
+                    rec.stream_send_cpu_ns = s.send_cpu_ns;
+                    rec.collect_cpu_ns = s.collect_cpu_ns;
                     rec.precopy_send_ns = mono_ns() - rec.precopy_start_ns;
-                    rec.precopy_bytes = bytes as u64;
+                    rec.precopy_bytes = s.bytes;
                     vcpu_thread
                         .join()
                         .map_err(|_| anyhow!("vCPU thread panicked"))??;
@@ -452,7 +402,15 @@ pub fn run(args: &CheckpointArgs) -> Result<Report> {
                         primary.take_log()?;
                         rec.log_ns = mono_ns() - t;
                         let ram = GuestRam::new(&guest.mem)?;
-                        let s = stream_pages(&mut primary, &ram, &mut sent, &mut ch, epoch)?;
+                        let s = stream_pages(
+                            &mut primary,
+                            &ram,
+                            &mut sent,
+                            &mut ch,
+                            PagePhase::Checkpoint,
+                            epoch,
+                            args.chunk_pages,
+                        )?;
                         (rec.gather_ns, rec.send_ns) = (s.gather_ns, s.send_ns);
                         rec.ram_send_start_ns = s.first_send_ns;
                         rec.pause_bytes = s.bytes;

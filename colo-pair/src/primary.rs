@@ -13,7 +13,7 @@ use colo_proto::{
     BlockDiscard, BlockWrite, DiskSyncChunk, DiskSyncDone, Message, OutputFrame, PagePhase, PrimaryAction,
     PrimaryIsn, PrimarySession, Reason, TcpFlow,
 };
-use colo_ram::{DirtyLog, GuestRam, PAGE_SIZE, PageRun, PrimaryRam, RamLayout};
+use colo_ram::{DirtyLog, GuestRam, PAGE_SIZE, PrimaryRam, RamLayout};
 
 use crate::config::PairConfig;
 use crate::disk::SharedPrimaryDisk;
@@ -24,6 +24,14 @@ use crate::vm::{Link, Output, Release, Vm};
 
 /// Largest block write message (discards are sent as zero writes of at most this size).
 const MAX_BLOCK_MESSAGE: u64 = 1 << 20;
+
+/// Pages the primary collects (zero check and page CRCs, one pass over each page) before it writes them:
+/// 64 MiB of guest RAM. It bounds the memory a round's entries take (about 20 bytes per page) and the time
+/// between a pre-copy page's CRC and its send (a page written in between arrives torn and is sent again);
+/// within a chunk the collection runs uninterrupted, then the socket writes. Measured with colo-bench
+/// (`--chunk-pages`): collecting a whole 1 GiB / 10 % round first was as fast as 4 MiB chunks in total
+/// (collection + send), and faster at 1 %.
+pub const SEND_CHUNK_PAGES: usize = 16384;
 
 /// The primary of a COLO pair: drives the checkpoint transaction (colo-proto), dirty-page collection
 /// (colo-ram), write forwarding (colo-block), output comparison (colo-net) and failover (colo-failover).
@@ -568,52 +576,51 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
         Ok(())
     }
 
-    /// Collects the pending pages and sends them. Returns whether they went out.
+    /// Collects the pending pages and sends them, chunk by chunk ([`SEND_CHUNK_PAGES`]): each chunk is
+    /// read (zero check and, where the frames carry them, the page CRCs) and then written while its pages are
+    /// still in cache. Returns whether they all went out.
     fn send_ram(&mut self, now: Instant, phase: PagePhase, epoch: u64) -> Result<bool> {
         if !self.peer.ok {
             return Ok(false);
         }
         let ram_err = |source| PairError::Ram { epoch, source };
-        let (result, bytes) = {
+        let with_crcs = phase.carries_page_crcs(self.peer.link.version());
+        let sent = {
             let guest = GuestRam::new(self.vm.memory()).map_err(ram_err)?;
             let mut collection = self.ram.collect(&guest).map_err(ram_err)?;
-            // Frames that carry a CRC per page get it from the pass that looks for zero pages, while the page
-            // is in cache, instead of a second read from memory just before the socket's copy.
-            let with_crcs = phase.carries_page_crcs(self.peer.link.version());
             if with_crcs {
-                collection = collection.with_page_crcs();
+                collection = collection.with_page_crcs(colo_proto::page_crc);
             }
-            let mut entries: Vec<(u64, &[u8])> = Vec::new();
-            let mut bytes = 0u64;
-            for run in collection.by_ref() {
-                match run.map_err(ram_err)? {
-                    PageRun::Data { gpa, data } => {
-                        bytes += data.len() as u64 + 8;
-                        entries.push((gpa, data));
+            let (mut entries, mut crcs) = (Vec::new(), Vec::new());
+            loop {
+                entries.clear();
+                crcs.clear();
+                let done = collection
+                    .fill(SEND_CHUNK_PAGES, &mut entries, &mut crcs)
+                    .map_err(ram_err)?;
+                if !entries.is_empty() {
+                    let crcs = with_crcs.then_some(&crcs[..]);
+                    if let Err(e) = self
+                        .peer
+                        .link
+                        .send_pages(phase, epoch, PAGE_SIZE as u32, &entries, crcs)
+                    {
+                        // The collection is dropped unfinished: its pages stay pending.
+                        break Err(e);
                     }
-                    PageRun::Zero { gpa, pages } => {
-                        bytes += 8 * pages as u64;
-                        entries.extend((0..pages as u64).map(|i| (gpa + i * PAGE_SIZE as u64, &[][..])));
-                    }
+                    // Data bytes and an 8-byte descriptor per page.
+                    self.peer.bytes_sent += entries
+                        .iter()
+                        .map(|(_, d)| d.len() as u64 + 8 * (d.len() / PAGE_SIZE).max(1) as u64)
+                        .sum::<u64>();
+                }
+                if done {
+                    break Ok(());
                 }
             }
-            let crcs = collection.take_page_crcs();
-            let sent = if with_crcs {
-                self.peer
-                    .link
-                    .send_pages_with_crcs(phase, epoch, PAGE_SIZE as u32, &entries, &crcs)
-            } else {
-                self.peer
-                    .link
-                    .send_pages(phase, epoch, PAGE_SIZE as u32, &entries)
-            };
-            (sent, bytes)
         };
-        match result {
-            Ok(()) => {
-                self.peer.bytes_sent += bytes;
-                Ok(true)
-            }
+        match sent {
+            Ok(()) => Ok(true),
             Err(e) => {
                 self.link_lost(now, e.to_string());
                 Ok(false)

@@ -65,29 +65,18 @@ pub trait Link {
     /// Sends one message.
     fn send(&mut self, msg: &Message) -> Result<(), colo_proto::Error>;
 
-    /// Sends guest pages straight from guest memory (see [`Channel::send_pages`]).
+    /// Sends guest pages straight from guest memory (see [`Channel::send_pages`]). With `page_crcs` (one per
+    /// data page, taken where the pages were collected; only when the phase's frames carry them, see
+    /// [`PagePhase::carries_page_crcs`]) the frames take those instead of reading the pages again (see
+    /// [`Channel::send_pages_with_crcs`]).
     fn send_pages(
         &mut self,
         phase: PagePhase,
         epoch: u64,
         page_size: u32,
         pages: &[(u64, &[u8])],
+        page_crcs: Option<&[u32]>,
     ) -> Result<(), colo_proto::Error>;
-
-    /// Sends guest pages with the CRC32 of every data page, taken where the pages were collected (see
-    /// [`Channel::send_pages_with_crcs`]). The default ignores the CRCs and sends with
-    /// [`Link::send_pages`], which computes what the frame needs itself.
-    fn send_pages_with_crcs(
-        &mut self,
-        phase: PagePhase,
-        epoch: u64,
-        page_size: u32,
-        pages: &[(u64, &[u8])],
-        page_crcs: &[u32],
-    ) -> Result<(), colo_proto::Error> {
-        let _ = page_crcs;
-        self.send_pages(phase, epoch, page_size, pages)
-    }
 
     /// Sends device state (see [`Channel::send_vmstate`]).
     fn send_vmstate(
@@ -116,19 +105,12 @@ impl<S: Read + Write> Link for Channel<S> {
         epoch: u64,
         page_size: u32,
         pages: &[(u64, &[u8])],
+        page_crcs: Option<&[u32]>,
     ) -> Result<(), colo_proto::Error> {
-        Channel::send_pages(self, phase, epoch, page_size, pages)
-    }
-
-    fn send_pages_with_crcs(
-        &mut self,
-        phase: PagePhase,
-        epoch: u64,
-        page_size: u32,
-        pages: &[(u64, &[u8])],
-        page_crcs: &[u32],
-    ) -> Result<(), colo_proto::Error> {
-        Channel::send_pages_with_crcs(self, phase, epoch, page_size, pages, page_crcs)
+        match page_crcs {
+            Some(crcs) => Channel::send_pages_with_crcs(self, phase, epoch, page_size, pages, crcs),
+            None => Channel::send_pages(self, phase, epoch, page_size, pages),
+        }
     }
 
     fn send_vmstate(

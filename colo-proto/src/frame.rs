@@ -83,6 +83,12 @@ pub fn allowed_flags(kind: Kind, version: u16) -> u32 {
     }
 }
 
+/// Whether page frames of `kind` carry a CRC32 per page in `version` ([`flags::PREFIX_CRC`]: pre-copy
+/// frames from version 3, checkpoint frames from version 4).
+pub fn carries_page_crcs(kind: Kind, version: u16) -> bool {
+    allowed_flags(kind, version) & flags::PREFIX_CRC != 0
+}
+
 /// Length of the fixed part of a page batch body (epoch, page size, count).
 const BATCH_FIXED: usize = 16;
 

@@ -48,7 +48,7 @@ pub use frame::{DEFAULT_MAX_BODY, FrameHeader, HEADER_LEN, Kind, MIN_PROTOCOL_VE
 pub use handshake::{LocalConfig, Negotiated, Refusal};
 pub use message::{
     BlockDiscard, BlockWrite, DeviceStateChunk, DiskSyncChunk, DiskSyncDone, Hello, MemoryRegion, Message,
-    OutputFrame, PageBatch, PrimaryIsn, RamPage, Reason, Role, TcpFlow, WantReason, Welcome,
+    OutputFrame, PageBatch, PrimaryIsn, RamPage, Reason, Role, TcpFlow, WantReason, Welcome, page_crc,
 };
 
 pub use session::{PrimaryAction, PrimarySession, SecondaryAction, SecondarySession, SessionConfig};

@@ -39,7 +39,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::error::{Error, Result};
-use crate::frame::{FrameHeader, HEADER_LEN, Kind, allowed_flags, flags};
+use crate::frame::{FrameHeader, HEADER_LEN, Kind, allowed_flags, carries_page_crcs, flags};
 
 /// Byte limit for the bincode body of a control message.
 pub const CONTROL_LIMIT: usize = 1 << 20;
@@ -480,6 +480,14 @@ pub(crate) fn check_page_size(kind: Kind, page_size: u32) -> Result<()> {
     Ok(())
 }
 
+/// The checksum of one page in a page frame that carries per-page CRCs ([`flags::PREFIX_CRC`]: pre-copy
+/// frames from protocol version 3, checkpoint frames from version 4): CRC32 (IEEE, `crc32fast`) of the
+/// page's bytes. A sender that takes the checksums where it first reads the pages (colo-ram's
+/// `Collection::with_page_crcs(colo_proto::page_crc)`) hands them to [`crate::Channel::send_pages_with_crcs`].
+pub fn page_crc(page: &[u8]) -> u32 {
+    crc32fast::hash(page)
+}
+
 /// The per-page CRC32s of a page batch frame.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum PageCrcs<'c> {
@@ -489,6 +497,8 @@ pub(crate) enum PageCrcs<'c> {
     Compute,
     /// Computed by the caller when it first read the pages: one per data page, in order.
     Given(&'c [u32]),
+    /// Zeros in their place: the frame's length without reading the pages ([`encoded_len`]).
+    Placeholder,
 }
 
 impl PageCrcs<'_> {
@@ -517,7 +527,6 @@ where
     check_page_size(kind, page_size)?;
     let ps = page_size as usize;
     let mut count = 0usize;
-    let mut data_pages = 0usize;
     for (gpa, bytes) in runs.clone() {
         if bytes.len() % ps != 0 {
             return Err(Error::Encode {
@@ -529,16 +538,8 @@ where
             });
         }
         count += (bytes.len() / ps).max(1);
-        data_pages += bytes.len() / ps;
     }
-    if let PageCrcs::Given(given) = crcs
-        && given.len() != data_pages
-    {
-        return Err(Error::Encode {
-            kind,
-            what: format!("{} page CRCs for {data_pages} data pages", given.len()),
-        });
-    }
+    // `PageCrcs::Given` holds one CRC per data page: `check_page_crc_count` ran before.
     let page_crcs = crcs.present();
     let count = u32::try_from(count).map_err(|_| Error::Encode {
         kind,
@@ -585,7 +586,7 @@ where
             PageCrcs::None => {}
             PageCrcs::Compute => {
                 for page in bytes.chunks_exact(ps) {
-                    crc_bytes.extend_from_slice(&crc32fast::hash(page).to_le_bytes());
+                    crc_bytes.extend_from_slice(&page_crc(page).to_le_bytes());
                 }
             }
             PageCrcs::Given(_) => {
@@ -594,6 +595,7 @@ where
                     crc_bytes.extend_from_slice(&crc.to_le_bytes());
                 }
             }
+            PageCrcs::Placeholder => crc_bytes.resize(crc_bytes.len() + 4 * pages as usize, 0),
         }
         data.push(bytes);
     }
@@ -658,7 +660,7 @@ fn decode_pages(kind: Kind, body: Bytes, page_crcs: bool) -> Result<PageBatch> {
             if page_crcs {
                 let want =
                     u32::from_le_bytes([crcs[4 * i], crcs[4 * i + 1], crcs[4 * i + 2], crcs[4 * i + 3]]);
-                let computed = crc32fast::hash(&s);
+                let computed = page_crc(&s);
                 if computed != want {
                     if kind == Kind::RamPages {
                         // The guest is paused during a checkpoint: this page was damaged, not torn.
@@ -726,11 +728,22 @@ impl Message {
         self.encode_body_in(crate::frame::PROTOCOL_VERSION, prefix, data)
     }
 
-    /// [`Message::encode_body`] in the layout of protocol `version` (a version-3 pre-copy batch carries a
-    /// CRC per page).
+    /// [`Message::encode_body`] in the layout of protocol `version` (page frames carry a CRC per page:
+    /// pre-copy from version 3, both kinds from version 4).
     fn encode_body_in<'a>(
         &'a self,
         version: u16,
+        prefix: &mut Vec<u8>,
+        data: &mut Vec<&'a [u8]>,
+    ) -> Result<()> {
+        self.encode_body_as(version, false, prefix, data)
+    }
+
+    /// The body; with `length_only` per-page CRCs are left zero (the pages are not read).
+    fn encode_body_as<'a>(
+        &'a self,
+        version: u16,
+        length_only: bool,
         prefix: &mut Vec<u8>,
         data: &mut Vec<&'a [u8]>,
     ) -> Result<()> {
@@ -771,10 +784,10 @@ impl Message {
                 b.epoch,
                 b.page_size,
                 b.pages.iter().map(|p| (p.gpa, &p.data[..])),
-                if allowed_flags(kind, version) & flags::PREFIX_CRC != 0 {
-                    PageCrcs::Compute
-                } else {
-                    PageCrcs::None
+                match (carries_page_crcs(kind, version), length_only) {
+                    (false, _) => PageCrcs::None,
+                    (true, false) => PageCrcs::Compute,
+                    (true, true) => PageCrcs::Placeholder,
                 },
                 prefix,
                 data,
@@ -1101,13 +1114,35 @@ fn encode_page_frame_with<'a>(
             what: "not a page batch kind".into(),
         });
     }
-    let crcs = match (allowed_flags(kind, version) & flags::PREFIX_CRC != 0, given) {
+    if let Some(g) = given {
+        check_page_crc_count(kind, page_size, pages, g)?;
+    }
+    let crcs = match (carries_page_crcs(kind, version), given) {
         (false, _) => PageCrcs::None,
         (true, None) => PageCrcs::Compute,
         (true, Some(g)) => PageCrcs::Given(g),
     };
     encode_pages(kind, epoch, page_size, pages.iter().copied(), crcs, prefix, data)?;
     body_header(kind, version, prefix, data)
+}
+
+/// Checks that `crcs` holds one checksum per data page of `pages` (a run counts its whole pages; a zero-page
+/// entry none).
+pub(crate) fn check_page_crc_count(
+    kind: Kind,
+    page_size: u32,
+    pages: &[(u64, &[u8])],
+    crcs: &[u32],
+) -> Result<()> {
+    check_page_size(kind, page_size)?;
+    let data_pages: usize = pages.iter().map(|(_, b)| b.len() / page_size as usize).sum();
+    if crcs.len() != data_pages {
+        return Err(Error::Encode {
+            kind,
+            what: format!("{} page CRCs for {data_pages} data pages", crcs.len()),
+        });
+    }
+    Ok(())
 }
 
 /// Computes the header of a body given as `prefix ++ data...`, checking its length and that `kind` exists in
@@ -1121,8 +1156,8 @@ pub(crate) fn body_header(kind: Kind, version: u16, prefix: &[u8], data: &[&[u8]
         kind,
         what: format!("body of {len} bytes"),
     })?;
-    // Pre-copy pages are read from a running guest: the CRC covers the descriptors only (see
-    // `flags::PREFIX_CRC`). The page batch encoder puts exactly the fixed part and descriptors in `prefix`.
+    // A page frame with a CRC per page (`flags::PREFIX_CRC`): the frame CRC covers the prefix only, which
+    // the page batch encoder fills with exactly the fixed part, the descriptors and the per-page CRCs.
     let flags = allowed_flags(kind, version) & flags::PREFIX_CRC;
     let mut h = crc32fast::Hasher::new();
     h.update(prefix);
@@ -1144,7 +1179,8 @@ pub(crate) fn body_header(kind: Kind, version: u16, prefix: &[u8], data: &[&[u8]
 pub fn encoded_len(msg: &Message) -> Result<usize> {
     let mut prefix = Vec::new();
     let mut data = Vec::new();
-    msg.encode_body(&mut prefix, &mut data)?;
+    // Counting, not checksumming: per-page CRCs are not computed.
+    msg.encode_body_as(crate::frame::PROTOCOL_VERSION, true, &mut prefix, &mut data)?;
     Ok(HEADER_LEN + prefix.len() + data.iter().map(|d| d.len()).sum::<usize>())
 }
 

@@ -51,15 +51,19 @@ pub enum PagePhase {
 }
 
 impl PagePhase {
-    /// Whether frames of this phase carry a CRC32 per page in protocol `version` (pre-copy from version 3,
-    /// checkpoint from version 4): the pages' CRCs are then worth taking where they are first read, for
-    /// [`Channel::send_pages_with_crcs`].
-    pub fn carries_page_crcs(self, version: u16) -> bool {
-        let kind = match self {
+    /// The frame kind of this phase's page batches.
+    pub fn kind(self) -> Kind {
+        match self {
             PagePhase::Checkpoint => Kind::RamPages,
             PagePhase::Precopy => Kind::PrecopyPages,
-        };
-        crate::frame::allowed_flags(kind, version) & crate::frame::flags::PREFIX_CRC != 0
+        }
+    }
+
+    /// Whether frames of this phase carry a CRC32 per page in protocol `version` (pre-copy from version 3,
+    /// checkpoint from version 4): the pages' CRCs ([`crate::page_crc`]) are then worth taking where they
+    /// are first read, for [`Channel::send_pages_with_crcs`].
+    pub fn carries_page_crcs(self, version: u16) -> bool {
+        crate::frame::carries_page_crcs(self.kind(), version)
     }
 }
 
@@ -228,20 +232,12 @@ impl<S: Read + Write> Channel<S> {
         pages: &[(u64, &[u8])],
         page_crcs: Option<&[u32]>,
     ) -> Result<()> {
-        let kind = match phase {
-            PagePhase::Checkpoint => Kind::RamPages,
-            PagePhase::Precopy => Kind::PrecopyPages,
-        };
+        let kind = phase.kind();
         message::check_page_size(kind, page_size)?;
         let ps = page_size as usize;
         if let Some(crcs) = page_crcs {
-            let data_pages: usize = pages.iter().map(|(_, b)| b.len() / ps).sum();
-            if crcs.len() != data_pages {
-                return Err(Error::Encode {
-                    kind,
-                    what: format!("{} page CRCs for {data_pages} data pages", crcs.len()),
-                });
-            }
+            // Before anything is written (each frame checks its own share again).
+            message::check_page_crc_count(kind, page_size, pages, crcs)?;
         }
         // The CRCs of the frame being filled start here in `page_crcs`.
         let mut crc_at = 0;

@@ -242,6 +242,13 @@ proptest! {
     }
 
     #[test]
+    fn encoded_len_is_the_length_encode_writes(m in message()) {
+        let mut wire = Vec::new();
+        m.encode(PROTOCOL_VERSION, &mut wire).unwrap();
+        prop_assert_eq!(colo_proto::message::encoded_len(&m).unwrap(), wire.len());
+    }
+
+    #[test]
     fn arbitrary_bytes_never_panic_nor_allocate_past_the_cap(
         junk in proptest::collection::vec(any::<u8>(), 0..20000),
         splits in proptest::collection::vec(1usize..3000, 1..8),

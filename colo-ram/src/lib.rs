@@ -76,8 +76,7 @@ pub use error::RamError;
 pub use kvm::{KvmDirtyLog, KvmDirtyRing, KvmManualDirtyLog};
 pub use log::{AtomicBitmapLog, DirtyLog, DirtySet, NoopDirtyLog, UnionLog};
 pub use primary::{
-    CollectOptions, CollectStats, Collection, PageRun, PrecopyPolicy, PrimaryRam, ZERO_PAGE_CRC, collect,
-    is_zero,
+    CollectOptions, CollectStats, Collection, PageRun, PrecopyPolicy, PrimaryRam, collect, is_zero,
 };
 pub use ram::{GuestRam, RamLayout, RegionLayout};
 

@@ -24,9 +24,6 @@ pub fn is_zero(page: &[u8]) -> bool {
     tail.iter().all(|&b| b == 0)
 }
 
-/// CRC32 (`crc32fast::hash`) of a page of [`PAGE_SIZE`] zero bytes.
-pub const ZERO_PAGE_CRC: u32 = 0xc71c_0011;
-
 /// One run of dirty pages to send, in ascending guest address order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PageRun<'a> {
@@ -102,8 +99,10 @@ pub struct Collection<'r> {
     cur: Option<(usize, Range<usize>)>,
     /// Zero-ness and CRC of the first page of `cur`, if already read.
     peek: Option<(bool, u32)>,
-    /// With [`Collection::with_page_crcs`]: CRCs of the data pages yielded and not yet taken.
-    crcs: Option<Vec<u32>>,
+    /// With [`Collection::with_page_crcs`]: the page checksum, and the checksums of the data pages of the
+    /// run being taken.
+    crc: Option<fn(&[u8]) -> u32>,
+    crcs: Vec<u32>,
     options: CollectOptions,
     stats: CollectStats,
     done: Option<&'r mut bool>,
@@ -130,7 +129,8 @@ pub fn collect<'r>(
         runs: Box::new(set.runs()),
         cur: None,
         peek: None,
-        crcs: None,
+        crc: None,
+        crcs: Vec::new(),
         options: CollectOptions {
             max_run_pages: options.max_run_pages.max(1),
             ..options
@@ -146,47 +146,87 @@ impl<'r> Collection<'r> {
         self.stats
     }
 
-    /// Also computes the CRC32 (`crc32fast::hash`) of every data page, in the same pass that looks for zero
-    /// pages: [`Collection::take_page_crcs`] hands them out, for colo-proto's
-    /// `Channel::send_pages_with_crcs`. Reading a scattered page from memory costs far more than hashing it
-    /// once it is in cache, so checksumming here, where each page is read first, saves the sender a second
-    /// pass over cold memory. A page of zeros is recognised by its CRC ([`ZERO_PAGE_CRC`]) and only then
-    /// checked byte by byte, now from cache.
+    /// Also computes `crc(page)` of every data page, in the pass that reads the page to look for zeros, and
+    /// hands the checksums out with [`Collection::fill`]. Give it the checksum the wire protocol puts on each
+    /// page (colo-proto: `colo_proto::page_crc`, for `Channel::send_pages_with_crcs`). Reading a scattered page
+    /// from memory costs far more than hashing it once it is in cache, so taking the checksum here, where
+    /// each page is read first, saves the sender a second pass over cold memory. Zero pages are not hashed.
     ///
-    /// While the guest runs (pre-copy), a page can change between its CRC here and the socket's copy of it;
-    /// the receiver then sees a torn page, which the dirty log reports again for the next round.
-    pub fn with_page_crcs(mut self) -> Self {
-        if self.crcs.is_none() {
-            self.crcs = Some(Vec::new());
-            // A page looked at before (its CRC not taken) is read again.
+    /// Call it before taking runs; called later, the page the collection had looked at is read again. While
+    /// the guest runs (pre-copy), a page can change between its checksum here and the socket's copy of it;
+    /// the receiver then sees a torn page, which the dirty log reports again for the next round. Fill and
+    /// send in chunks (as [`Collection::fill`] allows) to keep that window, and the cache footprint, short.
+    pub fn with_page_crcs(mut self, crc: fn(&[u8]) -> u32) -> Self {
+        if self.crc.is_none() {
+            // A page looked at before (its checksum not taken) is read again.
             self.peek = None;
         }
+        self.crc = Some(crc);
         self
     }
 
-    /// The CRC32s of the data pages yielded since the last call, in order (one per page of every
-    /// [`PageRun::Data`], none for zero runs). Empty without [`Collection::with_page_crcs`].
-    pub fn take_page_crcs(&mut self) -> Vec<u32> {
-        self.crcs.as_mut().map(std::mem::take).unwrap_or_default()
+    /// Takes runs until at least `max_pages` pages (or all that are left) were added, in the shape page
+    /// senders take (`Channel::send_pages`): `(gpa, bytes)` for each data run (borrowed from guest RAM),
+    /// `(gpa, &[])` for each zero page; with [`Collection::with_page_crcs`] one checksum per data page in
+    /// order is appended to `crcs`. A run is never split, so a chunk may exceed `max_pages` by less than one
+    /// run ([`CollectOptions::max_run_pages`]). Returns whether the collection is exhausted. On an error
+    /// nothing is appended.
+    pub fn fill(
+        &mut self,
+        max_pages: usize,
+        entries: &mut Vec<(u64, &'r [u8])>,
+        crcs: &mut Vec<u32>,
+    ) -> Result<bool, RamError> {
+        let (entries_at, crcs_at) = (entries.len(), crcs.len());
+        let mut pages = 0;
+        while pages < max_pages.max(1) {
+            match self.take_run() {
+                Ok(Some(PageRun::Data { gpa, data })) => {
+                    pages += data.len() / PAGE_SIZE;
+                    entries.push((gpa, data));
+                    crcs.append(&mut self.crcs);
+                }
+                Ok(Some(PageRun::Zero { gpa, pages: n })) => {
+                    pages += n;
+                    entries.extend((0..n as u64).map(|i| (gpa + i * PAGE_SIZE as u64, &[][..])));
+                }
+                Ok(None) => return Ok(true),
+                Err(e) => {
+                    entries.truncate(entries_at);
+                    crcs.truncate(crcs_at);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(false)
     }
 
-    /// Reads one page: whether it counts as zero, and with page CRCs its CRC32 (0 without).
+    /// Reads one page: whether it counts as zero, and with page checksums the checksum of a data page (0
+    /// otherwise).
     fn probe(&self, region: usize, page: usize) -> Result<(bool, u32), RamError> {
         let bytes = self.ram.pages(region, page, 1)?;
-        if self.crcs.is_none() {
-            return Ok((self.options.detect_zero && is_zero(bytes), 0));
-        }
-        let crc = crc32fast::hash(bytes);
-        Ok((
-            self.options.detect_zero && crc == ZERO_PAGE_CRC && is_zero(bytes),
-            crc,
-        ))
+        let zero = self.options.detect_zero && is_zero(bytes);
+        let crc = match self.crc {
+            Some(crc) if !zero => crc(bytes),
+            _ => 0,
+        };
+        Ok((zero, crc))
     }
 
-    fn push_crc(&mut self, crc: u32) {
-        if let Some(crcs) = &mut self.crcs {
-            crcs.push(crc);
+    /// The next run; its data pages' checksums (with page checksums) are in `self.crcs`, replacing the
+    /// previous run's. Marks the collection done at its end.
+    fn take_run(&mut self) -> Result<Option<PageRun<'r>>, RamError> {
+        self.crcs.clear();
+        let run = self.next_run();
+        if let Ok(None) = run
+            && let Some(done) = self.done.take()
+        {
+            *done = true;
         }
+        if run.is_err() {
+            self.crcs.clear();
+        }
+        run
     }
 
     fn next_run(&mut self) -> Result<Option<PageRun<'r>>, RamError> {
@@ -206,8 +246,8 @@ impl<'r> Collection<'r> {
             Some(p) => p,
             None => self.probe(region, range.start)?,
         };
-        if !first_zero {
-            self.push_crc(first_crc);
+        if !first_zero && self.crc.is_some() {
+            self.crcs.push(first_crc);
         }
         let limit = range.len().min(self.options.max_run_pages);
         let mut len = 1;
@@ -217,8 +257,8 @@ impl<'r> Collection<'r> {
                 self.peek = Some((z, crc));
                 break;
             }
-            if !z {
-                self.push_crc(crc);
+            if !z && self.crc.is_some() {
+                self.crcs.push(crc);
             }
             len += 1;
         }
@@ -242,17 +282,10 @@ impl<'r> Collection<'r> {
 impl<'r> Iterator for Collection<'r> {
     type Item = Result<PageRun<'r>, RamError>;
 
+    /// The next run. Page checksums ([`Collection::with_page_crcs`]) are handed out by
+    /// [`Collection::fill`] only.
     fn next(&mut self) -> Option<Self::Item> {
-        match self.next_run() {
-            Ok(Some(run)) => Some(Ok(run)),
-            Ok(None) => {
-                if let Some(done) = self.done.take() {
-                    *done = true;
-                }
-                None
-            }
-            Err(e) => Some(Err(e)),
-        }
+        self.take_run().transpose()
     }
 }
 

@@ -220,28 +220,6 @@ impl SharedLink {
         self.inner.last_send.store(self.inner.ms(), Ordering::Relaxed);
     }
 
-    /// Page frames, with the page CRCs taken at collection where the caller has them. Pre-copy frames
-    /// (protocol v3) carry a CRC over their descriptors and one per page, so pages the running guest writes
-    /// while they are sent are reported torn, not refused (the dirty log sends them again).
-    fn send_page_frames(
-        &self,
-        phase: PagePhase,
-        epoch: u64,
-        page_size: u32,
-        pages: &[(u64, &[u8])],
-        page_crcs: Option<&[u32]>,
-    ) -> Result<(), colo_proto::Error> {
-        self.with_chan(|chan| {
-            if phase == PagePhase::Checkpoint && self.inner.kill_in_checkpoint == Some(epoch) {
-                self.die_after_half(chan, epoch, page_size, pages);
-            }
-            match page_crcs {
-                Some(crcs) => chan.send_pages_with_crcs(phase, epoch, page_size, pages, crcs),
-                None => chan.send_pages(phase, epoch, page_size, pages),
-            }
-        })
-    }
-
     fn die_after_half(
         &self,
         chan: &mut Channel<TcpStream>,
@@ -305,19 +283,20 @@ impl Link for SharedLink {
         epoch: u64,
         page_size: u32,
         pages: &[(u64, &[u8])],
+        page_crcs: Option<&[u32]>,
     ) -> Result<(), colo_proto::Error> {
-        self.send_page_frames(phase, epoch, page_size, pages, None)
-    }
-
-    fn send_pages_with_crcs(
-        &mut self,
-        phase: PagePhase,
-        epoch: u64,
-        page_size: u32,
-        pages: &[(u64, &[u8])],
-        page_crcs: &[u32],
-    ) -> Result<(), colo_proto::Error> {
-        self.send_page_frames(phase, epoch, page_size, pages, Some(page_crcs))
+        self.with_chan(|chan| {
+            if phase == PagePhase::Checkpoint && self.inner.kill_in_checkpoint == Some(epoch) {
+                self.die_after_half(chan, epoch, page_size, pages);
+            }
+            // Pre-copy frames (v3) carry a CRC over their descriptors and one per page, so pages the running
+            // guest writes while they are sent are reported torn, not refused (the dirty log sends them
+            // again).
+            match page_crcs {
+                Some(crcs) => chan.send_pages_with_crcs(phase, epoch, page_size, pages, crcs),
+                None => chan.send_pages(phase, epoch, page_size, pages),
+            }
+        })
     }
 
     fn send_vmstate(
