@@ -123,7 +123,8 @@ pub struct CpuPerKib {
     pub stream_collect: f64,
     /// Primary: writing the raw reference.
     pub raw_send: f64,
-    /// Primary: the reference gather (4 KiB memcpy of each page into one buffer, before the raw send).
+    /// Primary: the reference gather (4 KiB memcpy of each page into one buffer, before the raw send). Its
+    /// wall time: one thread copying with nothing to wait for, so about its CPU time.
     pub gather_ref: f64,
     /// Secondary: reading, checking, decoding and storing the page frames into the RAM cache.
     pub stream_receive: f64,

@@ -35,6 +35,10 @@ pub trait Vm {
 
     /// Stops the vCPUs and device emulation at a consistent point (no request half done, no DMA running).
     /// Pausing a paused or never started guest succeeds.
+    ///
+    /// Nothing may write guest memory until [`Vm::resume`]: the checkpoint's page CRCs are taken when the
+    /// pages are collected and checked by the secondary after the send, so a page written in between fails
+    /// the checkpoint (`colo_proto::Error::PageCrc`), which stops the secondary and leaves the primary alone.
     fn pause(&mut self) -> Result<(), VmError>;
 
     /// Lets the guest run (starts it, the first time on the secondary).

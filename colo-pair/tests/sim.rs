@@ -873,6 +873,8 @@ struct Sim {
     shutdown_seen: [bool; 2],
     /// Kill the primary mid-checkpoint once its session is in this state.
     tear_when: Option<&'static str>,
+    /// Damage one byte of a checkpoint page on the wire once the primary's session is in this state.
+    damage_ram_page_when: Option<&'static str>,
     /// Kill the secondary as soon as the comparator holds PVM output.
     kill_secondary_when_held: Option<Kill>,
     /// Kill the secondary once the primary's session is in this state.
@@ -1011,6 +1013,7 @@ impl Sim {
             released: HashMap::new(),
             shutdown_seen: [false; 2],
             tear_when: None,
+            damage_ram_page_when: None,
             kill_secondary_when_held: None,
             kill_secondary_in: None,
             partitioned: false,
@@ -1101,6 +1104,14 @@ impl Sim {
             self.p_end.tear_outgoing();
             self.kill_primary(Kill::Crash);
             self.tear_when = None;
+        }
+        if let Some(when) = self.damage_ram_page_when
+            && self.primary.as_ref().is_some_and(|p| p.session_state() == when)
+            && let Some(at) = first_page_byte(&self.p_end.outgoing(), colo_proto::Kind::RamPages)
+        {
+            // Damage in transit: the guest is paused, nothing wrote the page.
+            self.p_end.flip_outgoing(at.0 + 7);
+            self.damage_ram_page_when = None;
         }
         if let Some(when) = self.kill_secondary_in
             && self.primary.as_ref().is_some_and(|p| p.session_state() == when)
@@ -2403,29 +2414,33 @@ fn an_async_primary_can_do_without_block_acks() {
 
 /// Offset, in the bytes in flight, of the first page data byte of the pre-copy, and that page's address.
 fn first_precopy_page_byte(wire: &[u8]) -> (usize, u64) {
+    first_page_byte(wire, colo_proto::Kind::PrecopyPages).expect("a pre-copy data page on the wire")
+}
+
+/// Offset and address of the first data page of the first `kind` page frame in `wire` (which starts at a
+/// frame boundary), in a frame carrying a CRC per page (pre-copy from protocol v3, checkpoint from v4).
+fn first_page_byte(wire: &[u8], kind: colo_proto::Kind) -> Option<(usize, u64)> {
     let mut at = 0;
-    loop {
+    while wire.len() >= at + 24 {
         let frame = &wire[at..];
         assert_eq!(&frame[..4], b"COLO");
-        assert_eq!(
-            u16::from_le_bytes([frame[6], frame[7]]),
-            colo_proto::Kind::PrecopyPages as u16
-        );
         let body_len = u32::from_le_bytes(frame[12..16].try_into().unwrap()) as usize;
-        let count = u32::from_le_bytes(frame[24 + 12..24 + 16].try_into().unwrap()) as usize;
-        // Header, fixed part, descriptors and one CRC per page (protocol v3), then the data pages.
-        let data_at = 24 + 16 + 12 * count;
-        if body_len + 24 > data_at {
-            let descs = &frame[24 + 16..24 + 16 + 8 * count];
-            let first = descs
-                .chunks_exact(8)
-                .map(|d| u64::from_le_bytes(d.try_into().unwrap()))
-                .find(|d| d & 1 == 0)
-                .unwrap();
-            return (at + data_at, first);
+        if u16::from_le_bytes([frame[6], frame[7]]) == kind as u16 {
+            let count = u32::from_le_bytes(frame[24 + 12..24 + 16].try_into().unwrap()) as usize;
+            // Header, fixed part, descriptors and one CRC per page, then the data pages.
+            let data_at = 24 + 16 + 12 * count;
+            if body_len + 24 > data_at {
+                let descs = &frame[24 + 16..24 + 16 + 8 * count];
+                let first = descs
+                    .chunks_exact(8)
+                    .map(|d| u64::from_le_bytes(d.try_into().unwrap()))
+                    .find(|d| d & 1 == 0)?;
+                return Some((at + data_at, first));
+            }
         }
         at += 24 + body_len;
     }
+    None
 }
 
 #[test]
@@ -2466,6 +2481,33 @@ fn a_precopy_page_damaged_in_transit_is_caught_at_the_first_checkpoint() {
     let detail = s.status().exit_detail.unwrap();
     assert!(detail.contains("torn pre-copy pages"), "{detail}");
     assert_eq!(sim.primary.as_ref().unwrap().phase(), Phase::Alone);
+    sim.check_survivor();
+}
+
+#[test]
+fn a_checkpoint_page_damaged_in_transit_fails_that_checkpoint_and_the_primary_goes_on_alone() {
+    let mut sim = warmed_up_with(0);
+    let committed = sim.checked_checkpoints;
+    // Protocol v4: the checkpoint's pages carry their own CRCs (taken when the paused primary collected
+    // them). The page frames are on the wire once the primary waits for the secondary's answer.
+    sim.damage_ram_page_when = Some("waiting for vmstate-received");
+    sim.run(2000);
+    assert!(
+        sim.damage_ram_page_when.is_none(),
+        "a checkpoint page was damaged"
+    );
+    sim.drain();
+    let s = sim.secondary.as_ref().unwrap();
+    assert_eq!(
+        s.phase(),
+        Phase::Stopped,
+        "the secondary never loads the damaged checkpoint"
+    );
+    assert!(!sim.promoted);
+    let detail = s.status().exit_detail.unwrap();
+    assert!(detail.contains("checksum mismatch"), "{detail}");
+    assert_eq!(sim.primary.as_ref().unwrap().phase(), Phase::Alone);
+    assert!(sim.checked_checkpoints >= committed);
     sim.check_survivor();
 }
 

@@ -74,7 +74,9 @@ pub enum Error {
         computed: u32,
     },
     /// A checkpoint page does not match its own CRC (protocol version 4 on). The guest was paused while the
-    /// page was sent, so it cannot have been torn by a guest write: it was damaged.
+    /// page was sent, so it cannot have been torn by a guest write: it was damaged, or the sender took its
+    /// CRC while something could still write the page (a VMM whose pause lets a device keep writing guest
+    /// memory; see colo-pair's `Vm::pause`).
     #[error(
         "{kind:?} page at {gpa:#x}: checksum mismatch (expected {expected:#010x}, computed {computed:#010x})"
     )]

@@ -12,8 +12,9 @@
 //! ```
 //!
 //! The header carries its own CRC so that a damaged length or kind is caught before it is acted upon, and
-//! every single damaged byte of a frame is detected (one exception by design: the page data of a version-3
-//! pre-copy frame, see [`flags::PREFIX_CRC`]). Checks run in the order magic, version, header CRC,
+//! every single damaged byte of a frame is detected (by the frame CRC, or for the page data of a page frame
+//! with [`flags::PREFIX_CRC`] by the page's own CRC: in a pre-copy frame such a page is reported torn, not
+//! refused, by design). Checks run in the order magic, version, header CRC,
 //! kind, flags, length cap, so that a peer speaking a future version gets `UnsupportedVersion` even if that
 //! version changed the rest of the header.
 
@@ -42,7 +43,8 @@ pub const PROTOCOL_VERSION: u16 = 4;
 /// The oldest protocol version this crate still accepts.
 ///
 /// Version 1 is version 2 without [`Kind::PrecopyPages`] and [`Kind::Heartbeat`]; version 2 is version 3
-/// without the kinds and the flag listed at [`PROTOCOL_VERSION`].
+/// without the kinds and the flag listed at [`PROTOCOL_VERSION`]; version 3 is version 4 without
+/// [`flags::PREFIX_CRC`] on [`Kind::RamPages`].
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 
 /// Frame flag bits. A bit is valid only on the kinds and versions its documentation names; any other set
@@ -56,8 +58,9 @@ pub mod flags {
     /// the pages a moment later; a vCPU that writes a page in between makes the bytes on the wire differ
     /// from the bytes the CRC saw, and a full-body CRC would then reject a frame that is harmless: the
     /// write also set the page's dirty bit, so the page is sent again, fully checked, by the next pre-copy
-    /// pass or at the latest in the checkpoint ([`Kind::RamPages`](super::Kind::RamPages), which always has
-    /// a full CRC; the guest is paused then, so its pages cannot change under the send).
+    /// pass or at the latest in the checkpoint ([`Kind::RamPages`](super::Kind::RamPages): the guest is
+    /// paused then, so its pages cannot change under the send; checked by a full-body CRC up to version 3
+    /// and by each page's own CRC from version 4, see below).
     ///
     /// So the frame CRC protects the structure (addresses, zero markers, page size, count, epoch and the
     /// per-page CRCs): a damaged frame can never put data at a wrong address or desynchronise the stream.
@@ -263,8 +266,8 @@ impl FrameHeader {
         })
     }
 
-    /// Checks `body` against the header's CRC (over the part of the body the CRC covers: all of it, or the
-    /// descriptors only with [`flags::PREFIX_CRC`]).
+    /// Checks `body` against the header's CRC (over the part of the body the CRC covers: all of it, or with
+    /// [`flags::PREFIX_CRC`] the fixed part, the descriptors and the per-page CRCs).
     pub fn check_body(&self, body: &[u8]) -> Result<()> {
         let computed = crc32fast::hash(&body[..self.crc_len(body)?]);
         if computed != self.body_crc {

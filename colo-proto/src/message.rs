@@ -157,8 +157,9 @@ pub struct PageBatch {
     pub page_size: u32,
     /// The pages in send order.
     pub pages: Vec<RamPage>,
-    /// Received only (ignored when encoding): addresses of pages of a version-3 pre-copy frame whose own CRC
-    /// did not match, left out of `pages`. The guest wrote them while they were sent, so they are dirty and
+    /// Received only (ignored when encoding): addresses of pages of a pre-copy frame (version 3 on) whose own
+    /// CRC did not match, left out of `pages` (a checkpoint frame never has any: from version 4 such a page
+    /// fails the frame with [`Error::PageCrc`]). The guest wrote them while they were sent, so they are dirty and
     /// must arrive again, intact, before the end of the next checkpoint's RAM; the secondary session fails
     /// with [`Error::TornPages`] otherwise (then they were damaged in transit).
     pub torn: Vec<u64>,
@@ -1048,13 +1049,15 @@ impl Message {
     }
 }
 
-/// Encodes a page batch frame from borrowed pages without copying them: the body prefix (fixed part and
-/// descriptors) goes into `prefix`, the non-zero pages into `data`, and the returned header carries the CRC
-/// of the whole body. Write `header.encode() ++ prefix ++ data...` (for example as one vectored write).
+/// Encodes a page batch frame from borrowed pages without copying them: the body prefix (fixed part,
+/// descriptors and, where the frame carries them, one CRC per page computed here) goes into `prefix`, the
+/// non-zero pages into `data`, and the returned header carries the frame CRC (over the whole body, or over
+/// the prefix with [`flags::PREFIX_CRC`]: pre-copy frames from version 3, checkpoint frames from version 4).
+/// Write `header.encode() ++ prefix ++ data...` (for example as one vectored write).
 ///
 /// Each entry is a run of whole pages at consecutive guest addresses (a single page is a run of one), or an
-/// empty slice for one zero page. Handing contiguous dirty runs over as one slice saves a CRC update and an
-/// iovec per page. `kind` must be [`Kind::RamPages`] or [`Kind::PrecopyPages`].
+/// empty slice for one zero page. Handing contiguous dirty runs over as one slice saves an iovec per page.
+/// `kind` must be [`Kind::RamPages`] or [`Kind::PrecopyPages`].
 pub fn encode_page_frame<'a>(
     kind: Kind,
     version: u16,

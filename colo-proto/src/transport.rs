@@ -189,8 +189,10 @@ impl<S: Read + Write> Channel<S> {
     /// of whole pages at consecutive addresses starting at `gpa`, or an empty slice marking one zero page.
     ///
     /// Pages are split into frames of the configured batch size (a run may span frames); each frame is one
-    /// vectored write of borrowed slices, never copied. Pass dirty runs whole where you have them: the body
-    /// CRC then costs one update per run instead of one per page.
+    /// vectored write of borrowed slices, never copied. Pass dirty runs whole where you have them (one iovec
+    /// per run). Where the frames carry a CRC per page (pre-copy from protocol version 3, checkpoint from 4)
+    /// each page is hashed here, just before the write; [`Channel::send_pages_with_crcs`] takes CRCs taken
+    /// earlier instead.
     pub fn send_pages(
         &mut self,
         phase: PagePhase,

@@ -268,3 +268,38 @@ fn previous_version_peer_negotiates_down_and_cannot_precopy() {
     ch.send(&Message::CheckpointReady).unwrap();
     assert_eq!(server.join().unwrap().unwrap(), Message::CheckpointReady);
 }
+
+#[test]
+fn a_version_three_peer_gets_checkpoint_pages_under_a_full_body_crc() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let server = thread::spawn(move || {
+        let mut cfg = config(Role::Secondary);
+        cfg.max_version = 3;
+        let mut ch = Channel::new(b);
+        ch.handshake_accept(&cfg).unwrap();
+        (ch.recv(), ch.recv())
+    });
+    let mut ch = Channel::new(a);
+    let n = ch.handshake_connect(&config(Role::Primary)).unwrap();
+    assert_eq!(n.version, 3);
+    assert!(!PagePhase::Checkpoint.carries_page_crcs(n.version));
+    assert!(PagePhase::Precopy.carries_page_crcs(n.version));
+    let pages: Vec<u8> = (0..2 * PAGE).map(|i| (i / 3) as u8).collect();
+    let list: Vec<(u64, &[u8])> = vec![(0x4000, &pages[..])];
+    let crcs: Vec<u32> = pages.chunks(PAGE).map(colo_proto::page_crc).collect();
+    // Given CRCs are not carried in a v3 checkpoint frame; the frame's CRC covers every byte instead.
+    ch.send_pages_with_crcs(PagePhase::Checkpoint, 5, PAGE as u32, &list, &crcs)
+        .unwrap();
+    ch.send_pages_with_crcs(PagePhase::Precopy, 6, PAGE as u32, &list, &crcs)
+        .unwrap();
+    let (ram, pre) = server.join().unwrap();
+    for (m, epoch) in [(ram.unwrap(), 5), (pre.unwrap(), 6)] {
+        let (Message::RamPages(b) | Message::PrecopyPages(b)) = m else {
+            panic!("not pages: {m:?}")
+        };
+        assert_eq!(b.epoch, epoch);
+        assert!(b.torn.is_empty());
+        assert_eq!(b.pages.len(), 2);
+        assert_eq!(&b.pages[1].data[..], &pages[PAGE..]);
+    }
+}

@@ -116,12 +116,13 @@ struct RunArgs {
     #[arg(long, default_value_t = 1000)]
     heartbeat_timeout_ms: u64,
     /// Who decides which side may run alone: `none` (unsafe under partitions), `witness=HOST:PORT`, or
-    /// `etcd=URL[,URL..]` (built with the `etcd` feature; both sides use the same `--arbiter-key`).
+    /// `etcd=URL[,URL..]` (built with the `etcd` feature; needs `--arbiter-key`).
     #[arg(long, default_value = "none")]
     arbiter: String,
-    /// The pair's key at an etcd arbiter (the same on both sides; one key per pair).
-    #[arg(long, default_value = "/colo-vmm/pair")]
-    arbiter_key: String,
+    /// The pair's key at an etcd arbiter: the same on both sides of a pair and different for every pair
+    /// (two pairs on one key would fence each other).
+    #[arg(long)]
+    arbiter_key: Option<String>,
     /// This node's name at the arbiter (default: the role).
     #[arg(long)]
     node_name: Option<String>,
@@ -311,7 +312,7 @@ fn run_colo(args: &RunArgs, role: ColoRole, machine: MachineConfig) -> anyhow::R
     let mut cfg = colo::ColoConfig::new(peer, switch.clone(), nic.clone());
     cfg.checkpoint_interval = Duration::from_millis(args.checkpoint_ms.max(1));
     cfg.heartbeat_timeout = Duration::from_millis(args.heartbeat_timeout_ms.max(10));
-    cfg.arbiter = arbiter_choice(&args.arbiter, &args.arbiter_key)?;
+    cfg.arbiter = arbiter_choice(&args.arbiter, args.arbiter_key.as_deref())?;
     if let Some(n) = &args.node_name {
         cfg.node_name = n.clone();
     }
@@ -394,7 +395,10 @@ fn handle(
 }
 
 /// `--arbiter` as an [`colo::ArbiterChoice`].
-fn arbiter_choice(arg: &str, key: &str) -> anyhow::Result<colo::ArbiterChoice> {
+fn arbiter_choice(arg: &str, key: Option<&str>) -> anyhow::Result<colo::ArbiterChoice> {
+    if !arg.starts_with("etcd=") && key.is_some() {
+        bail!("--arbiter-key is for --arbiter etcd=..; the witness and none have no keys");
+    }
     if arg == "none" {
         return Ok(colo::ArbiterChoice::None);
     }
@@ -412,16 +416,19 @@ fn arbiter_choice(arg: &str, key: &str) -> anyhow::Result<colo::ArbiterChoice> {
             .filter(|u| !u.is_empty())
             .map(String::from)
             .collect();
-        if endpoints.is_empty() || key.is_empty() {
-            bail!("--arbiter etcd= needs at least one URL and a non-empty --arbiter-key");
-        }
+        let (false, Some(key)) = (endpoints.is_empty(), key.filter(|k| !k.is_empty())) else {
+            bail!("--arbiter etcd= needs at least one URL and a non-empty --arbiter-key (one per pair)");
+        };
         #[cfg(feature = "etcd")]
         return Ok(colo::ArbiterChoice::Etcd {
             endpoints,
             key: key.to_owned(),
         });
         #[cfg(not(feature = "etcd"))]
-        bail!("--arbiter {arg}: this colo-vmm was built without the `etcd` feature");
+        {
+            let _ = (endpoints, key);
+            bail!("--arbiter {arg}: this colo-vmm was built without the `etcd` feature");
+        }
     }
     bail!("--arbiter must be none, witness=HOST:PORT or etcd=URL[,URL..], not {arg:?}")
 }

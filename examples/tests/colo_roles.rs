@@ -514,13 +514,14 @@ fn with_etcd_the_promoted_secondary_holds_the_pairs_key() {
         token > 0,
         "the promoted secondary runs with an etcd fencing token"
     );
-    // The promoted secondary holds the key and keeps its lease alive: nobody else gets it.
-    for _ in 0..3 {
+    // The promoted secondary holds the key and keeps its lease (3 s) alive: for more than two lease times
+    // nobody else gets it.
+    for _ in 0..8 {
         assert!(
             matches!(intruder.acquire(), Ok(Decision::Denied { .. })),
             "the key is held"
         );
-        std::thread::sleep(Duration::from_millis(600));
+        std::thread::sleep(Duration::from_secs(1));
     }
     m.work(30);
     m.check_all();
