@@ -76,6 +76,15 @@ impl Peer {
         }
     }
 
+    /// A new partner over `link` (re-protection): the link is up again and the last exit's detail is
+    /// cleared. The failover machine, the arbiter (and any lease it holds), the start token, the
+    /// heartbeat numbering and the byte count go on.
+    pub(crate) fn reconnect(&mut self, link: Box<dyn Link + Send>) {
+        self.link = link;
+        self.ok = true;
+        self.exit_detail = None;
+    }
+
     /// A primary starting a pair: takes a grant from a fencing arbiter and gives it back at once, so its
     /// COLO output carries the arbiter's current token. Holding the grant through COLO would keep the
     /// secondary from winning the arbiter when the primary dies. Without an answer, or with

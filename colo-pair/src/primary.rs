@@ -4,8 +4,8 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use colo_block::{BlockBackend, Outgoing, WriteId};
-use colo_failover::{Arbiter, Event as NodeEvent, FenceToken, Node};
+use colo_block::{BlockBackend, InitialSync, Outgoing, WriteId};
+use colo_failover::{Arbiter, Event as NodeEvent, FailoverStatus, FenceToken, Node};
 use colo_net::packet::{IpVersion, tcp_flags};
 use colo_net::{Action as NetAction, Backpressure, Comparator, FlowKey, PacketView, Time};
 use colo_proto::message::MAX_DISK_CHUNK;
@@ -46,9 +46,9 @@ pub struct PrimaryPair<V: Vm, B: BlockBackend> {
     vm: V,
     ram: PrimaryRam<Box<dyn DirtyLog + Send>>,
     disk: SharedPrimaryDisk<B>,
-    session: PrimarySession,
-    cmp: Comparator,
-    /// The channel to the secondary/primary and the failover machine watching it.
+    /// What belongs to the secondary being protected (or last protected): replaced by each protection.
+    rep: Protection,
+    /// The channel to the secondary and the failover machine watching it.
     peer: Peer,
     phase: Phase,
     outputs: VecDeque<Output>,
@@ -58,26 +58,66 @@ pub struct PrimaryPair<V: Vm, B: BlockBackend> {
     unstamped: VecDeque<(Bytes, Release)>,
     suspended: bool,
     paused: bool,
-    next_checkpoint: Instant,
-    wanted: Option<Trigger>,
     last_trigger: Option<Trigger>,
+    /// Counted over every secondary this primary protected.
     checkpoints: u64,
     mismatch_checkpoints: u64,
     pauses: Pauses,
+    /// The arbiter's grant taken (and given back) at the start, if any.
+    start_token: Option<FenceToken>,
+}
+
+/// What the primary keeps about the one secondary it protects: the checkpoint session (its epochs start
+/// again at 0 with each secondary, which expects checkpoint 1 first), the comparator (it compares against
+/// that secondary's guest), the initial sync's progress and how the secondary numbers the writes it acks.
+/// A new pair and a re-protection both start from a fresh one ([`Protection::new`]).
+struct Protection {
+    session: PrimarySession,
+    cmp: Comparator,
+    next_checkpoint: Instant,
+    wanted: Option<Trigger>,
     /// The initial disk sync runs (the first checkpoint waits for its end).
     disk_syncing: bool,
     /// Bytes of disk sync data sent.
     sync_bytes: u64,
-    /// The arbiter's grant taken (and given back) at the start, if any.
-    start_token: Option<FenceToken>,
+    /// colo-block's id of the first write (or discard) sent to this secondary. The secondary numbers the
+    /// writes it applies from 0 (its `BlockAck` ids); the primary's ids go on across secondaries, so the
+    /// secondary's id `n` is the primary's `ack_base + n`. `None` until a write went out.
+    ack_base: Option<u64>,
+}
+
+impl Protection {
+    /// Fresh per-secondary state at `now` (`net_now`: the same instant on the comparator's clock).
+    fn new(cfg: &PairConfig, now: Instant, net_now: Time) -> Result<Self> {
+        Ok(Protection {
+            session: PrimarySession::new(cfg.session, now),
+            cmp: Comparator::new(cfg.compare.clone(), net_now)?,
+            next_checkpoint: now + cfg.checkpoint_interval,
+            wanted: Some(Trigger::Initial),
+            disk_syncing: false,
+            sync_bytes: 0,
+            ack_base: None,
+        })
+    }
+}
+
+/// A link that cannot carry the initial disk sync `disk` is about to run.
+fn check_link<B: BlockBackend>(disk: &SharedPrimaryDisk<B>, link: &dyn Link) -> Result<()> {
+    if disk.lock().sync_progress().is_some() && link.version() < 3 {
+        return Err(PairError::NeedsVersion {
+            feature: "initial disk sync",
+            version: link.version(),
+        });
+    }
+    Ok(())
 }
 
 impl<V: Vm, B: BlockBackend> std::fmt::Debug for PrimaryPair<V, B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PrimaryPair")
             .field("phase", &self.phase)
-            .field("session", &self.session.state_name())
-            .field("epoch", &self.session.committed_epoch())
+            .field("session", &self.rep.session.state_name())
+            .field("epoch", &self.rep.session.committed_epoch())
             .finish()
     }
 }
@@ -105,26 +145,10 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     ) -> Result<Self> {
         let layout = RamLayout::of(vm.memory()).map_err(|source| PairError::Ram { epoch: 0, source })?;
         let ram = PrimaryRam::new(layout, dirty_log, cfg.collect);
-        let disk_syncing = disk.lock().sync_progress().is_some();
-        if disk_syncing && link.version() < 3 {
-            return Err(PairError::NeedsVersion {
-                feature: "initial disk sync",
-                version: link.version(),
-            });
-        }
-        if !disk_syncing {
-            disk.lock()
-                .start_replication()
-                .map_err(|source| PairError::Block {
-                    what: "start replication",
-                    source,
-                })?;
-        }
-        let cmp = Comparator::new(cfg.compare.clone(), Time::ZERO)?;
+        check_link(&disk, &*link)?;
+        let rep = Protection::new(&cfg, now, Time::ZERO)?;
         let mut node = Node::new(cfg.failover)?;
         node.handle_event(now, NodeEvent::Protect)?;
-        let session = PrimarySession::new(cfg.session, now);
-        let next_checkpoint = now + cfg.checkpoint_interval;
         let mut peer = Peer::new(link, node, arbiter);
         let start_token = peer.take_start_token();
         let mut pair = PrimaryPair {
@@ -134,30 +158,113 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
             ram,
             disk,
             peer,
-            session,
-            cmp,
+            rep,
             phase: Phase::Syncing,
             outputs: VecDeque::new(),
             held: VecDeque::new(),
             unstamped: VecDeque::new(),
             suspended: false,
             paused: false,
-            next_checkpoint,
-            wanted: Some(Trigger::Initial),
             last_trigger: None,
             checkpoints: 0,
             mismatch_checkpoints: 0,
             pauses: Pauses::default(),
-            disk_syncing,
-            sync_bytes: 0,
             start_token,
         };
-        pair.ram
+        pair.start_protection(now)?;
+        Ok(pair)
+    }
+
+    /// Re-protection: gives a primary that runs alone (its secondary died, froze or was cut off, or an
+    /// operator's `failover_now`) a new secondary over `link`, after the VMM's handshake on it. The guest
+    /// keeps running. The steps are a new pair's: the failover node's `Protect`, the whole of guest RAM as
+    /// pre-copy pages, the disk's initial sync when `sync` is given, then checkpoints from 1 (the new
+    /// secondary's session starts at 0). Everything that belonged to the old secondary (session,
+    /// comparator, sync progress, write numbering) is replaced; the output released when it was lost stays
+    /// released, and output still waiting for a fencing token goes out, once, when the token comes.
+    ///
+    /// `sync`: `Some(InitialSync::new(..))` for a secondary with an empty or stale disk
+    /// ([`SecondaryDisk::new_syncing`](colo_block::SecondaryDisk::new_syncing), protocol v3), the normal
+    /// case since this disk has changed alone. `None` only when the secondary's disk already equals this one
+    /// and replicates from this disk's current epoch (`disk().lock().epoch()`, given to
+    /// [`SecondaryDisk::new`](colo_block::SecondaryDisk::new)).
+    ///
+    /// The VMM must drop whatever the old link's receiver still delivers: from this call on, every message,
+    /// channel error and close it hands to the driver must come from `link`'s peer.
+    ///
+    /// Errors, with nothing changed: [`PairError::BadCommand`] unless the pair runs alone with output
+    /// flowing (not while a lapsed lease is being won again: the node refuses `Protect` then),
+    /// [`PairError::NeedsVersion`] for a sync over a version-2 link, [`PairError::Failover`] if the failover
+    /// machine refuses. Errors after that (the disk, guest RAM) leave the pair running alone.
+    pub fn reprotect(
+        &mut self,
+        now: Instant,
+        link: Box<dyn Link + Send>,
+        sync: Option<InitialSync>,
+    ) -> Result<()> {
+        if self.phase != Phase::Alone || self.suspended {
+            return Err(PairError::BadCommand {
+                command: "reprotect",
+                state: if self.suspended {
+                    "running alone with output suspended"
+                } else {
+                    self.phase.name()
+                },
+            });
+        }
+        let version = link.version();
+        if sync.is_some() && version < 3 {
+            return Err(PairError::NeedsVersion {
+                feature: "initial disk sync",
+                version,
+            });
+        }
+        {
+            let disk = self.disk.lock();
+            if disk.is_replicating() || disk.sync_progress().is_some() {
+                return Err(PairError::BadCommand {
+                    command: "reprotect",
+                    state: "the disk is not standalone",
+                });
+            }
+        }
+        let rep = Protection::new(&self.cfg, now, self.net_time(now))?;
+        self.peer.node.handle_event(now, NodeEvent::Protect)?;
+        // From here on the new secondary is ours.
+        self.peer.reconnect(link);
+        self.rep = rep;
+        if let Some(sync) = sync {
+            let started = self.disk.lock().start_sync(sync);
+            if let Err(source) = started {
+                self.link_lost(now, format!("starting the disk sync: {source}"));
+                self.drive_node(now)?;
+                return Err(PairError::Block {
+                    what: "start sync",
+                    source,
+                });
+            }
+        }
+        self.phase = Phase::Syncing;
+        self.start_protection(now)
+    }
+
+    /// What a new pair and a re-protection both do once the link and a fresh [`Protection`] are in place
+    /// and the node got `Protect`: start the disk's replication (unless a sync was started), mark all of
+    /// guest RAM and send it as pre-copy pages. The first checkpoint follows once the secondary is ready.
+    fn start_protection(&mut self, now: Instant) -> Result<()> {
+        self.rep.disk_syncing = self.disk.lock().sync_progress().is_some();
+        if !self.rep.disk_syncing {
+            let started = self.disk.lock().start_replication();
+            started.map_err(|source| PairError::Block {
+                what: "start replication",
+                source,
+            })?;
+        }
+        self.ram
             .mark_all()
             .map_err(|source| PairError::Ram { epoch: 0, source })?;
-        pair.send_ram(now, PagePhase::Precopy, 0)?;
-        pair.drive_node(now)?;
-        Ok(pair)
+        self.send_ram(now, PagePhase::Precopy, 0)?;
+        self.drive_node(now)
     }
 
     fn net_time(&self, now: Instant) -> Time {
@@ -186,7 +293,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
 
     /// The checkpoint session's state, for logs ("running", "receiving RAM", ...).
     pub fn session_state(&self) -> &'static str {
-        self.session.state_name()
+        self.rep.session.state_name()
     }
 
     /// The next thing for the VMM to do.
@@ -196,17 +303,19 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
 
     /// When [`handle_timeout`](Self::handle_timeout) must run next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let mut t = [self.peer.node.poll_timeout(), self.session.poll_timeout()]
+        let mut t = [self.peer.node.poll_timeout(), self.rep.session.poll_timeout()]
             .into_iter()
             .flatten()
             .min();
         let mut add = |i: Instant| t = Some(t.map_or(i, |t| t.min(i)));
         if matches!(self.phase, Phase::Syncing | Phase::Colo) {
-            add(self.origin + Duration::from_nanos(self.cmp.poll_timeout().as_nanos()));
+            add(self.origin + Duration::from_nanos(self.rep.cmp.poll_timeout().as_nanos()));
             if self.phase == Phase::Colo {
-                add(self.next_checkpoint);
+                add(self.rep.next_checkpoint);
             }
-            if (self.wanted.is_some() && self.session.is_idle()) || (self.disk_syncing && self.peer.ok) {
+            if (self.rep.wanted.is_some() && self.rep.session.is_idle())
+                || (self.rep.disk_syncing && self.peer.ok)
+            {
                 add(self.origin);
             }
         }
@@ -218,14 +327,14 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     pub fn handle_timeout(&mut self, now: Instant) -> Result<()> {
         self.peer.node.handle_timeout(now);
         self.drive_node(now)?;
-        if self.session.poll_timeout().is_some_and(|d| d <= now) {
+        if self.rep.session.poll_timeout().is_some_and(|d| d <= now) {
             // A missed deadline fails the session; the failure comes out as an action.
-            let _ = self.session.handle_timeout(now);
+            let _ = self.rep.session.handle_timeout(now);
             self.drive_session(now)?;
         }
         if matches!(self.phase, Phase::Syncing | Phase::Colo) {
             let t = self.net_time(now);
-            self.cmp.handle_tick(t);
+            self.rep.cmp.handle_tick(t);
             self.drain_compare(now, None);
         }
         self.pump_disk(now)?;
@@ -244,7 +353,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
             Message::Heartbeat { .. } => {}
             Message::OutputFrame(f) => {
                 let t = self.net_time(now);
-                self.cmp.handle_secondary(t, f.data);
+                self.rep.cmp.handle_secondary(t, f.data);
                 self.drain_compare(now, None);
             }
             Message::FailoverNotice { reason } => {
@@ -254,7 +363,13 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
                 return Ok(());
             }
             Message::BlockAck { id, .. } => {
-                let r = self.disk.lock().handle_ack(WriteId(id));
+                // The secondary's numbering (from 0 on this link) in the disk's (see `Protection::ack_base`).
+                let Some(ours) = self.rep.ack_base.and_then(|base| base.checked_add(id)) else {
+                    self.link_lost(now, format!("block ack {id} from the secondary before any write"));
+                    self.drive_node(now)?;
+                    return Ok(());
+                };
+                let r = self.disk.lock().handle_ack(WriteId(ours));
                 match r {
                     Ok(done) => self.disk.push_completed(done),
                     // An ack for a write never sent: the secondary does not follow the protocol.
@@ -262,11 +377,11 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
                 }
             }
             Message::CheckpointWanted { reason } => {
-                self.wanted.get_or_insert(Trigger::Secondary(reason));
+                self.rep.wanted.get_or_insert(Trigger::Secondary(reason));
             }
             m if m.is_session_message() => {
                 // An error here also comes out as `PrimaryAction::Failed`.
-                let _ = self.session.handle_message(now, m);
+                let _ = self.rep.session.handle_message(now, m);
                 self.drive_session(now)?;
             }
             m => {
@@ -325,7 +440,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
             Phase::Syncing | Phase::Colo if self.held.is_empty() => {
                 let t = self.net_time(now);
                 let syn = self.guest_syn(&frame);
-                if let Err(Backpressure(f)) = self.cmp.handle_primary(t, frame) {
+                if let Err(Backpressure(f)) = self.rep.cmp.handle_primary(t, frame) {
                     self.held.push_back(f);
                 }
                 if let Some(flow) = syn {
@@ -347,7 +462,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
         if matches!(self.phase, Phase::Syncing | Phase::Colo) {
             self.send(now, &Message::GuestShutdown);
             let t = self.net_time(now);
-            self.cmp.checkpoint(t);
+            self.rep.cmp.checkpoint(t);
             self.drain_compare_as(now, Release::Failover);
             while let Some(f) = self.held.pop_front() {
                 self.emit(now, f, Release::Failover);
@@ -371,7 +486,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     /// Changes the periodic checkpoint interval; like QEMU, a checkpoint follows at once.
     pub fn set_checkpoint_interval(&mut self, now: Instant, interval: Duration) -> Result<()> {
         self.cfg.checkpoint_interval = interval;
-        self.next_checkpoint = now + interval;
+        self.rep.next_checkpoint = now + interval;
         self.checkpoint_now(now)
     }
 
@@ -383,7 +498,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
                 state: self.phase.name(),
             });
         }
-        self.wanted.get_or_insert(Trigger::Command);
+        self.rep.wanted.get_or_insert(Trigger::Command);
         self.maybe_checkpoint(now)
     }
 
@@ -407,14 +522,14 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
             side: Side::Primary,
             phase: self.phase,
             failover: self.peer.node.status(),
-            epoch: self.session.committed_epoch(),
+            epoch: self.rep.session.committed_epoch(),
             checkpoints: self.checkpoints,
             mismatch_checkpoints: self.mismatch_checkpoints,
             last_pause: self.pauses.last(),
             p99_pause: self.pauses.percentile(99),
             pause_p50: self.pauses.percentile(50),
             bytes_sent: self.peer.bytes_sent,
-            compare: Some(self.cmp.stats()),
+            compare: Some(self.rep.cmp.stats()),
             rewrite: None,
             disk_sync: self.disk.lock().sync_progress(),
             exit_detail: self.peer.exit_detail.clone(),
@@ -438,7 +553,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     /// Tells the secondary's rewriter the PVM's ISN of a connection the guest opens, once the comparator
     /// has seen the SYN (colo-net's `Comparator::primary_isn` -> `Rewriter::set_primary_isn` seam).
     fn forward_isn(&mut self, now: Instant, flow: &FlowKey) {
-        let Some(isn) = self.cmp.primary_isn(flow) else {
+        let Some(isn) = self.rep.cmp.primary_isn(flow) else {
             return;
         };
         let msg = Message::PrimaryIsn(PrimaryIsn {
@@ -456,12 +571,12 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     }
 
     fn send(&mut self, now: Instant, msg: &Message) -> bool {
-        self.peer.send_or_lose(now, msg, &mut self.session)
+        self.peer.send_or_lose(now, msg, &mut self.rep.session)
     }
 
     /// The channel is unusable: the session fails and the failover machine counts the partner as lost.
     fn link_lost(&mut self, now: Instant, detail: String) {
-        self.peer.lose(now, detail, &mut self.session);
+        self.peer.lose(now, detail, &mut self.rep.session);
     }
 
     fn pause_guest(&mut self) -> Result<()> {
@@ -486,29 +601,29 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
 
     fn maybe_checkpoint(&mut self, now: Instant) -> Result<()> {
         if self.disk.take_epoch_full() {
-            self.wanted.get_or_insert(Trigger::EpochFull);
+            self.rep.wanted.get_or_insert(Trigger::EpochFull);
         }
-        let due = self.phase == Phase::Colo && now >= self.next_checkpoint;
+        let due = self.phase == Phase::Colo && now >= self.rep.next_checkpoint;
         if !self.peer.ok
-            || self.disk_syncing
+            || self.rep.disk_syncing
             || !matches!(self.phase, Phase::Syncing | Phase::Colo)
-            || !self.session.is_idle()
-            || !(due || self.wanted.is_some())
+            || !self.rep.session.is_idle()
+            || !(due || self.rep.wanted.is_some())
         {
             return Ok(());
         }
-        let trigger = self.wanted.take().unwrap_or(Trigger::Periodic);
+        let trigger = self.rep.wanted.take().unwrap_or(Trigger::Periodic);
         if matches!(trigger, Trigger::Compare(_)) {
             self.mismatch_checkpoints += 1;
         }
         self.last_trigger = Some(trigger);
-        self.next_checkpoint = now + self.cfg.checkpoint_interval;
-        self.session.start_checkpoint(now)?;
+        self.rep.next_checkpoint = now + self.cfg.checkpoint_interval;
+        self.rep.session.start_checkpoint(now)?;
         self.drive_session(now)
     }
 
     fn drive_session(&mut self, now: Instant) -> Result<()> {
-        while let Some(action) = self.session.poll_action() {
+        while let Some(action) = self.rep.session.poll_action() {
             if !matches!(self.phase, Phase::Syncing | Phase::Colo) {
                 continue;
             }
@@ -528,7 +643,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
                         .take_log()
                         .map_err(|source| PairError::Ram { epoch, source })?;
                     if self.send_ram(now, PagePhase::Checkpoint, epoch)? {
-                        let _ = self.session.ram_sent(now);
+                        let _ = self.rep.session.ram_sent(now);
                     }
                 }
                 PrimaryAction::SendDeviceState { epoch } => {
@@ -546,14 +661,14 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
                     drop(refs);
                     if sent {
                         self.peer.bytes_sent += states.iter().map(|s| s.data.len() as u64 + 48).sum::<u64>();
-                        let _ = self.session.device_state_sent(now);
+                        let _ = self.rep.session.device_state_sent(now);
                     } else {
                         self.link_lost(now, format!("sending device state of epoch {epoch}"));
                     }
                 }
                 PrimaryAction::ReleaseOutput { epoch } => {
                     let t = self.net_time(now);
-                    self.cmp.checkpoint(t);
+                    self.rep.cmp.checkpoint(t);
                     self.drain_compare(now, Some(epoch));
                     self.offer_held(now);
                 }
@@ -565,7 +680,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
                         self.phase = Phase::Colo;
                         self.peer.node.handle_event(now, NodeEvent::SyncCompleted)?;
                     }
-                    self.next_checkpoint = now + self.cfg.checkpoint_interval;
+                    self.rep.next_checkpoint = now + self.cfg.checkpoint_interval;
                 }
                 PrimaryAction::PeerClosed(reason) => {
                     self.link_lost(now, format!("the secondary left ({reason:?})"));
@@ -632,7 +747,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     /// initial sync up to [`PairConfig::disk_sync_burst`] bytes of sync data.
     fn pump_disk(&mut self, now: Instant) -> Result<()> {
         let mut burst = 0u64;
-        while self.peer.ok && !(self.disk_syncing && burst >= self.cfg.disk_sync_burst) {
+        while self.peer.ok && !(self.rep.disk_syncing && burst >= self.cfg.disk_sync_burst) {
             let out = self
                 .disk
                 .lock()
@@ -644,6 +759,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
             match out {
                 None => break,
                 Some(Outgoing::Write(rec)) => {
+                    self.rep.ack_base.get_or_insert(rec.id.0);
                     let msg = Message::BlockWrite(BlockWrite {
                         epoch: rec.epoch,
                         disk: 0,
@@ -653,6 +769,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
                     self.send(now, &msg);
                 }
                 Some(Outgoing::Discard(rec)) if self.peer.link.version() >= 3 => {
+                    self.rep.ack_base.get_or_insert(rec.id.0);
                     let msg = Message::BlockDiscard(BlockDiscard {
                         epoch: rec.epoch,
                         disk: 0,
@@ -688,7 +805,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
                             data: data.slice(at..at + n),
                         });
                         self.send(now, &msg);
-                        self.sync_bytes += n as u64;
+                        self.rep.sync_bytes += n as u64;
                         at += n;
                     }
                 }
@@ -701,10 +818,10 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
                         disk: 0,
                         epoch,
                         disk_len,
-                        bytes: self.sync_bytes,
+                        bytes: self.rep.sync_bytes,
                     });
                     self.send(now, &msg);
-                    self.disk_syncing = false;
+                    self.rep.disk_syncing = false;
                 }
                 Some(Outgoing::Barrier { .. }) => {}
             }
@@ -718,12 +835,12 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     }
 
     fn drain_compare_as(&mut self, now: Instant, release: Release) {
-        while let Some(a) = self.cmp.poll_action() {
+        while let Some(a) = self.rep.cmp.poll_action() {
             match a {
                 NetAction::Release(f) => self.emit(now, f, release),
                 NetAction::DropSecondary(_) => {}
                 NetAction::RequestCheckpoint(reason) => {
-                    self.wanted.get_or_insert(Trigger::Compare(reason));
+                    self.rep.wanted.get_or_insert(Trigger::Compare(reason));
                 }
             }
         }
@@ -733,7 +850,7 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     fn offer_held(&mut self, now: Instant) {
         let t = self.net_time(now);
         while let Some(f) = self.held.pop_front() {
-            if let Err(Backpressure(f)) = self.cmp.handle_primary(t, f) {
+            if let Err(Backpressure(f)) = self.rep.cmp.handle_primary(t, f) {
                 self.held.push_front(f);
                 break;
             }
@@ -775,7 +892,11 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
                 // Lost before the first checkpoint: the machine goes straight to running alone.
                 let token = self.peer.output_token(now).unwrap_or(FenceToken::ZERO);
                 self.go_alone(now, token)?;
-            } else if st.failover != colo_failover::FailoverStatus::None {
+            } else if matches!(
+                st.failover,
+                FailoverStatus::Required | FailoverStatus::Active | FailoverStatus::Relaunch
+            ) {
+                // (`Completed` stays from an earlier failover while a re-protection syncs.)
                 self.phase = Phase::FailingOver;
                 self.link_lost(now, "failover".into());
             }
@@ -788,8 +909,8 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     fn stop_for_takeover(&mut self, now: Instant, detail: String) -> Result<()> {
         self.peer.ok = false;
         self.peer.exit_detail = Some(detail.clone());
-        self.session.fail(colo_proto::Error::Local(detail));
-        while self.session.poll_action().is_some() {}
+        self.rep.session.fail(colo_proto::Error::Local(detail));
+        while self.rep.session.poll_action().is_some() {}
         let _ = self.peer.node.handle_event(now, NodeEvent::Stop);
         self.pause_guest()?;
         let _ = self.disk.lock().stop_replication();
@@ -809,15 +930,15 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
             });
         }
         self.peer.ok = false;
-        while self.session.poll_action().is_some() {}
+        while self.rep.session.poll_action().is_some() {}
         // Writes waiting for the secondary's ack are on our disk: they complete now.
         let waiting = self.disk.lock().stop_replication();
         self.disk.push_completed(waiting);
-        self.disk_syncing = false;
+        self.rep.disk_syncing = false;
         self.phase = Phase::Alone;
         self.suspended = false;
         let t = self.net_time(now);
-        self.cmp.checkpoint(t);
+        self.rep.cmp.checkpoint(t);
         let stamped: Vec<(Bytes, Release)> = self.unstamped.drain(..).collect();
         for (f, r) in stamped {
             self.outputs.push_back(Output::ToClient {

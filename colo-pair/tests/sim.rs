@@ -223,6 +223,9 @@ struct FakeVm {
     held_tx: Vec<Bytes>,
     /// Writes that had to wait for an ack.
     waited: u64,
+    /// The first write that had to wait for an ack since the current secondary was attached: its id is the
+    /// one the secondary numbers 0.
+    first_awaiting: Option<WriteId>,
     /// Host timing: the guest opens its TCP connection to the client at this step (the SVM's vCPU may
     /// reach that point later than the PVM's).
     connect_at: Option<u64>,
@@ -250,6 +253,7 @@ impl FakeVm {
             awaiting: Vec::new(),
             held_tx: Vec::new(),
             waited: 0,
+            first_awaiting: None,
             connect_at: None,
             refuse_state: false,
             refusals: Mutex::new(0),
@@ -318,6 +322,7 @@ impl FakeVm {
         let r = match &self.disk {
             Port::Primary(d) => d.write(offset, Bytes::from(block)).map(|status| {
                 if let WriteStatus::AwaitingAck(id) = status {
+                    self.first_awaiting.get_or_insert(id);
                     self.awaiting.push(id);
                     self.waited += 1;
                 }
@@ -793,6 +798,12 @@ impl Client {
 struct ArbiterState {
     holder: Option<(&'static str, FenceToken)>,
     next: u64,
+    /// Grants are leases of this many ms (etcd-like), counted on `clock`; `None`: held until released.
+    ttl_ms: Option<u64>,
+    /// The simulation's time (ms), set at every step.
+    clock: u64,
+    /// When the holder's lease runs out.
+    expires: u64,
 }
 
 #[derive(Clone, Default)]
@@ -815,16 +826,23 @@ struct SimArbiterClient {
 impl Arbiter for SimArbiterClient {
     fn acquire(&mut self) -> Result<Decision, ArbiterError> {
         let mut s = self.shared.0.lock().unwrap();
-        match s.holder {
-            Some((n, token)) if n == self.node => Ok(Decision::Granted(Grant { token, ttl: None })),
-            Some((_, token)) => Ok(Decision::Denied { holder: Some(token) }),
+        if s.ttl_ms.is_some() && s.expires <= s.clock {
+            // The holder's lease ran out (a dead node renews nothing).
+            s.holder = None;
+        }
+        let ttl = s.ttl_ms.map(Duration::from_millis);
+        let token = match s.holder {
+            Some((n, token)) if n == self.node => token,
+            Some((_, token)) => return Ok(Decision::Denied { holder: Some(token) }),
             None => {
                 s.next += 1;
                 let token = FenceToken(s.next);
                 s.holder = Some((self.node, token));
-                Ok(Decision::Granted(Grant { token, ttl: None }))
+                token
             }
-        }
+        };
+        s.expires = s.clock + s.ttl_ms.unwrap_or(0);
+        Ok(Decision::Granted(Grant { token, ttl }))
     }
     fn renew(&mut self) -> Result<Decision, ArbiterError> {
         self.acquire()
@@ -853,6 +871,9 @@ enum Kill {
 
 struct Sim {
     base: Instant,
+    cfg: PairConfig,
+    /// The arbiter both nodes ask, if shared (else each has its own `NoArbiter`).
+    arbiter: Option<SimArbiter>,
     t: u64,
     primary: Option<Primary>,
     secondary: Option<Secondary>,
@@ -965,7 +986,7 @@ impl Sim {
             pvm.write_u64(PAGE * (100 + k % 8), k);
         }
         let svm = FakeVm::new(0x7f4a_7c15 ^ seed.rotate_left(17), Port::Secondary(sdisk.clone()));
-        let (p_arb, s_arb): (Box<dyn Arbiter + Send>, Box<dyn Arbiter + Send>) = match arbiter {
+        let (p_arb, s_arb): (Box<dyn Arbiter + Send>, Box<dyn Arbiter + Send>) = match &arbiter {
             Some(a) => (Box::new(a.client("primary")), Box::new(a.client("secondary"))),
             None => (
                 Box::new(NoArbiter::unsafe_under_partitions()),
@@ -985,7 +1006,7 @@ impl Sim {
         )
         .unwrap();
         let primary = PrimaryPair::new(
-            cfg,
+            cfg.clone(),
             base,
             pvm,
             Box::new(plog),
@@ -996,6 +1017,8 @@ impl Sim {
         .unwrap();
         Sim {
             base,
+            cfg,
+            arbiter,
             t: 0,
             primary: Some(primary),
             secondary: Some(secondary),
@@ -1082,6 +1105,9 @@ impl Sim {
     fn step(&mut self, quiet: bool) {
         self.t += 1;
         let now = self.now();
+        if let Some(a) = &self.arbiter {
+            a.0.lock().unwrap().clock = self.t;
+        }
         // The client, through the switch.
         let mut frames: Vec<Bytes> = self.client.tick(self.t, quiet).into_iter().collect();
         if let Some(c) = &mut self.client.tcp {
@@ -1138,11 +1164,13 @@ impl Sim {
             if let Some(s) = &self.secondary
                 && !self.failed_over
             {
-                // Protocol C: a write completes only once the secondary has applied it.
-                let applied = s.disk().lock().last_applied();
+                // Protocol C: a write completes only once the secondary has applied it. The secondary
+                // numbers the writes it applies from 0; the primary's ids go on across secondaries.
+                let base = p.vm().first_awaiting.map_or(0, |w| w.0);
+                let applied = s.disk().lock().last_applied().map(|w| base + w.0);
                 for id in &done {
                     assert!(
-                        applied >= Some(*id),
+                        applied >= Some(id.0),
                         "{id:?} completed, secondary applied {applied:?}"
                     );
                 }
@@ -1324,6 +1352,59 @@ impl Sim {
         }
         drop(s);
         self.s_link_down = true;
+    }
+
+    /// Re-protection: a fresh secondary (empty disk, guest never run) on a new link, and the primary, which
+    /// runs alone, told to protect its guest again with a full disk sync. The harness's per-secondary
+    /// bookkeeping starts over (the checkpoint checks, the SVM's output, the failover flags).
+    fn reprotect(&mut self, seed: u64) -> colo_pair::Result<()> {
+        let now = self.now();
+        let (p_end, s_end) = pipe();
+        let sdisk = SharedSecondaryDisk::new(
+            SecondaryDisk::new_syncing(
+                MemBackend::new(DISK).unwrap(),
+                MemStore::new(PAGE as usize, 256).unwrap(),
+                MemStore::new(PAGE as usize, 256).unwrap(),
+            )
+            .unwrap(),
+        );
+        let svm = FakeVm::new(0x51f1_5eed ^ seed.rotate_left(29), Port::Secondary(sdisk.clone()));
+        let slog = AtomicBitmapLog::new(&svm.mem).unwrap();
+        let s_arb: Box<dyn Arbiter + Send> = match &self.arbiter {
+            Some(a) => Box::new(a.client("secondary")),
+            None => Box::new(NoArbiter::unsafe_under_partitions()),
+        };
+        let p = self.primary.as_mut().expect("primary alive");
+        p.vm_mut().first_awaiting = None;
+        p.reprotect(
+            now,
+            Box::new(channel(&p_end)),
+            Some(InitialSync::new(DISK, PAGE).unwrap()),
+        )?;
+        let secondary = SecondaryPair::new(
+            self.cfg.clone(),
+            now,
+            svm,
+            Box::new(slog),
+            sdisk,
+            Box::new(channel(&s_end)),
+            s_arb,
+        )
+        .unwrap();
+        self.secondary = Some(secondary);
+        self.p_rx = channel(&p_end);
+        self.s_rx = channel(&s_end);
+        self.p_end = p_end;
+        self.s_end = s_end;
+        self.p_link_down = false;
+        self.s_link_down = false;
+        self.svm_sent.clear();
+        self.checked_checkpoints = 0;
+        self.failed_over = false;
+        self.promoted = false;
+        self.client_to_secondary = false;
+        self.stopped[1] = false;
+        Ok(())
     }
 
     /// The survivor's key-value store and disk equal the client's model.
@@ -2553,6 +2634,277 @@ fn rewriter_evictions_ask_the_primary_for_an_early_checkpoint() {
         asked,
         "the secondary asked for a checkpoint after evicting connections"
     );
+    sim.drain();
+    sim.check_survivor();
+}
+
+// ---------- re-protection: a primary running alone gets a new secondary ----------
+
+/// How the primary came to run alone before it is re-protected.
+#[derive(Clone, Copy, Debug)]
+enum Lost {
+    Killed(Kill),
+    /// The operator's failover command on the primary (the old secondary is told to stop).
+    Command,
+}
+
+/// A warmed-up pair whose arbiter hands out leases (so a dead holder's grant runs out) loses its
+/// secondary as `lost` says; the primary runs alone, then is re-protected with a new one.
+fn reprotected(lost: Lost, seed: u64) -> Sim {
+    let arbiter = SimArbiter::default();
+    arbiter.0.lock().unwrap().ttl_ms = Some(1000);
+    let mut sim = Sim::with(config(), seed, Some(arbiter));
+    sim.run(1000);
+    assert!(sim.checked_checkpoints >= 5);
+    match lost {
+        Lost::Killed(how) => sim.kill_secondary_when_held = Some(how),
+        Lost::Command => {
+            let now = sim.now();
+            sim.primary.as_mut().unwrap().failover_now(now).unwrap();
+        }
+    }
+    sim.run(1500);
+    let p = sim.primary.as_ref().unwrap().status();
+    assert_eq!(p.phase, Phase::Alone, "{lost:?}");
+    assert!(sim.failed_over);
+    if let Lost::Command = lost {
+        assert_eq!(sim.secondary.as_ref().unwrap().phase(), Phase::Stopped);
+    }
+    let (epoch_alone, checkpoints_alone) = (p.epoch, p.checkpoints);
+    let answered_alone = sim.client.answered;
+    assert!(sim.client.answered_after_failover > 50, "{lost:?}");
+
+    sim.reprotect(seed).unwrap();
+    let p = sim.primary.as_ref().unwrap().status();
+    assert_eq!(p.phase, Phase::Syncing);
+    assert_eq!(p.epoch, 0, "the new secondary's session starts from checkpoint 1");
+    assert!(p.exit_detail.is_none());
+    assert!(p.disk_sync.is_some(), "the disk is synced again");
+    let mut synced = false;
+    for _ in 0..3000 {
+        sim.step(false);
+        let p = sim.primary.as_ref().unwrap();
+        if p.status().disk_sync.is_none() {
+            synced = true;
+        } else {
+            assert_eq!(p.status().epoch, 0, "no checkpoint before the disk is synced");
+        }
+    }
+    assert!(synced);
+    let p = sim.primary.as_ref().unwrap().status();
+    let s = sim.secondary.as_ref().unwrap().status();
+    eprintln!(
+        "{lost:?}: primary {p:?}\nsecondary {s:?}\nreleased {:?}",
+        sim.released
+    );
+    assert_eq!((p.phase, s.phase), (Phase::Colo, Phase::Colo), "{lost:?}");
+    assert!(p.failover.protected && s.failover.protected);
+    assert_eq!(p.epoch, s.epoch);
+    // Every checkpoint of the new pair compared RAM, registers and whole disks (`check_checkpoint`).
+    assert!(
+        sim.checked_checkpoints >= 5,
+        "{} checkpoints",
+        sim.checked_checkpoints
+    );
+    assert_eq!(
+        p.checkpoints,
+        checkpoints_alone + s.checkpoints,
+        "counts go on across secondaries"
+    );
+    assert!(epoch_alone >= 5);
+    assert!(!sim.failed_over, "nothing released alone once re-protected");
+    assert!(sim.client.answered > answered_alone + 100, "the client goes on");
+    assert_eq!(sim.client.gate.rejected(), 0);
+    sim
+}
+
+fn reprotected_then_primary_killed(lost: Lost, seed: u64) {
+    let mut sim = reprotected(lost, seed);
+    let token_alone = sim.client.gate.highest();
+    assert!(
+        token_alone > FenceToken::ZERO,
+        "the primary won the arbiter when it went alone"
+    );
+    sim.drain();
+    sim.check_survivor();
+    // The new secondary takes over from the last checkpoint once the dead primary's lease runs out.
+    sim.kill_primary(Kill::Crash);
+    sim.run(4000);
+    sim.drain();
+    let s = sim.secondary.as_ref().unwrap().status();
+    eprintln!("{lost:?}: new secondary {s:?}");
+    assert_eq!(s.phase, Phase::Alone, "{lost:?}");
+    assert!(sim.promoted);
+    assert!(sim.client.answered_after_failover > 100);
+    assert!(
+        sim.client.gate.highest() > token_alone,
+        "the next token orders it after the primary"
+    );
+    assert_eq!(sim.client.gate.rejected(), 0);
+    sim.check_survivor();
+}
+
+#[test]
+fn a_primary_alone_after_a_secondary_crash_is_reprotected_and_the_new_secondary_takes_over() {
+    for seed in 0..2 {
+        reprotected_then_primary_killed(Lost::Killed(Kill::Crash), seed);
+    }
+}
+
+#[test]
+fn a_primary_alone_after_a_silent_secondary_is_reprotected_and_the_new_secondary_takes_over() {
+    reprotected_then_primary_killed(Lost::Killed(Kill::Silent), 1);
+}
+
+#[test]
+fn a_primary_alone_after_an_operator_failover_is_reprotected_and_the_new_secondary_takes_over() {
+    reprotected_then_primary_killed(Lost::Command, 2);
+}
+
+#[test]
+fn a_reprotected_primary_losing_its_new_secondary_runs_alone_again_and_is_reprotected_again() {
+    let mut sim = reprotected(Lost::Killed(Kill::Crash), 4);
+    sim.kill_secondary_when_held = Some(Kill::Crash);
+    sim.run(1500);
+    assert_eq!(sim.primary.as_ref().unwrap().phase(), Phase::Alone);
+    assert!(sim.released.get("failover").copied().unwrap_or(0) > 0);
+    sim.reprotect(5).unwrap();
+    sim.run(2500);
+    let p = sim.primary.as_ref().unwrap().status();
+    assert_eq!(p.phase, Phase::Colo);
+    assert!(sim.checked_checkpoints >= 3);
+    sim.drain();
+    sim.check_survivor();
+}
+
+#[test]
+fn a_new_secondary_lost_during_the_resync_leaves_the_primary_alone() {
+    // One disk page per driver entry: the sync spans many steps.
+    let mut cfg = config();
+    cfg.disk_sync_burst = PAGE;
+    let mut sim = Sim::new(cfg);
+    sim.run(1000);
+    sim.kill_secondary(Kill::Crash);
+    sim.run(1000);
+    sim.reprotect(6).unwrap();
+    sim.run(50);
+    let p = sim.primary.as_ref().unwrap().status();
+    assert_eq!(p.phase, Phase::Syncing);
+    assert!(p.disk_sync.is_some_and(|s| s.sent_bytes > 0));
+    let answered = sim.client.answered;
+    sim.kill_secondary(Kill::Crash);
+    sim.run(1000);
+    sim.drain();
+    let p = sim.primary.as_ref().unwrap().status();
+    assert_eq!(p.phase, Phase::Alone);
+    assert!(sim.primary.as_ref().unwrap().vm().running);
+    assert!(p.disk_sync.is_none(), "the sync was given up");
+    assert!(sim.client.answered > answered + 100);
+    sim.check_survivor();
+}
+
+#[test]
+fn reprotect_is_refused_unless_the_primary_runs_alone() {
+    use colo_pair::PairError;
+    // A new pair still syncing, and a protected one.
+    let mut sim = Sim::new(config());
+    let refused = |sim: &mut Sim| {
+        let now = sim.now();
+        let (p_end, _s_end) = pipe();
+        let p = sim.primary.as_mut().unwrap();
+        p.reprotect(
+            now,
+            Box::new(channel(&p_end)),
+            Some(InitialSync::new(DISK, PAGE).unwrap()),
+        )
+    };
+    assert!(matches!(
+        refused(&mut sim),
+        Err(PairError::BadCommand { state: "syncing", .. })
+    ));
+    sim.run(1000);
+    assert!(matches!(
+        refused(&mut sim),
+        Err(PairError::BadCommand { state: "colo", .. })
+    ));
+    // The refusals changed nothing: the pair goes on checkpointing.
+    let before = sim.checked_checkpoints;
+    sim.run(500);
+    assert!(sim.checked_checkpoints > before);
+    assert_eq!(sim.primary.as_ref().unwrap().phase(), Phase::Colo);
+    // Alone, but over a version-2 link a disk sync is impossible: typed, and the primary stays alone.
+    sim.kill_secondary(Kill::Crash);
+    sim.run(1000);
+    let now = sim.now();
+    let (p_end, _s_end) = pipe();
+    let mut v2 = channel(&p_end);
+    v2.set_version(2);
+    let p = sim.primary.as_mut().unwrap();
+    let r = p.reprotect(now, Box::new(v2), Some(InitialSync::new(DISK, PAGE).unwrap()));
+    assert!(matches!(r, Err(PairError::NeedsVersion { version: 2, .. })));
+    assert_eq!(p.phase(), Phase::Alone);
+    sim.run(500);
+    sim.drain();
+    sim.check_survivor();
+    // A guest that shut down is not protected again.
+    sim.client.shutdown_requested = true;
+    sim.run(1000);
+    assert_eq!(sim.primary.as_ref().unwrap().phase(), Phase::ShutDown);
+    assert!(matches!(
+        sim.reprotect(7),
+        Err(PairError::BadCommand {
+            state: "shut down",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn reprotect_is_refused_to_a_primary_that_stopped_for_a_takeover() {
+    // The secondary took the guest over by command: this copy stopped for good and is not protected again.
+    let mut sim = warmed_up();
+    let now = sim.now();
+    let notice = Message::FailoverNotice {
+        reason: colo_proto::Reason::Operator,
+    };
+    sim.primary.as_mut().unwrap().handle_message(now, notice).unwrap();
+    let r = sim.reprotect(8);
+    assert!(matches!(
+        r,
+        Err(colo_pair::PairError::BadCommand { state: "stopped", .. })
+    ));
+    let p = sim.primary.as_ref().unwrap();
+    assert_eq!(p.phase(), Phase::Stopped);
+    assert!(!p.vm().running);
+}
+
+#[test]
+fn sync_mode_writes_of_a_reprotected_primary_complete_on_the_new_secondarys_acks() {
+    // The new secondary numbers its acks from 0 while the primary's write ids go on: every completion is
+    // checked against what the new secondary applied (`step_primary`), and the guest, whose answers wait
+    // for its writes, keeps answering.
+    let mut sim = Sim::build(config(), 3, None, sync_mode(), Opts::default());
+    sim.run(1000);
+    sim.kill_secondary(Kill::Crash);
+    sim.run(1000);
+    assert_eq!(sim.primary.as_ref().unwrap().phase(), Phase::Alone);
+    sim.reprotect(9).unwrap();
+    let (completed, waited, answered) = (
+        sim.writes_completed,
+        sim.primary.as_ref().unwrap().vm().waited,
+        sim.client.answered,
+    );
+    sim.run(2000);
+    let p = sim.primary.as_ref().unwrap();
+    assert_eq!(p.phase(), Phase::Colo);
+    assert!(p.vm().first_awaiting.is_some_and(|w| w.0 > 0), "the ids went on");
+    assert!(
+        p.vm().waited > waited + 10,
+        "writes waited for the new secondary's acks"
+    );
+    assert!(sim.writes_completed > completed + 10);
+    assert!(sim.client.answered > answered + 100);
+    assert!(sim.checked_checkpoints >= 5);
     sim.drain();
     sim.check_survivor();
 }
