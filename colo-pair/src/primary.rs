@@ -227,6 +227,15 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
                     state: "the disk is not standalone",
                 });
             }
+            if sync
+                .as_ref()
+                .is_some_and(|s| s.progress().total_bytes != disk.disk().len())
+            {
+                return Err(PairError::BadCommand {
+                    command: "reprotect with a sync of another disk length",
+                    state: "alone",
+                });
+            }
         }
         let rep = Protection::new(&self.cfg, now, self.net_time(now))?;
         self.peer.node.handle_event(now, NodeEvent::Protect)?;

@@ -2,7 +2,7 @@
 //!
 //! Requests: `{"cmd":"status"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"quit"}`,
 //! `{"cmd":"migrate","addr":"127.0.0.1:7100"}`, and in a COLO pair `{"cmd":"failover"}`,
-//! `{"cmd":"set_interval","ms":500}`, `{"cmd":"checkpoint"}`. Answers: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
+//! `{"cmd":"set_interval","ms":500}`, `{"cmd":"checkpoint"}`, `{"cmd":"protect","peer":"127.0.0.1:7300"}`. Answers: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
 //! The server is generic: the VMM hands it a handler.
 
 use std::io::{self, BufRead, BufReader, Write};
@@ -46,6 +46,13 @@ pub enum Request {
     },
     /// COLO: checkpoint now (primary).
     Checkpoint,
+    /// COLO: protect a primary that runs alone again, with the new secondary listening at `peer`
+    /// (`colo-vmm run --role secondary --colo-listen ...`): full RAM and disk sync while the guest runs, then
+    /// checkpoints.
+    Protect {
+        /// `host:port` of the new secondary's `--colo-listen` address.
+        peer: String,
+    },
 }
 
 /// Handles one request; returns the JSON answer (an object; `ok` is added if missing).

@@ -358,7 +358,7 @@ fn handle(
             events.quit.store(true, Ordering::SeqCst);
             json!({})
         }
-        Request::Failover | Request::SetInterval { .. } | Request::Checkpoint => {
+        Request::Failover | Request::SetInterval { .. } | Request::Checkpoint | Request::Protect { .. } => {
             err(&"not a COLO pair (run with --role)")
         }
         Request::Migrate { addr } => {

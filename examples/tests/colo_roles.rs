@@ -657,3 +657,65 @@ fn a_promoted_secondary_that_cannot_reach_the_switch_keeps_the_guest_and_attache
     secondary.quit();
     drop(tmp);
 }
+
+/// A secondary on a fresh image in `p`'s directory, listening on a free port; returns it and its address.
+fn new_secondary(p: &Pair, name: &str, extra: &[&str]) -> (Vmm, String) {
+    let image = disk(&p.dir, &format!("{name}.img"), 8);
+    let mut args = vec!["--role", "secondary", "--colo-listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let s = spawn_on(&p.dir, name, p.sw.path(), &image, &args);
+    let st = s.wait_status("listening address", T, |s| s["listen"].is_string());
+    let addr = st["listen"].as_str().unwrap().to_string();
+    (s, addr)
+}
+
+#[test]
+fn a_primary_alone_is_protected_again_by_a_new_secondary_which_takes_over_when_the_primary_dies() {
+    if !kvm_or_skip(
+        "a_primary_alone_is_protected_again_by_a_new_secondary_which_takes_over_when_the_primary_dies",
+    ) {
+        return;
+    }
+    let args = ["--checkpoint-ms", "200", "--heartbeat-timeout-ms", "500"];
+    let mut p = pair(&args);
+    let mut m = Model::connect(&p);
+    m.work(40);
+    p.secondary.kill();
+    m.work(40);
+    let ps = p.primary.wait_status("alone", T, |s| s["phase"] == "alone");
+    let checkpoints_alone = num(&ps["checkpoints"]);
+    // Protect is refused where it makes no sense, changing nothing.
+    let (s2, addr) = new_secondary(&p, "secondary2", &args);
+    let refused = s2.ctl(Request::Protect { peer: addr.clone() });
+    assert_eq!(refused["ok"], false, "{refused}");
+    // The new secondary: full RAM and disk sync while the client keeps going, then checkpoints again.
+    let a = p.primary.ctl(Request::Protect { peer: addr });
+    assert_eq!(a["ok"], true, "{a}");
+    m.work(40);
+    for v in [&p.primary, &s2] {
+        v.wait_status("COLO with the new secondary", T, |s| {
+            s["phase"] == "colo" && s["epoch"].as_u64() >= Some(3)
+        });
+    }
+    let again = p.primary.ctl(Request::Protect {
+        peer: "127.0.0.1:1".into(),
+    });
+    assert_eq!(again["ok"], false, "protect while protected: {again}");
+    m.work(60);
+    m.check_all();
+    let ps = p.primary.colo();
+    let ss = s2.colo();
+    eprintln!("primary {ps:#}\nnew secondary {ss:#}");
+    assert_eq!(ps["failover"]["state"], "none", "{ps}");
+    assert!(num(&ps["checkpoints"]) >= checkpoints_alone + 3);
+    assert!(num(&ps["compare"]["released_compared"]) + num(&ps["compare"]["released_at_checkpoint"]) > 0);
+    assert!(p.primary.has_log("COLO: protecting the guest again"));
+    // The primary dies: the new secondary takes over from its last checkpoint, same client connection.
+    p.primary.kill();
+    m.work(40);
+    let ss = s2.wait_status("promoted", T, |s| s["phase"] == "alone");
+    assert_eq!(ss["node_role"], "primary", "{ss}");
+    m.check_all();
+    assert!(s2.has_log("COLO: promoted"));
+    s2.quit();
+}

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use colo_block::{MemStore, RawFile};
+use colo_block::{BlockBackend, InitialSync, MemStore, RawFile};
 use colo_failover::{ExitReason, FailoverStatus, FenceToken, Role as NodeRole};
 use colo_pair::{Output, PairError, PairStatus, Phase, PrimaryPair, SecondaryPair, Side, Trigger};
 use colo_proto::Message;
@@ -41,7 +41,13 @@ pub const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub enum Event {
     /// A message from the peer, or the error that ended the channel.
-    Peer(Result<Message, colo_proto::Error>),
+    Peer {
+        /// The [`SharedLink::id`] of the link it came on: what an earlier link still delivers after a
+        /// re-protection is dropped.
+        link: u64,
+        /// The message or the error.
+        msg: Result<Message, colo_proto::Error>,
+    },
     /// A frame from the client network.
     Client(Bytes),
     /// A frame the guest sent.
@@ -55,7 +61,7 @@ pub enum Event {
 }
 
 /// Operator commands (from the control socket).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Command {
     /// Fail over now: the primary runs on alone; the secondary takes over (after stopping the primary).
     Failover,
@@ -63,6 +69,9 @@ pub enum Command {
     SetInterval(Duration),
     /// Checkpoint now (primary).
     Checkpoint,
+    /// Protect the guest again with the new secondary at the end of this link (a primary running alone;
+    /// the control thread connected and ran the handshake).
+    Protect(Box<super::NewLink>),
 }
 
 /// The calls the loop makes on either side's colo-pair driver.
@@ -97,6 +106,8 @@ pub trait PairDriver {
     fn guest_shutdown(&mut self, now: Instant) -> colo_pair::Result<()>;
     /// Why the last checkpoint started (primary only).
     fn last_trigger(&self) -> Option<Trigger>;
+    /// See [`PrimaryPair::reprotect`] (primary only): over `link`, with a full disk sync.
+    fn reprotect(&mut self, now: Instant, link: SharedLink) -> colo_pair::Result<()>;
 }
 
 /// The primary's driver type.
@@ -159,6 +170,15 @@ impl PairDriver for Primary {
     fn last_trigger(&self) -> Option<Trigger> {
         Self::last_trigger(self)
     }
+    fn reprotect(&mut self, now: Instant, link: SharedLink) -> colo_pair::Result<()> {
+        // The disk changed while the guest ran alone: all of it goes to the new secondary again.
+        let len = self.disk().lock().disk().len();
+        let sync = InitialSync::new(len, super::SYNC_CHUNK).map_err(|source| PairError::Block {
+            what: "initial sync",
+            source,
+        })?;
+        Self::reprotect(self, now, Box::new(link), Some(sync))
+    }
 }
 
 fn primary_only(command: &'static str) -> PairError {
@@ -184,6 +204,12 @@ impl PairDriver for Secondary {
     }
     fn last_trigger(&self) -> Option<Trigger> {
         None
+    }
+    fn reprotect(&mut self, _: Instant, _: SharedLink) -> colo_pair::Result<()> {
+        Err(PairError::BadCommand {
+            command: "protect",
+            state: "the secondary (a promoted secondary's disk cannot be replicated from)",
+        })
     }
 }
 
@@ -232,6 +258,7 @@ pub struct Driver<P: PairDriver> {
     undeliverable: u64,
     last_publish: Instant,
     done: Option<Exit>,
+    heartbeats: (Duration, Duration),
 }
 
 /// What the driver needs besides the pair.
@@ -258,6 +285,8 @@ pub struct DriverParts {
     pub attach: Option<Attach>,
     /// Where the status snapshot goes (the control socket reads it).
     pub status: Arc<Mutex<Value>>,
+    /// The heartbeat thread's interval and its watchdog's silence limit (for the links of re-protections).
+    pub heartbeats: (Duration, Duration),
 }
 
 fn phase_name(p: Phase) -> &'static str {
@@ -315,6 +344,7 @@ impl<P: PairDriver> Driver<P> {
             undeliverable: 0,
             last_publish: now,
             done: None,
+            heartbeats: parts.heartbeats,
         }
     }
 
@@ -371,12 +401,12 @@ impl<P: PairDriver> Driver<P> {
     fn handle(&mut self, ev: Event) -> Result<(), ColoError> {
         let t0 = Instant::now();
         let kind = match &ev {
-            Event::Peer(Ok(m)) => Some(m.kind()),
+            Event::Peer { msg: Ok(m), .. } => Some(m.kind()),
             _ => None,
         };
         let name = match &ev {
-            Event::Peer(Ok(_)) => "peer message",
-            Event::Peer(Err(_)) => "peer error",
+            Event::Peer { msg: Ok(_), .. } => "peer message",
+            Event::Peer { msg: Err(_), .. } => "peer error",
             Event::Client(_) => "client frame",
             Event::GuestTx(_) => "guest frame",
             Event::Wake => "wake-up",
@@ -396,9 +426,13 @@ impl<P: PairDriver> Driver<P> {
     fn handle_inner(&mut self, ev: Event) -> Result<(), ColoError> {
         let now = Instant::now();
         match ev {
-            Event::Peer(r) => {
+            Event::Peer { link, .. } if link != self.link.id() => {
+                // From the link of a secondary given up before a re-protection: stale.
                 self.peer_pending.fetch_sub(1, Ordering::Relaxed);
-                match r {
+            }
+            Event::Peer { msg, .. } => {
+                self.peer_pending.fetch_sub(1, Ordering::Relaxed);
+                match msg {
                     Ok(msg) => {
                         self.last_peer_message = now;
                         let r = self.pair.handle_message(now, msg);
@@ -498,8 +532,46 @@ impl<P: PairDriver> Driver<P> {
                 let r = self.pair.checkpoint_now(now);
                 self.reply(r, &reply)?;
             }
+            Command::Protect(new) => self.protect(now, *new, &reply)?,
         }
         Ok(())
+    }
+
+    /// Re-protection: the new link replaces the old one (its reader and heartbeat threads start only once
+    /// the pair took it; a refused link is closed, which the new secondary sees).
+    fn protect(&mut self, now: Instant, new: super::NewLink, reply: &Sender<Value>) -> Result<(), ColoError> {
+        let super::NewLink { link, reader, peer } = new;
+        let t0 = Instant::now();
+        // Refused (not a primary running alone): nothing changed, and the new secondary sees its link close.
+        let r = self.pair.reprotect(now, link.clone());
+        if r.is_err() {
+            link.close();
+            return self.reply(r, reply);
+        }
+        tracing::info!(
+            "COLO: protecting the guest again with the secondary at {peer}: RAM sent in {:?}; disk sync and \
+             checkpoint 1 next",
+            t0.elapsed()
+        );
+        self.link = link;
+        self.link.driver_tick();
+        let started = super::link::spawn_reader(
+            reader,
+            self.events_tx.clone(),
+            self.peer_pending.clone(),
+            self.link.clone(),
+        )
+        .and_then(|()| self.link.spawn_heartbeats(self.heartbeats.0, self.heartbeats.1));
+        if let Err(e) = started {
+            // Without a reader nothing of the new secondary is heard: give it up at once.
+            tracing::error!("COLO: starting the new link's threads: {e}");
+            self.link.close();
+            let r = self.pair.channel_error(now, &colo_proto::Error::from(e));
+            return self.reply(r, reply);
+        }
+        self.last_peer_message = now;
+        self.failover_ms = None;
+        self.reply(Ok(()), reply)
     }
 
     /// Answers a command with its result (a refused command changes nothing and is only the operator's

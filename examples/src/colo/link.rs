@@ -31,8 +31,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The next [`SharedLink::id`].
+static NEXT_LINK_ID: AtomicU64 = AtomicU64::new(1);
+
 #[derive(Debug)]
 struct Inner {
+    /// Tells this link's messages from an earlier link's (a re-protected primary has had several).
+    id: u64,
     chan: Mutex<Channel<TcpStream>>,
     socket: TcpStream,
     origin: Instant,
@@ -68,6 +73,7 @@ impl SharedLink {
         let origin = Instant::now();
         Ok(Self {
             inner: Arc::new(Inner {
+                id: NEXT_LINK_ID.fetch_add(1, Ordering::Relaxed),
                 chan: Mutex::new(chan),
                 socket,
                 origin,
@@ -88,6 +94,11 @@ impl SharedLink {
         if !self.inner.closed.swap(true, Ordering::SeqCst) {
             let _ = self.inner.socket.shutdown(Shutdown::Both);
         }
+    }
+
+    /// This link's number, unique in the process: the reader tags what it receives with it.
+    pub fn id(&self) -> u64 {
+        self.inner.id
     }
 
     /// Whether [`SharedLink::close`] was called.
@@ -314,7 +325,7 @@ impl Link for SharedLink {
 }
 
 /// Starts the receiving half: every message (or the error that ends the stream) goes to the driver as
-/// [`Event::Peer`]. `pending` counts messages the driver has not taken yet; the reader waits while it is
+/// [`Event::Peer`], tagged with `link`'s [`id`](SharedLink::id). `pending` counts messages the driver has not taken yet; the reader waits while it is
 /// above [`MAX_PENDING_MESSAGES`].
 pub fn spawn_reader(
     mut chan: Channel<TcpStream>,
@@ -336,7 +347,11 @@ pub fn spawn_reader(
                 link.received();
                 let end = r.is_err();
                 pending.fetch_add(1, Ordering::Relaxed);
-                if events.send(Event::Peer(r)).is_err() || end {
+                let ev = Event::Peer {
+                    link: link.id(),
+                    msg: r,
+                };
+                if events.send(ev).is_err() || end {
                     return;
                 }
             }

@@ -237,8 +237,21 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> ColoError {
     move |source| ColoError::Io { what, source }
 }
 
+/// A connection to a new secondary, handshake done, for [`Command::Protect`].
+#[derive(Debug)]
+pub struct NewLink {
+    /// The sending half.
+    pub link: SharedLink,
+    /// The receiving half, for the reader thread.
+    pub reader: Channel<TcpStream>,
+    /// The secondary's address (for the log).
+    pub peer: String,
+}
+
 /// What the control socket handler shares with the driver.
 struct ControlShared {
+    side: Side,
+    connect_timeout: Duration,
     machine: Arc<Machine>,
     status: Arc<Mutex<Value>>,
     events: Mutex<Sender<Event>>,
@@ -299,7 +312,65 @@ fn handle_control(c: &ControlShared, req: Request) -> Value {
             json!({ "ok": false, "error": format!("interval {ms} ms is not within 1..=3600000") })
         }
         Request::Checkpoint => command(Command::Checkpoint),
+        Request::Protect { .. } if c.side != Side::Primary => {
+            json!({ "ok": false, "error": "protect is a primary's command (a promoted secondary cannot be protected)" })
+        }
+        Request::Protect { .. } if !c.driving.load(Ordering::SeqCst) => {
+            json!({ "ok": false, "error": "the pair is not running (no peer yet, or finished)" })
+        }
+        Request::Protect { .. } if c.status.lock().unwrap_or_else(|e| e.into_inner())["phase"] != "alone" => {
+            // Checked again by the driver; this only spares a connection to the new secondary.
+            json!({ "ok": false, "error": "protect needs a primary running alone" })
+        }
+        Request::Protect { peer } => {
+            // Connect and shake hands here, on the control thread: the driver (and the guest) go on meanwhile.
+            match connect(&peer, &c.quit, c.connect_timeout)
+                .and_then(|s| handshake(s, Side::Primary, &c.machine))
+            {
+                Ok((chan, reader)) => match SharedLink::new(chan, None) {
+                    Ok(link) => command(Command::Protect(Box::new(NewLink { link, reader, peer }))),
+                    Err(e) => json!({ "ok": false, "error": format!("{peer}: {e}") }),
+                },
+                Err(e) => json!({ "ok": false, "error": format!("{peer}: {e}") }),
+            }
+        }
     }
+}
+
+/// The colo-proto handshake on a new connection (RAM layouts must match): the channel for sending and
+/// one for the reader thread, both at the negotiated version.
+fn handshake(
+    stream: TcpStream,
+    side: Side,
+    machine: &Machine,
+) -> Result<(Channel<TcpStream>, Channel<TcpStream>), ColoError> {
+    let regions = vec![MemoryRegion {
+        gpa: 0,
+        size: ram_size(machine.ram()),
+    }];
+    stream.set_nodelay(true).map_err(io("socket options"))?;
+    // A peer that never finishes the handshake is refused after this long (not waited for forever).
+    stream
+        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(io("socket options"))?;
+    // A peer that stops reading fails our sends after this long instead of hanging the driver.
+    stream
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .map_err(io("socket options"))?;
+    let mut chan = Channel::new(stream.try_clone().map_err(io("socket"))?);
+    let negotiated = match side {
+        Side::Primary => {
+            chan.handshake_connect(&LocalConfig::new(1, Role::Primary, PAGE_SIZE as u32, regions))?
+        }
+        Side::Secondary => {
+            chan.handshake_accept(&LocalConfig::new(2, Role::Secondary, PAGE_SIZE as u32, regions))?
+        }
+    };
+    stream.set_read_timeout(None).map_err(io("socket options"))?;
+    let mut reader = Channel::new(stream);
+    reader.set_version(negotiated.version);
+    tracing::info!("COLO: handshake done (protocol version {})", negotiated.version);
+    Ok((chan, reader))
 }
 
 fn set_phase(status: &Mutex<Value>, side: &str, phase: &str) {
@@ -486,6 +557,8 @@ pub fn run(mut machine: MachineConfig, cfg: ColoConfig, control: Option<&Path>) 
         },
     );
     let shared = Arc::new(ControlShared {
+        side,
+        connect_timeout: cfg.connect_timeout,
         machine: machine.clone(),
         status: status.clone(),
         events: Mutex::new(events_tx.clone()),
@@ -502,10 +575,6 @@ pub fn run(mut machine: MachineConfig, cfg: ColoConfig, control: Option<&Path>) 
     };
 
     // The checkpoint channel and its handshake (RAM layouts must match).
-    let regions = vec![MemoryRegion {
-        gpa: 0,
-        size: ram_size(machine.ram()),
-    }];
     let stream = match &cfg.role {
         PeerRole::Primary { peer } => connect(peer, &shared.quit, cfg.connect_timeout),
         PeerRole::Secondary { listen } => {
@@ -525,28 +594,7 @@ pub fn run(mut machine: MachineConfig, cfg: ColoConfig, control: Option<&Path>) 
         }
         Err(e) => return Err(e),
     };
-    stream.set_nodelay(true).map_err(io("socket options"))?;
-    // A peer that never finishes the handshake is refused after this long (not waited for forever).
-    stream
-        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-        .map_err(io("socket options"))?;
-    // A peer that stops reading fails our sends after this long instead of hanging the driver.
-    stream
-        .set_write_timeout(Some(Duration::from_secs(10)))
-        .map_err(io("socket options"))?;
-    let mut chan = Channel::new(stream.try_clone().map_err(io("socket"))?);
-    let negotiated = match side {
-        Side::Primary => {
-            chan.handshake_connect(&LocalConfig::new(1, Role::Primary, PAGE_SIZE as u32, regions))?
-        }
-        Side::Secondary => {
-            chan.handshake_accept(&LocalConfig::new(2, Role::Secondary, PAGE_SIZE as u32, regions))?
-        }
-    };
-    stream.set_read_timeout(None).map_err(io("socket options"))?;
-    let mut reader = Channel::new(stream);
-    reader.set_version(negotiated.version);
-    tracing::info!("COLO: handshake done (protocol version {})", negotiated.version);
+    let (chan, reader) = handshake(stream, side, &machine)?;
 
     let link = SharedLink::new(chan, cfg.fault_exit_in_checkpoint).map_err(io("socket"))?;
     let peer_pending = Arc::new(AtomicUsize::new(0));
@@ -560,6 +608,7 @@ pub fn run(mut machine: MachineConfig, cfg: ColoConfig, control: Option<&Path>) 
     let vm = ColoVm::new(machine.clone(), rx.clone());
     let log = vm::dirty_log(&machine)?;
     let arbiter = arbiter(&cfg)?;
+    let heartbeats = (pair_cfg.failover.heartbeat_interval, cfg.heartbeat_timeout);
     let parts = |switch, attach| driver::DriverParts {
         side,
         machine: machine.clone(),
@@ -572,6 +621,7 @@ pub fn run(mut machine: MachineConfig, cfg: ColoConfig, control: Option<&Path>) 
         switch,
         attach,
         status: status.clone(),
+        heartbeats,
     };
     let result = match disk {
         SideDisk::Primary(disk) => {
