@@ -7,7 +7,7 @@
 //! | [`Vm`] | pause/resume the guest, its memory (vm-memory), save/load vCPU and device state as blobs | — |
 //! | [`Link`] | the sending half of the checkpoint channel (implemented for `colo_proto::Channel`) | colo-proto |
 //! | [`SharedPrimaryDisk`], [`SharedSecondaryDisk`] | what the VMM's block device calls | colo-block |
-//! | [`PrimaryPair`] | checkpoint transaction, dirty pages, disk write forwarding, output comparison, failover | all five |
+//! | [`PrimaryPair`] | checkpoint transaction, dirty pages, disk write forwarding, output comparison, failover, re-protection ([`PrimaryPair::reprotect`]) | all five |
 //! | [`SecondaryPair`] | RAM cache and union flush, device load, hidden/active overlays, rewriter, promotion | all five |
 //! | [`PairStatus`] | role, epoch, checkpoints, pauses, bytes, compare counters, failover state and reason | — |
 //!

@@ -238,6 +238,16 @@ mod tests {
             serde_json::from_str::<Request>(r#"{"cmd":"failover"}"#).unwrap(),
             Request::Failover
         );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"protect","peer":"127.0.0.1:7300"}"#).unwrap(),
+            Request::Protect {
+                peer: "127.0.0.1:7300".into()
+            }
+        );
+        assert!(
+            serde_json::from_str::<Request>(r#"{"cmd":"protect"}"#).is_err(),
+            "a peer is required"
+        );
     }
 
     #[test]

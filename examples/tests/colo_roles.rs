@@ -669,28 +669,34 @@ fn new_secondary(p: &Pair, name: &str, extra: &[&str]) -> (Vmm, String) {
     (s, addr)
 }
 
-#[test]
-fn a_primary_alone_is_protected_again_by_a_new_secondary_which_takes_over_when_the_primary_dies() {
-    if !kvm_or_skip(
-        "a_primary_alone_is_protected_again_by_a_new_secondary_which_takes_over_when_the_primary_dies",
-    ) {
-        return;
-    }
-    let args = ["--checkpoint-ms", "200", "--heartbeat-timeout-ms", "500"];
+/// A pair loses its secondary (killed, or `failover` on the primary when `by_command`), the primary runs
+/// alone, a new secondary on a zero image is protected with `protect`, checkpoints resume with the client
+/// checked throughout; then the primary is killed and the new secondary takes over. Returns the new
+/// secondary's status after the takeover and the primary's token while it ran alone.
+fn reprotect_then_take_over(name: &str, by_command: bool, extra: &[&str]) -> (Value, Value) {
+    let mut args = vec!["--checkpoint-ms", "200", "--heartbeat-timeout-ms", "500"];
+    args.extend_from_slice(extra);
     let mut p = pair(&args);
     let mut m = Model::connect(&p);
     m.work(40);
-    p.secondary.kill();
+    if by_command {
+        let a = p.primary.ctl(Request::Failover);
+        assert_eq!(a["ok"], true, "{name}: {a}");
+        p.secondary
+            .wait_status("stopped secondary", T, |s| s["phase"] == "stopped");
+    } else {
+        p.secondary.kill();
+    }
     m.work(40);
     let ps = p.primary.wait_status("alone", T, |s| s["phase"] == "alone");
-    let checkpoints_alone = num(&ps["checkpoints"]);
+    let (checkpoints_alone, token_alone) = (num(&ps["checkpoints"]), ps["failover"]["token"].clone());
     // Protect is refused where it makes no sense, changing nothing.
     let (s2, addr) = new_secondary(&p, "secondary2", &args);
     let refused = s2.ctl(Request::Protect { peer: addr.clone() });
-    assert_eq!(refused["ok"], false, "{refused}");
+    assert_eq!(refused["ok"], false, "{name}: {refused}");
     // The new secondary: full RAM and disk sync while the client keeps going, then checkpoints again.
     let a = p.primary.ctl(Request::Protect { peer: addr });
-    assert_eq!(a["ok"], true, "{a}");
+    assert_eq!(a["ok"], true, "{name}: {a}");
     m.work(40);
     for v in [&p.primary, &s2] {
         v.wait_status("COLO with the new secondary", T, |s| {
@@ -700,12 +706,12 @@ fn a_primary_alone_is_protected_again_by_a_new_secondary_which_takes_over_when_t
     let again = p.primary.ctl(Request::Protect {
         peer: "127.0.0.1:1".into(),
     });
-    assert_eq!(again["ok"], false, "protect while protected: {again}");
+    assert_eq!(again["ok"], false, "{name}: protect while protected: {again}");
     m.work(60);
     m.check_all();
     let ps = p.primary.colo();
     let ss = s2.colo();
-    eprintln!("primary {ps:#}\nnew secondary {ss:#}");
+    eprintln!("{name}: primary {ps:#}\nnew secondary {ss:#}");
     assert_eq!(ps["failover"]["state"], "none", "{ps}");
     assert!(num(&ps["checkpoints"]) >= checkpoints_alone + 3);
     assert!(num(&ps["compare"]["released_compared"]) + num(&ps["compare"]["released_at_checkpoint"]) > 0);
@@ -718,4 +724,37 @@ fn a_primary_alone_is_protected_again_by_a_new_secondary_which_takes_over_when_t
     m.check_all();
     assert!(s2.has_log("COLO: promoted"));
     s2.quit();
+    (ss, token_alone)
+}
+
+#[test]
+fn a_primary_alone_is_protected_again_by_a_new_secondary_which_takes_over_when_the_primary_dies() {
+    let name = "a_primary_alone_is_protected_again_by_a_new_secondary_which_takes_over_when_the_primary_dies";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    reprotect_then_take_over(name, false, &[]);
+}
+
+#[test]
+fn with_a_witness_a_reprotected_primary_keeps_its_lease_and_the_new_secondary_wins_the_next_token() {
+    let name =
+        "with_a_witness_a_reprotected_primary_keeps_its_lease_and_the_new_secondary_wins_the_next_token";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    use colo_failover::witness::{WitnessConfig, WitnessServer};
+    let w = WitnessServer::bind_fresh("127.0.0.1:0", WitnessConfig::default())
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let arb = format!("witness={}", w.addr());
+    // The operator fails over on the primary (it wins the lease), then protects it again; when it dies the
+    // new secondary is refused until the dead primary's lease runs out (3 s), then wins.
+    let (ss, token_alone) = reprotect_then_take_over(name, true, &["--arbiter", &arb]);
+    let token_alone = token_alone.as_u64().expect("the primary held the lease alone");
+    let (holder, token, _) = w.holder().expect("a holder");
+    assert_eq!(holder, "secondary");
+    assert!(token.0 > token_alone, "{} after {token_alone}", token.0);
+    assert_eq!(ss["failover"]["token"], token.0);
 }
