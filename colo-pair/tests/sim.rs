@@ -2680,6 +2680,11 @@ fn reprotected(lost: Lost, seed: u64) -> Sim {
     assert_eq!(p.epoch, 0, "the new secondary's session starts from checkpoint 1");
     assert!(p.exit_detail.is_none());
     assert!(p.disk_sync.is_some(), "the disk is synced again");
+    // The old secondary's comparator was emptied (released once, as `Failover`) when it was lost; the new
+    // one starts empty, so nothing of it can be released again.
+    let c = p.compare.unwrap();
+    assert_eq!((c.primary_frames, c.queued, c.released_compared), (0, 0, 0));
+    let failover_releases = sim.released.get("failover").copied().unwrap_or(0);
     let mut synced = false;
     for _ in 0..3000 {
         sim.step(false);
@@ -2713,6 +2718,11 @@ fn reprotected(lost: Lost, seed: u64) -> Sim {
     );
     assert!(epoch_alone >= 5);
     assert!(!sim.failed_over, "nothing released alone once re-protected");
+    assert_eq!(
+        sim.released.get("failover").copied().unwrap_or(0),
+        failover_releases,
+        "nothing more released as the old secondary's held output"
+    );
     assert!(sim.client.answered > answered_alone + 100, "the client goes on");
     assert_eq!(sim.client.gate.rejected(), 0);
     sim
