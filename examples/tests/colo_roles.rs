@@ -441,17 +441,23 @@ fn a_full_disk_epoch_holds_the_write_until_a_forced_checkpoint_and_nothing_is_lo
     p.secondary.quit();
 }
 
-#[test]
-fn with_a_witness_the_promoted_secondary_holds_the_lease() {
-    if !kvm_or_skip("with_a_witness_the_promoted_secondary_holds_the_lease") {
-        return;
-    }
+/// A witness arbiter on loopback and the `--arbiter` value that names it.
+fn witness() -> (colo_failover::witness::WitnessHandle, String) {
     use colo_failover::witness::{WitnessConfig, WitnessServer};
     let w = WitnessServer::bind_fresh("127.0.0.1:0", WitnessConfig::default())
         .unwrap()
         .spawn()
         .unwrap();
     let arb = format!("witness={}", w.addr());
+    (w, arb)
+}
+
+#[test]
+fn with_a_witness_the_promoted_secondary_holds_the_lease() {
+    if !kvm_or_skip("with_a_witness_the_promoted_secondary_holds_the_lease") {
+        return;
+    }
+    let (w, arb) = witness();
     let p = pair(&["--checkpoint-ms", "200", "--arbiter", &arb]);
     assert!(!p.primary.has_log("NO ARBITER"));
     let mut m = Model::connect(&p);
@@ -743,12 +749,7 @@ fn with_a_witness_a_reprotected_primary_keeps_its_lease_and_the_new_secondary_wi
     if !kvm_or_skip(name) {
         return;
     }
-    use colo_failover::witness::{WitnessConfig, WitnessServer};
-    let w = WitnessServer::bind_fresh("127.0.0.1:0", WitnessConfig::default())
-        .unwrap()
-        .spawn()
-        .unwrap();
-    let arb = format!("witness={}", w.addr());
+    let (w, arb) = witness();
     // The operator fails over on the primary (it wins the lease), then protects it again; when it dies the
     // new secondary is refused until the dead primary's lease runs out (3 s), then wins.
     let (ss, token_alone) = reprotect_then_take_over(name, true, &["--arbiter", &arb]);
