@@ -477,6 +477,8 @@ impl<B: BlockBackend> PrimaryDisk<B> {
         self.queue.clear();
         self.queued_bytes = 0;
         self.unacked_bytes = 0;
+        // The blocks the lost secondary's overlays held this epoch: a later secondary starts empty.
+        self.epoch_blocks.clear();
         self.unacked.drain(..).map(|(id, _)| id).collect()
     }
 
@@ -690,6 +692,14 @@ mod tests {
         ));
         p.end_epoch().unwrap();
         p.write(8192, Bytes::from(vec![1u8; 512])).unwrap();
+        // The secondary is lost in the middle of a full epoch; a new one (re-protection) starts with empty
+        // overlays, so the epoch's count starts again too.
+        p.write(16384, Bytes::from(vec![1u8; 512])).unwrap();
+        assert!(p.write(24576, Bytes::from(vec![1u8; 512])).is_err());
+        p.stop_replication();
+        p.start_replication().unwrap();
+        p.write(24576, Bytes::from(vec![1u8; 4096])).unwrap();
+        p.write(32768, Bytes::from(vec![1u8; 512])).unwrap();
     }
 
     #[test]

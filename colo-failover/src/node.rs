@@ -755,6 +755,8 @@ impl Node {
                     self.renew_at = None;
                     match state {
                         State::Active { .. } | State::Alone => self.fence(holder),
+                        // A re-protecting primary's output needs the lease, as when it lapses.
+                        State::Syncing { role: Role::Primary } if self.paired => self.resync_lost_lease(now),
                         _ => self.notices.push_back(Notice::ArbiterLost),
                     }
                 }
@@ -781,21 +783,7 @@ impl Node {
                         self.set_failover(FailoverStatus::Required);
                         self.request_arbiter(now, Action::AcquireArbiter);
                     }
-                    State::Syncing { role: Role::Primary } if self.paired => {
-                        // Re-protection runs unprotected: output needs the lease. Give the sync up and win the
-                        // arbiter again (the new secondary sees the sync fail).
-                        self.stop_heartbeats();
-                        self.notices.push_back(Notice::SyncAborted);
-                        self.denied_since = None;
-                        self.actions.push_back(Action::SuspendOutput);
-                        self.state = State::Required {
-                            role: Role::Primary,
-                            reason: ExitReason::Error,
-                        };
-                        self.reason = ExitReason::Processing;
-                        self.set_failover(FailoverStatus::Required);
-                        self.request_arbiter(now, Action::AcquireArbiter);
-                    }
+                    State::Syncing { role: Role::Primary } if self.paired => self.resync_lost_lease(now),
                     State::Alone => {
                         self.denied_since = None;
                         self.actions.push_back(Action::SuspendOutput);
@@ -858,6 +846,23 @@ impl Node {
         self.state = State::Syncing { role };
         self.next_heartbeat = Some(now);
         self.peer_deadline = Some(now + self.config.heartbeat_timeout);
+    }
+
+    /// A re-protecting primary lost its lease (it lapsed, or a renewal was refused): re-protection runs
+    /// unprotected and its output needs the lease. Give the sync up and win the arbiter again (the new
+    /// secondary sees the sync fail).
+    fn resync_lost_lease(&mut self, now: Instant) {
+        self.stop_heartbeats();
+        self.notices.push_back(Notice::SyncAborted);
+        self.denied_since = None;
+        self.actions.push_back(Action::SuspendOutput);
+        self.state = State::Required {
+            role: Role::Primary,
+            reason: ExitReason::Error,
+        };
+        self.reason = ExitReason::Processing;
+        self.set_failover(FailoverStatus::Required);
+        self.request_arbiter(now, Action::AcquireArbiter);
     }
 
     fn stop_heartbeats(&mut self) {

@@ -74,6 +74,12 @@ pub enum PairError {
         /// The link's version.
         version: u16,
     },
+    /// The peer was lost while a command was carried out (the pair went on without it; see its status).
+    #[error("the peer was lost during {during}")]
+    PeerLost {
+        /// What was going on.
+        during: &'static str,
+    },
     /// A command given in a state where it makes no sense; nothing changed.
     #[error("{command} is not possible while {state}")]
     BadCommand {

@@ -192,10 +192,19 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
     /// The VMM must drop whatever the old link's receiver still delivers: from this call on, every message,
     /// channel error and close it hands to the driver must come from `link`'s peer.
     ///
+    /// With an arbiter, a lease the primary won when it went alone stays held and renewed through the
+    /// resync and the COLO run that follows (a new pair gives its start grant back). If this primary then
+    /// dies, the new secondary is refused until that lease runs out: its failover node's
+    /// `denied_patience` must be longer than the lease's time to live, or it fences itself (colo-vmm sets
+    /// it to at least twice the TTL). A refused renewal during the resync gives the sync up and wins the
+    /// arbiter back, output held meanwhile.
+    ///
     /// Errors, with nothing changed: [`PairError::BadCommand`] unless the pair runs alone with output
     /// flowing (not while a lapsed lease is being won again: the node refuses `Protect` then),
     /// [`PairError::NeedsVersion`] for a sync over a version-2 link, [`PairError::Failover`] if the failover
-    /// machine refuses. Errors after that (the disk, guest RAM) leave the pair running alone.
+    /// machine refuses. Errors after that (the disk, guest RAM) give the new secondary up and leave the pair
+    /// running alone (or winning its arbiter back), as does [`PairError::PeerLost`]: the new link failed
+    /// while the RAM went out.
     pub fn reprotect(
         &mut self,
         now: Instant,
@@ -254,7 +263,20 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
             }
         }
         self.phase = Phase::Syncing;
-        self.start_protection(now)
+        if let Err(e) = self.start_protection(now) {
+            // Nothing half done stays behind: the new secondary is given up and the pair runs alone again.
+            self.link_lost(now, format!("re-protection: {e}"));
+            self.drive_node(now)?;
+            return Err(e);
+        }
+        if !matches!(self.phase, Phase::Syncing) {
+            // The new link failed while the RAM went out: the pair runs alone again (or is winning its
+            // arbiter back), as the status says.
+            return Err(PairError::PeerLost {
+                during: "re-protection's RAM send",
+            });
+        }
+        Ok(())
     }
 
     /// What a new pair and a re-protection both do once the link and a fresh [`Protection`] are in place
@@ -365,6 +387,16 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
                 self.rep.cmp.handle_secondary(t, f.data);
                 self.drain_compare(now, None);
             }
+            Message::FailoverNotice { reason } if self.phase == Phase::Syncing => {
+                // A secondary still syncing has no copy of the guest to take over with (an honest one sends
+                // the notice only in COLO): stopping here would lose the only copy. Give the link up.
+                self.link_lost(
+                    now,
+                    format!("failover notice ({reason:?}) from a secondary still syncing"),
+                );
+                self.drive_node(now)?;
+                return Ok(());
+            }
             Message::FailoverNotice { reason } => {
                 // The secondary takes the guest over (an operator's command there): this copy must stop
                 // and release nothing more, or two copies would run once the link is gone.
@@ -374,7 +406,12 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
             Message::BlockAck { id, .. } => {
                 // The secondary's numbering (from 0 on this link) in the disk's (see `Protection::ack_base`).
                 let Some(ours) = self.rep.ack_base.and_then(|base| base.checked_add(id)) else {
-                    self.link_lost(now, format!("block ack {id} from the secondary before any write"));
+                    let why = if self.rep.ack_base.is_none() {
+                        "before any write"
+                    } else {
+                        "out of range"
+                    };
+                    self.link_lost(now, format!("block ack {id} from the secondary {why}"));
                     self.drive_node(now)?;
                     return Ok(());
                 };
@@ -867,16 +904,21 @@ impl<V: Vm, B: BlockBackend> PrimaryPair<V, B> {
         self.drain_compare(now, None);
     }
 
+    /// Releases `frame` stamped with the output token, after the frames still waiting for one; without a
+    /// token or with output suspended it waits too.
     fn emit(&mut self, now: Instant, frame: Bytes, release: Release) {
-        match self.peer.output_token(now) {
-            Some(token) if !self.suspended && self.unstamped.is_empty() => {
+        self.unstamped.push_back((frame, release));
+        if self.suspended {
+            return;
+        }
+        if let Some(token) = self.peer.output_token(now) {
+            for (frame, release) in self.unstamped.drain(..) {
                 self.outputs.push_back(Output::ToClient {
                     frame,
                     token,
                     release,
-                })
+                });
             }
-            _ => self.unstamped.push_back((frame, release)),
         }
     }
 

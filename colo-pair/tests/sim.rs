@@ -2814,6 +2814,73 @@ fn a_new_secondary_lost_during_the_resync_leaves_the_primary_alone() {
 }
 
 #[test]
+fn a_renewal_refused_during_a_resync_gives_the_sync_up_and_output_flows_again() {
+    let arbiter = SimArbiter::default();
+    arbiter.0.lock().unwrap().ttl_ms = Some(1000);
+    // One disk page per driver entry: the resync spans several lease renewals.
+    let mut cfg = config();
+    cfg.disk_sync_burst = PAGE;
+    let mut sim = Sim::with(cfg, 3, Some(arbiter.clone()));
+    sim.run(1000);
+    sim.kill_secondary_when_held = Some(Kill::Crash);
+    sim.run(1500);
+    assert_eq!(sim.primary.as_ref().unwrap().phase(), Phase::Alone);
+    sim.reprotect(3).unwrap();
+    // The arbiter forgets the primary (a restarted witness, a lost etcd lease): another node holds the key.
+    {
+        let mut a = arbiter.0.lock().unwrap();
+        a.next += 1;
+        a.holder = Some(("intruder", FenceToken(a.next)));
+        a.expires = u64::MAX;
+    }
+    let mut gave_up = false;
+    for _ in 0..3000 {
+        sim.step(false);
+        let p = sim.primary.as_ref().unwrap().status();
+        assert!(
+            p.phase != Phase::Colo,
+            "the resync finished before a renewal was refused"
+        );
+        if p.phase != Phase::Syncing {
+            gave_up = true;
+            break;
+        }
+    }
+    assert!(gave_up, "a refused renewal ends the resync");
+    // The key comes free again: the primary wins it back and its output, held meanwhile, flows.
+    arbiter.0.lock().unwrap().holder = None;
+    let answered = sim.client.answered;
+    sim.run(2000);
+    sim.drain();
+    let p = sim.primary.as_ref().unwrap().status();
+    assert_eq!(p.phase, Phase::Alone);
+    assert!(sim.primary.as_ref().unwrap().vm().running);
+    assert!(sim.client.answered > answered + 100, "output flows again");
+    assert_eq!(sim.client.gate.rejected(), 0);
+    sim.check_survivor();
+}
+
+#[test]
+fn a_failover_notice_from_a_secondary_still_syncing_loses_the_link_not_the_guest() {
+    // One disk page per driver entry: the initial sync spans many steps.
+    let mut cfg = config();
+    cfg.disk_sync_burst = PAGE;
+    let mut sim = Sim::new(cfg);
+    assert_eq!(sim.primary.as_ref().unwrap().phase(), Phase::Syncing);
+    // A misbehaving secondary claims to take over before it has a copy of the guest.
+    channel(&sim.s_end)
+        .send(&Message::FailoverNotice {
+            reason: colo_proto::Reason::Operator,
+        })
+        .unwrap();
+    sim.run(1000);
+    let p = sim.primary.as_ref().unwrap();
+    assert_eq!(p.phase(), Phase::Alone, "the primary keeps the only copy running");
+    assert!(p.vm().running);
+    assert!(p.status().exit_detail.unwrap().contains("still syncing"));
+}
+
+#[test]
 fn reprotect_is_refused_unless_the_primary_runs_alone() {
     use colo_pair::PairError;
     // A new pair still syncing, and a protected one.

@@ -542,7 +542,26 @@ impl<P: PairDriver> Driver<P> {
     fn protect(&mut self, now: Instant, new: super::NewLink, reply: &Sender<Value>) -> Result<(), ColoError> {
         let super::NewLink { link, reader, peer } = new;
         let t0 = Instant::now();
-        // Refused (not a primary running alone): nothing changed, and the new secondary sees its link close.
+        // The new link's reader and heartbeat thread run before the RAM goes out, as for a new pair: the
+        // watchdog then gives up a secondary that stops reading during the send, and what the secondary
+        // says meanwhile is queued. Their events carry the new link's id, so they are dropped if the pair
+        // refuses the link (it stays on the old one).
+        link.driver_tick();
+        let started = super::link::spawn_reader(
+            reader,
+            self.events_tx.clone(),
+            self.peer_pending.clone(),
+            link.clone(),
+        )
+        .and_then(|()| link.spawn_heartbeats(self.heartbeats.0, self.heartbeats.1));
+        if let Err(e) = started {
+            tracing::error!("COLO: starting the new link's threads: {e}");
+            link.close();
+            return self.reply(Err(PairError::Proto(colo_proto::Error::from(e))), reply);
+        }
+        // Refused (not a primary running alone): nothing changed. Failed after it began (the new link lost
+        // during the RAM send, or a local error): the pair runs alone again. Either way the new secondary
+        // sees its link close.
         let r = self.pair.reprotect(now, link.clone());
         if r.is_err() {
             link.close();
@@ -554,22 +573,7 @@ impl<P: PairDriver> Driver<P> {
             t0.elapsed()
         );
         self.link = link;
-        self.link.driver_tick();
-        let started = super::link::spawn_reader(
-            reader,
-            self.events_tx.clone(),
-            self.peer_pending.clone(),
-            self.link.clone(),
-        )
-        .and_then(|()| self.link.spawn_heartbeats(self.heartbeats.0, self.heartbeats.1));
-        if let Err(e) = started {
-            // Without a reader nothing of the new secondary is heard: give it up at once.
-            tracing::error!("COLO: starting the new link's threads: {e}");
-            self.link.close();
-            let r = self.pair.channel_error(now, &colo_proto::Error::from(e));
-            return self.reply(r, reply);
-        }
-        self.last_peer_message = now;
+        self.last_peer_message = Instant::now();
         self.failover_ms = None;
         self.reply(Ok(()), reply)
     }
