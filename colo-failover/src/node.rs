@@ -784,17 +784,7 @@ impl Node {
                         self.request_arbiter(now, Action::AcquireArbiter);
                     }
                     State::Syncing { role: Role::Primary } if self.paired => self.resync_lost_lease(now),
-                    State::Alone => {
-                        self.denied_since = None;
-                        self.actions.push_back(Action::SuspendOutput);
-                        self.state = State::Required {
-                            role: Role::Primary,
-                            reason: ExitReason::Error,
-                        };
-                        self.reason = ExitReason::Processing;
-                        self.set_failover(FailoverStatus::Required);
-                        self.request_arbiter(now, Action::AcquireArbiter);
-                    }
+                    State::Alone => self.primary_wins_lease_again(now),
                     State::Syncing { .. } | State::Colo { .. } => self.notices.push_back(Notice::ArbiterLost),
                     _ => {}
                 }
@@ -854,6 +844,12 @@ impl Node {
     fn resync_lost_lease(&mut self, now: Instant) {
         self.stop_heartbeats();
         self.notices.push_back(Notice::SyncAborted);
+        self.primary_wins_lease_again(now);
+    }
+
+    /// A primary running alone (or given up re-protecting) without its lease: output held until it wins
+    /// the arbiter again.
+    fn primary_wins_lease_again(&mut self, now: Instant) {
         self.denied_since = None;
         self.actions.push_back(Action::SuspendOutput);
         self.state = State::Required {
